@@ -1,0 +1,171 @@
+"""The ``hf-compress-prompt`` command line.
+
+Exit status: 0 success; 2 bad input or usage (one line on stderr naming the value and the fix);
+3 the command exists but is not implemented yet; 1 an unexpected internal error (with its traceback);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserInputError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_IMPLEMENTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# Commands with a place in the interface whose work lands in a later issue.
+_PLANNED = {
+    "compress": ("compress a model with a recipe (GPTQ, RTN, SparseGPT, Wanda, magnitude, N:M, layer dropping)", 3),
+    "recover": ("train a soft-prompt recovery adapter on a compressed model", 6),
+    "evaluate-tasks": ("knowledge-intensive evaluation (LLM-KICK: factoid QA, MMLU, retrieval QA, summarization)", 7),
+    "push": ("push a compressed model and its recovery prompt to the Hub with a model card", 6),
+}
+
+_EPILOG = """\
+exit status: 0 success, 2 bad input (one line naming the value and the fix), 3 command not implemented yet,
+1 internal error, 130 interrupted.
+models: omit --model (or pass "default") for the embedded SmolLM2-135M-Instruct; a .gguf file, a checkpoint
+folder or a Hub id also work.
+data: local copies are read from $HF_COMPRESS_PROMPT_DATA (default ../shared/data beside the checkout), the Hub
+otherwise; 'wiki_sample' ships with gensim and needs neither."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model: omit for the embedded SmolLM2-135M-Instruct; a .gguf file, folder or Hub id")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_ppl_args(p: argparse.ArgumentParser, windows_default: int | None) -> None:
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: 2048)")
+    p.add_argument(
+        "--windows", type=int, default=windows_default,
+        help=f"score only the first N windows (default: {'all' if windows_default is None else windows_default})",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import list_corpora
+
+    parser = argparse.ArgumentParser(
+        prog="hf-compress-prompt",
+        description="Compress a causal LM and recover its quality with a learned soft prompt.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ev = commands.add_parser(
+        "eval", help="perplexity of a model on standard test sets",
+        description="Perplexity as GPTQ/SparseGPT/Wanda measure it: the split joined, tokenized once, "
+        "non-overlapping windows of --seqlen tokens, exp of the mean next-token NLL.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(ev)
+    ev.add_argument(
+        "--datasets", nargs="+", default=["wikitext2"], metavar="NAME",
+        help=f"datasets to score, any of: {', '.join(list_corpora())} (default: wikitext2)",
+    )
+    ev.add_argument("--split", default="test", help="split to score (default: test)")
+    _add_ppl_args(ev, None)
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    ev.add_argument("--bf16", action="store_true", help="run the forward under bf16 autocast (loss stays fp32)")
+    ev.add_argument("--source", choices=["auto", "local", "hub"], default="auto", help="where data comes from (default: auto)")
+    ev.add_argument("--data-dir", default=None, help="local data root (default: $HF_COMPRESS_PROMPT_DATA or ../shared/data)")
+    ev.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the results as JSON here")
+
+    demo = commands.add_parser(
+        "demo", help="the main job on the embedded default: perplexity table and a generated line",
+        description="Loads the embedded SmolLM2-135M-Instruct (converted from its GGUF once, then cached), scores "
+        "WikiText-2 and PTB test (or the gensim Wikipedia sample when neither is reachable) and generates a line.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(demo)
+    _add_ppl_args(demo, 4)
+    demo.add_argument("--fp32", action="store_true", help="also score in fp32 (slower; the default is bf16 autocast only)")
+
+    for name, (summary, issue) in _PLANNED.items():
+        commands.add_parser(name, help=f"{summary} [not implemented yet: issue {issue}]", description=summary)
+    return parser
+
+
+def _table(rows: list[list]) -> str:
+    header = ["dataset", "mode", "perplexity", "windows", "tokens", "tokens/s"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
+
+
+def _row(dataset: str, mode: str, r) -> list:
+    return [dataset, mode, f"{r.perplexity:.3f}", r.windows, r.tokens, f"{r.tokens_per_second:.0f}"]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import eval_tokens, get_corpus
+    from .evaluation import perplexity
+    from .models import load_model_and_tokenizer
+
+    for name in args.datasets:  # fail on a bad name before spending time loading the model
+        if args.split not in get_corpus(name).splits:
+            raise UserInputError(f"dataset {name!r} has no split {args.split!r}; choose one of {', '.join(get_corpus(name).splits)}")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    streams = {name: eval_tokens(name, tokenizer, args.split, source=args.source, data_dir=args.data_dir) for name in args.datasets}
+    mode = "bf16" if args.bf16 else "fp32"
+    rows, records = [], []
+    for name, ids in streams.items():
+        result = perplexity(
+            model, ids, seqlen=args.seqlen, max_windows=args.windows, batch_size=args.batch_size,
+            autocast_bf16=args.bf16, progress=not args.no_progress, desc=f"{name} {mode}",
+        )
+        rows.append(_row(name, mode, result))
+        records.append({"model": args.model or "default", "dataset": name, "split": args.split, "mode": mode, **result.to_dict()})
+    print(_table(rows))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(records, indent=2) + "\n")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(
+        args.model, windows=args.windows, seqlen=args.seqlen, modes=("fp32", "bf16") if args.fp32 else ("bf16",),
+        progress=not args.no_progress,
+    )
+    print(f"model: {result.model} (loaded in {result.load_seconds:.1f} s)")
+    print(_table([_row(d, m, r) for d, m, r in result.rows]))
+    print(f"\ngenerate (greedy): {result.prompt!r} -> {result.completion!r}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("hf_compress_prompt").setLevel(logging.INFO)
+    if args.command in _PLANNED:
+        print(f"hf-compress-prompt {args.command}: not implemented yet (issue {_PLANNED[args.command][1]})", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return {"eval": _cmd_eval, "demo": _cmd_demo}[args.command](args)
+    except UserInputError as exc:
+        print(f"hf-compress-prompt {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

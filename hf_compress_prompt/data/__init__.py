@@ -1,0 +1,30 @@
+"""Data: registered text corpora (local files, the Hub, or the built-in Wikipedia sample) and token batches."""
+
+from .corpora import (
+    DATA_ENV_VAR,
+    Corpus,
+    DataSource,
+    HubSplit,
+    data_root,
+    get_corpus,
+    list_corpora,
+    load_rows,
+    load_text,
+    register_corpus,
+)
+from .tokens import calibration_batches, eval_tokens
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "Corpus",
+    "DataSource",
+    "HubSplit",
+    "calibration_batches",
+    "data_root",
+    "eval_tokens",
+    "get_corpus",
+    "list_corpora",
+    "load_rows",
+    "load_text",
+    "register_corpus",
+]
