@@ -1,0 +1,92 @@
+"""GPTQ (Frantar et al., 2023): quantize one weight column at a time and move the rounding error onto the columns
+not yet quantized, using the inverse Hessian of the layer's reconstruction loss ``||WX - QX||^2``."""
+
+from __future__ import annotations
+
+import torch
+
+from .hessian import inverse_cholesky_upper
+from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
+
+__all__ = ["gptq_quantize"]
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 4,
+    group_size: int = -1,
+    symmetric: bool = False,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """Quantizes ``weight`` (shape `(out_features, in_features)`) with GPTQ.
+
+    Args:
+        weight (`torch.Tensor`): the layer's weight.
+        H (`torch.Tensor` of shape `(in_features, in_features)`): ``2 X X^T / n`` over the calibration inputs.
+        bits (`int`, *optional*, defaults to 4): 2, 3, 4 or 8.
+        group_size (`int`, *optional*, defaults to -1): input columns per group; -1 for one group per output row.
+        symmetric (`bool`, *optional*, defaults to `False`): symmetric grid.
+        act_order (`bool`, *optional*, defaults to `False`): visit columns by decreasing ``diag(H)`` (desc_act).
+            Groups are then static: their grids are fixed from the original weights before any update, and groups
+            follow the original column order, so the stored format needs no per-column group index. Without
+            act-order a group's grid is fitted to the updated weights when GPTQ reaches it (the reference's default).
+        damp (`float`, *optional*, defaults to 0.01): damping as a fraction of the mean of ``diag(H)``; raised
+            automatically when the Cholesky factorization fails.
+        block_size (`int`, *optional*, defaults to 128): columns updated together (lazy batch updates).
+
+    Returns:
+        `QuantizedWeight` (with ``perm`` set when ``act_order``).
+    """
+    rows, cols = weight.shape
+    size = check_group_size(group_size, cols)
+    W = weight.detach().float().clone()  # (rows, cols)
+    H = H.detach().float().clone()  # (cols, cols)
+
+    dead = torch.diagonal(H) == 0  # inputs that were always zero: any value works, so quantize zeros
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    groups = cols // size
+    group_of = torch.arange(cols) // size  # g_idx in the original order
+    # Static grids (per channel, or groups under act-order) come from the original weights. Otherwise, as in the
+    # reference, each group's grid is fitted when its first column is reached, to the weights as updated so far.
+    static = group_size == -1 or act_order
+    if static:
+        scale, zero = grid_params(W.reshape(rows, groups, size).transpose(0, 1).reshape(-1, size), bits, symmetric)
+        scale, zero = scale.view(groups, rows).T.contiguous(), zero.view(groups, rows).T.contiguous()  # (rows, groups)
+    else:
+        scale, zero = torch.empty(rows, groups, device=W.device), torch.empty(rows, groups, device=W.device)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H, group_of = W[:, perm], H[perm][:, perm], group_of[perm]
+
+    Hinv, _ = inverse_cholesky_upper(H, damp)  # upper Cholesky factor of H^-1
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, B)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            w = W1[:, i]  # (rows,)
+            d = Hinv1[i, i]
+            g = group_of[i1 + i]
+            if not static and (i1 + i) % size == 0:
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size]  # the group's columns, current values
+                scale[:, g], zero[:, g] = grid_params(ahead, bits, symmetric)
+            c = quantize_codes(w, scale[:, g], zero[:, g], bits)
+            q = dequantize_codes(c, scale[:, g], zero[:, g])
+            codes[:, i1 + i] = c
+            err = (w - q) / d  # GPTQ eq. (2): the scaled error of this column
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # update the block's later columns
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of every column after the block
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    return QuantizedWeight(codes.to(torch.uint8), scale, zero, bits, group_size, symmetric, perm)

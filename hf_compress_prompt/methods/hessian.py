@@ -1,0 +1,72 @@
+"""The layer-wise Hessian ``H = 2 X X^T / n`` of GPTQ and SparseGPT, and its damped inverse Cholesky factor."""
+
+from __future__ import annotations
+
+import torch
+
+from .._logging import get_logger
+
+__all__ = ["HessianAccumulator", "inverse_cholesky_upper"]
+
+logger = get_logger(__name__)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum_i x_i x_i^T`` over calibration tokens (GPTQ's ``add_batch``), plus the squared input
+    norm of each channel ``||X_j||^2 / n`` that Wanda uses (the diagonal of ``H / 2``).
+
+    Args:
+        in_features (`int`): the layer's input width.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Adds inputs ``x`` of shape `(..., in_features)`; every leading position counts as one sample."""
+        x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.tokens + n
+        self.H.mul_(self.tokens / total)  # rescale the running mean to the new count
+        x = x * (2.0 / total) ** 0.5
+        self.H.addmm_(x.T, x)  # H += 2/total * X^T X
+        self.tokens = total
+
+    @property
+    def channel_sq_norm(self) -> torch.Tensor:
+        """``||X_j||^2 / n`` per input channel, shape `(in_features,)`."""
+        return torch.diagonal(self.H) / 2
+
+
+def inverse_cholesky_upper(
+    H: torch.Tensor, damp: float = 0.01, max_damp: float = 1.0, retries: int = 6
+) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of ``(H + lambda I)^-1``, with ``lambda = damp * mean(diag H)``.
+
+    ``H`` must already have its dead channels (zero diagonal) set to 1. When the factorization fails, the damping
+    is multiplied by 10 up to ``max_damp``, as the reference implementations advise doing by hand.
+
+    Returns:
+        `tuple[torch.Tensor, float]`: the factor (shape `(n, n)`, upper triangular) and the damping that worked.
+    """
+    mean_diag = torch.mean(torch.diagonal(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    current = damp
+    for attempt in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + current * mean_diag * eye)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)  # (H + lambda I)^-1
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0:
+                if attempt:
+                    logger.warning("Cholesky factorization needed damping %.3g (asked %.3g)", current, damp)
+                return U, current
+        if current >= max_damp:
+            break
+        current = min(current * 10, max_damp)
+    raise torch.linalg.LinAlgError(
+        f"the Hessian is not positive definite even with damping {current:g}; use more calibration samples"
+    )

@@ -1,0 +1,109 @@
+"""Uniform integer grids for weight quantization (GPTQ's conventions), per output row and per input group.
+
+A weight ``w`` in a group with ``scale`` s and integer ``zero`` z is stored as the code
+``q = clamp(round(w / s) + z, 0, 2**bits - 1)`` and read back as ``s * (q - z)``.
+
+- asymmetric: the group's range ``[min(w.min(), 0), max(w.max(), 0)]`` maps onto ``[0, maxq]``,
+  ``s = (max - min) / maxq``, ``z = round(-min / s)``. Zero is always exactly representable.
+- symmetric: ``s = 2 * max|w| / maxq`` and ``z = (maxq + 1) / 2`` (as GPTQ and AutoGPTQ do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserInputError
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "QuantizedWeight",
+    "check_group_size",
+    "grid_params",
+    "quantize_codes",
+    "dequantize_codes",
+]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight matrix on an integer grid.
+
+    Attributes:
+        codes (`torch.Tensor` of shape `(rows, cols)`, uint8): integer codes in ``[0, 2**bits - 1]``.
+        scale (`torch.Tensor` of shape `(rows, groups)`): per-group step.
+        zero (`torch.Tensor` of shape `(rows, groups)`): per-group integer zero point (stored as float).
+        bits (`int`), group_size (`int`, -1 for one group per row), symmetric (`bool`).
+        perm (`torch.Tensor`, *optional*): the act-order permutation GPTQ used (columns were visited in this order);
+            groups still follow the original column order (static groups), so ``g_idx = arange(cols) // group_size``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+    perm: torch.Tensor | None = None
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        """``g_idx``: the group of each input column, shape `(cols,)`."""
+        cols = self.codes.shape[1]
+        size = cols if self.group_size == -1 else self.group_size
+        return torch.arange(cols) // size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The represented weights, shape `(rows, cols)`."""
+        g = self.group_index
+        return dequantize_codes(self.codes, self.scale[:, g], self.zero[:, g]).to(dtype)
+
+
+def check_group_size(group_size: int, in_features: int) -> int:
+    """Returns the group size to use (``in_features`` for -1); a size that does not divide ``in_features`` is an error."""
+    if group_size == -1:
+        return in_features
+    if group_size <= 0 or in_features % group_size:
+        options = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0] + [-1]
+        raise UserInputError(
+            f"group_size={group_size} does not divide in_features={in_features}; use one of "
+            f"{', '.join(map(str, options))} (-1 = one group per output channel)"
+        )
+    return group_size
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise UserInputError(f"bits={bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    return 2**bits - 1
+
+
+def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each row of ``w`` (shape `(rows, n)`); both returned with shape `(rows,)`."""
+    maxq = _check_bits(bits)
+    w = w.float()
+    zeros = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zeros)  # the range always holds 0
+    xmax = torch.maximum(w.max(dim=1).values, zeros)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)  # an all-zero row: any positive scale works
+    xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` on the grid (``scale``/``zero`` broadcast against ``w``), as float tensors."""
+    maxq = 2**bits - 1
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale * (codes - zero)`` in float32."""
+    return scale * (codes.float() - zero)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from conftest import output_error
+from hf_compress_prompt.errors import UserInputError
+from hf_compress_prompt.methods.gptq import gptq_quantize
+from hf_compress_prompt.methods.hessian import HessianAccumulator, inverse_cholesky_upper
+from hf_compress_prompt.methods.rtn import rtn_quantize
+
+SETTINGS = [  # (bits, group_size, symmetric, act_order)
+    (4, -1, False, False),
+    (4, 32, False, False),
+    (4, 32, True, False),
+    (3, 64, False, False),
+    (3, -1, True, True),
+    (4, 32, False, True),
+    (2, 32, False, False),
+    (8, -1, False, False),
+]
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, act_order", SETTINGS)
+def test_gptq_beats_rtn_on_the_same_grid(layer, bits, group_size, symmetric, act_order):
+    W, X, H = layer
+    rtn = rtn_quantize(W, bits, group_size, symmetric).dequantize()
+    gptq = gptq_quantize(W, H, bits, group_size, symmetric, act_order=act_order).dequantize()
+    assert output_error(W, gptq, X) < 0.9 * output_error(W, rtn, X)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("bits, group_size, symmetric, act_order", SETTINGS)
+def test_every_weight_lies_on_its_groups_grid(layer, method, bits, group_size, symmetric, act_order):
+    W, _, H = layer
+    if method == "rtn":
+        qw = rtn_quantize(W, bits, group_size, symmetric)
+    else:
+        qw = gptq_quantize(W, H, bits, group_size, symmetric, act_order=act_order)
+    size = 128 if group_size == -1 else group_size
+    assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) <= 2**bits - 1
+    assert qw.scale.shape == qw.zero.shape == (64, 128 // size)
+    assert torch.equal(qw.zero, qw.zero.round()) and bool((qw.scale > 0).all())
+    if symmetric:
+        assert bool((qw.zero == 2 ** (bits - 1)).all())
+    deq = qw.dequantize()
+    for g in range(128 // size):
+        block = deq[:, g * size : (g + 1) * size]  # (rows, size)
+        grid = qw.scale[:, g : g + 1] * (torch.arange(2**bits)[None, :] - qw.zero[:, g : g + 1])  # (rows, 2**bits)
+        distance = (block[:, :, None] - grid[:, None, :]).abs().min(dim=-1).values
+        assert float(distance.max()) < 1e-5
+
+
+def test_rtn_error_shrinks_with_bits(layer):
+    W, X, _ = layer
+    errors = [output_error(W, rtn_quantize(W, b, 32).dequantize(), X) for b in (2, 3, 4, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * errors[0]
+
+
+def test_rtn_rounds_to_the_nearest_grid_point():
+    W = torch.tensor([[0.0, 0.1, 0.26, 1.0]])
+    qw = rtn_quantize(W, bits=2, group_size=-1)  # range [0, 1], step 1/3
+    torch.testing.assert_close(qw.dequantize(), torch.tensor([[0.0, 0.0, 1 / 3, 1.0]]))
+
+
+def test_act_order_records_its_permutation_and_keeps_static_groups(layer):
+    W, _, H = layer
+    qw = gptq_quantize(W, H, 4, 32, act_order=True)
+    assert torch.equal(qw.perm, torch.argsort(torch.diagonal(H), descending=True))
+    assert qw.perm[0] == 5  # the outlier channel is visited first
+    assert torch.equal(qw.group_index, torch.arange(128) // 32)
+
+
+def test_dead_inputs_are_quantized_as_zero(layer):
+    W, X, _ = layer
+    X = X.clone()
+    X[:, 3] = 0
+    acc = HessianAccumulator(128)
+    acc.add_batch(X)
+    qw = gptq_quantize(W, acc.H, 4, 32)
+    assert float(qw.dequantize()[:, 3].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"group_size": 100}, r"group_size=100 does not divide in_features=128; use one of 16, 32, 64, 128, -1"),
+        ({"bits": 5}, r"bits=5 is not supported; use one of 2, 3, 4, 8"),
+    ],
+)
+def test_bad_settings_are_rejected(layer, kwargs, pattern):
+    W, _, H = layer
+    with pytest.raises(UserInputError, match=pattern):
+        rtn_quantize(W, **kwargs)
+    with pytest.raises(UserInputError, match=pattern):
+        gptq_quantize(W, H, **kwargs)
+
+
+def test_hessian_accumulates_like_one_big_batch():
+    X = torch.randn(3, 50, 16)
+    acc = HessianAccumulator(16)
+    for batch in X:
+        acc.add_batch(batch)
+    flat = X.reshape(-1, 16)
+    torch.testing.assert_close(acc.H, 2 * flat.T @ flat / 150)
+    assert acc.tokens == 150
+    torch.testing.assert_close(acc.channel_sq_norm, (flat**2).mean(0))
+
+
+def test_cholesky_retries_with_more_damping():
+    H = torch.diag(torch.tensor([1.0, 1.0, -0.01]))  # indefinite: 1% damping is not enough, 10% is
+    U, used = inverse_cholesky_upper(H, damp=0.01)
+    assert used == pytest.approx(0.1)
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(H + used * H.diagonal().mean() * torch.eye(3)))
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        inverse_cholesky_upper(torch.diag(torch.tensor([1.0, -5.0])))
