@@ -20,6 +20,7 @@ def gptq_quantize(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    prune_mask: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantizes ``weight`` (shape `(out_features, in_features)`) with GPTQ.
 
@@ -36,6 +37,9 @@ def gptq_quantize(
         damp (`float`, *optional*, defaults to 0.01): damping as a fraction of the mean of ``diag(H)``; raised
             automatically when the Cholesky factorization fails.
         block_size (`int`, *optional*, defaults to 128): columns updated together (lazy batch updates).
+        prune_mask (`torch.Tensor` of shape `(out_features, in_features)`, *optional*): weights pruned by an earlier
+            step (True = pruned). They are held at exactly 0 (the grid always holds 0) and the error of doing so is
+            compensated like rounding error, so quantizing keeps the sparsity pattern.
 
     Returns:
         `QuantizedWeight` (with ``perm`` set when ``act_order``).
@@ -48,6 +52,9 @@ def gptq_quantize(
     dead = torch.diagonal(H) == 0  # inputs that were always zero: any value works, so quantize zeros
     H[dead, dead] = 1
     W[:, dead] = 0
+    if prune_mask is not None:
+        prune_mask = prune_mask.to(W.device, torch.bool)
+        W[prune_mask] = 0
 
     groups = cols // size
     group_of = torch.arange(cols) // size  # g_idx in the original order
@@ -64,6 +71,8 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W, H, group_of = W[:, perm], H[perm][:, perm], group_of[perm]
+        if prune_mask is not None:
+            prune_mask = prune_mask[:, perm]
 
     Hinv, _ = inverse_cholesky_upper(H, damp)  # upper Cholesky factor of H^-1
     codes = torch.zeros_like(W)
@@ -80,6 +89,8 @@ def gptq_quantize(
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size]  # the group's columns, current values
                 scale[:, g], zero[:, g] = grid_params(ahead, bits, symmetric)
             c = quantize_codes(w, scale[:, g], zero[:, g], bits)
+            if prune_mask is not None:
+                c = torch.where(prune_mask[:, i1 + i], zero[:, g], c)  # pruned stays exactly 0
             q = dequantize_codes(c, scale[:, g], zero[:, g])
             codes[:, i1 + i] = c
             err = (w - q) / d  # GPTQ eq. (2): the scaled error of this column

@@ -17,10 +17,14 @@ class HessianAccumulator:
 
     Args:
         in_features (`int`): the layer's input width.
+        diagonal_only (`bool`, *optional*, defaults to `False`): keep only the diagonal (all Wanda needs), in O(d)
+            memory and time per token instead of O(d^2).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", diagonal_only: bool = False):
+        self.diagonal_only = diagonal_only
+        shape = (in_features,) if diagonal_only else (in_features, in_features)
+        self._sum = torch.zeros(shape, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -30,15 +34,25 @@ class HessianAccumulator:
         if n == 0:
             return
         total = self.tokens + n
-        self.H.mul_(self.tokens / total)  # rescale the running mean to the new count
+        self._sum.mul_(self.tokens / total)  # rescale the running mean to the new count
         x = x * (2.0 / total) ** 0.5
-        self.H.addmm_(x.T, x)  # H += 2/total * X^T X
+        if self.diagonal_only:
+            self._sum.add_((x * x).sum(0))  # diag(H) += 2/total * sum_i x_ij^2
+        else:
+            self._sum.addmm_(x.T, x)  # H += 2/total * X^T X
         self.tokens = total
+
+    @property
+    def H(self) -> torch.Tensor:
+        """``2 X^T X / n``, shape `(in_features, in_features)`."""
+        if self.diagonal_only:
+            raise ValueError("this accumulator keeps only the diagonal; create it with diagonal_only=False for H")
+        return self._sum
 
     @property
     def channel_sq_norm(self) -> torch.Tensor:
         """``||X_j||^2 / n`` per input channel, shape `(in_features,)`."""
-        return torch.diagonal(self.H) / 2
+        return (self._sum if self.diagonal_only else torch.diagonal(self._sum)) / 2
 
 
 def inverse_cholesky_upper(

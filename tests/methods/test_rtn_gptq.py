@@ -112,3 +112,27 @@ def test_cholesky_retries_with_more_damping():
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(H + used * H.diagonal().mean() * torch.eye(3)))
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         inverse_cholesky_upper(torch.diag(torch.tensor([1.0, -5.0])))
+
+
+def test_diagonal_only_accumulator_matches_the_full_diagonal():
+    X = torch.randn(2, 40, 12)
+    full, diag = HessianAccumulator(12), HessianAccumulator(12, diagonal_only=True)
+    for batch in X:
+        full.add_batch(batch)
+        diag.add_batch(batch)
+    torch.testing.assert_close(diag.channel_sq_norm, full.channel_sq_norm)
+    with pytest.raises(ValueError, match="keeps only the diagonal"):
+        diag.H
+
+
+def test_gptq_keeps_an_earlier_pruning_mask(layer):
+    from hf_compress_prompt.methods.sparsegpt import sparsegpt_prune
+
+    W, X, H = layer
+    pruned, mask, _ = sparsegpt_prune(W, H, 0.5)
+    for act_order in (False, True):
+        qw = gptq_quantize(pruned, H, 4, 32, act_order=act_order, prune_mask=mask)
+        deq = qw.dequantize()
+        assert bool((deq[mask] == 0).all())
+        naive = rtn_quantize(pruned, 4, 32).dequantize()
+        assert output_error(W, deq, X) < output_error(W, naive, X)

@@ -1,0 +1,58 @@
+"""Orchestration: calibration, the layer-by-layer loop, recipes, and the Optimum-style compressor classes.
+
+The maths lives in ``hf_compress_prompt.methods``; this package feeds it activations and writes results back.
+"""
+
+from .api import (
+    Compressor,
+    GPTQQuantizer,
+    LayerDropper,
+    MagnitudePruner,
+    RTNQuantizer,
+    SparseGPTPruner,
+    WandaPruner,
+)
+from .blocks import find_decoder_layers, find_linear_layers
+from .compress import RECIPE_CONFIG_KEY, CompressionResult, compress_, register_compressor
+from .configs import (
+    CalibrationConfig,
+    CompressionConfig,
+    GPTQConfig,
+    LayerDropConfig,
+    MagnitudeConfig,
+    Recipe,
+    RTNConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    step_from_dict,
+)
+from .layer_drop import choose_layers_to_drop, drop_layers, score_layers
+
+__all__ = [
+    "RECIPE_CONFIG_KEY",
+    "CalibrationConfig",
+    "CompressionConfig",
+    "CompressionResult",
+    "Compressor",
+    "GPTQConfig",
+    "GPTQQuantizer",
+    "LayerDropConfig",
+    "LayerDropper",
+    "MagnitudeConfig",
+    "MagnitudePruner",
+    "RTNConfig",
+    "RTNQuantizer",
+    "Recipe",
+    "SparseGPTConfig",
+    "SparseGPTPruner",
+    "WandaConfig",
+    "WandaPruner",
+    "choose_layers_to_drop",
+    "compress_",
+    "drop_layers",
+    "find_decoder_layers",
+    "find_linear_layers",
+    "register_compressor",
+    "score_layers",
+    "step_from_dict",
+]

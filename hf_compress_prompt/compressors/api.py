@@ -1,0 +1,103 @@
+"""Optimum-style front doors: ``GPTQQuantizer(bits=4, group_size=64).quantize_model(model, tokenizer)`` and friends.
+
+Each wraps one recipe step plus its calibration settings and calls :func:`compress_`. Until the packed format
+lands (issue 4), ``save`` writes the compressed model as dense (fake-quantized / zeroed) weights with the recipe
+recorded in ``config.json``; layer-dropped models are plain, smaller checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .compress import CompressionResult, compress_
+from .configs import (
+    CalibrationConfig,
+    CompressionConfig,
+    GPTQConfig,
+    LayerDropConfig,
+    MagnitudeConfig,
+    RTNConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
+
+__all__ = [
+    "Compressor",
+    "RTNQuantizer",
+    "GPTQQuantizer",
+    "SparseGPTPruner",
+    "WandaPruner",
+    "MagnitudePruner",
+    "LayerDropper",
+]
+
+_CALIBRATION_KEYS = ("dataset", "split", "nsamples", "seqlen", "seed", "batch_size")
+
+
+class Compressor:
+    """A recipe step and its calibration data, applied with :meth:`compress_model` (alias ``quantize_model`` /
+    ``prune_model``) and written with :meth:`save`. ``self.result`` holds the last :class:`CompressionResult`."""
+
+    config_class: type[CompressionConfig] = CompressionConfig
+
+    def __init__(self, **kwargs):
+        calibration = {k: kwargs.pop(k) for k in _CALIBRATION_KEYS if k in kwargs}
+        self.calibration = CalibrationConfig(**calibration)
+        self.config = self.config_class(**kwargs)
+        self.result: CompressionResult | None = None
+
+    def compress_model(self, model: nn.Module, tokenizer=None, *, progress: bool = True) -> nn.Module:
+        """Compresses ``model`` in place (calibrating with ``tokenizer`` when the method needs data) and returns it."""
+        self.result = compress_(model, self.config, tokenizer=tokenizer, calibration=self.calibration, progress=progress)
+        return model
+
+    quantize_model = compress_model
+    prune_model = compress_model
+
+    def save(self, model: nn.Module, save_dir: str | os.PathLike, tokenizer=None, **kwargs) -> None:
+        """``model.save_pretrained(save_dir)`` (safetensors, recipe in config.json) and the tokenizer beside it."""
+        model.save_pretrained(save_dir, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_dir)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r}, {self.calibration!r})"
+
+
+class RTNQuantizer(Compressor):
+    """Round-to-nearest quantization; see :class:`RTNConfig` for the arguments."""
+
+    config_class = RTNConfig
+
+
+class GPTQQuantizer(Compressor):
+    """GPTQ quantization; arguments of :class:`GPTQConfig` plus calibration (``dataset="c4"``, ``nsamples``,
+    ``seqlen``, ``seed``, ``batch_size``)."""
+
+    config_class = GPTQConfig
+
+
+class SparseGPTPruner(Compressor):
+    """SparseGPT pruning (``sparsity=0.5`` or ``"2:4"``; ``bits=4`` for the joint mode); see :class:`SparseGPTConfig`."""
+
+    config_class = SparseGPTConfig
+
+
+class WandaPruner(Compressor):
+    """Wanda pruning; see :class:`WandaConfig`."""
+
+    config_class = WandaConfig
+
+
+class MagnitudePruner(Compressor):
+    """Magnitude pruning; see :class:`MagnitudeConfig`."""
+
+    config_class = MagnitudeConfig
+
+
+class LayerDropper(Compressor):
+    """Layer dropping (``num_layers=``, ``fraction=`` or ``layers=``); see :class:`LayerDropConfig`."""
+
+    config_class = LayerDropConfig

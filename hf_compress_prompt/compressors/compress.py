@@ -1,0 +1,274 @@
+"""One entry point, ``compress_(model, config_or_recipe)``, dispatching each recipe step to the handler registered
+for its config type."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._logging import get_logger
+from ..errors import UserInputError
+from ..methods.gptq import gptq_quantize
+from ..methods.magnitude import magnitude_prune
+from ..methods.masks import parse_sparsity
+from ..methods.quant_grid import QuantizedWeight, check_group_size
+from ..methods.rtn import rtn_quantize
+from ..methods.sparsegpt import sparsegpt_prune
+from ..methods.wanda import wanda_prune
+from .blocks import find_decoder_layers, find_linear_layers, linear_weight, set_linear_weight
+from .configs import (
+    CalibrationConfig,
+    CompressionConfig,
+    GPTQConfig,
+    LayerDropConfig,
+    MagnitudeConfig,
+    Recipe,
+    RTNConfig,
+    SparseGPTConfig,
+    WandaConfig,
+)
+from .layer_drop import choose_layers_to_drop, drop_layers
+from .layerwise import compress_layerwise
+from .state import CompressionState, StepReport
+
+__all__ = ["CompressionResult", "register_compressor", "compress_", "RECIPE_CONFIG_KEY"]
+
+logger = get_logger(__name__)
+
+RECIPE_CONFIG_KEY = "compression_recipe"  # where the recipe is recorded in model.config / config.json
+
+Handler = Callable[[nn.Module, CompressionConfig, CompressionState, StepReport, Recipe, bool], None]
+_HANDLERS: dict[type[CompressionConfig], Handler] = {}
+
+
+def register_compressor(config_cls: type[CompressionConfig]) -> Callable[[Handler], Handler]:
+    """Registers the handler that runs steps of type ``config_cls``; a second handler for one type is an error."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, CompressionConfig)):
+        raise TypeError(f"register_compressor expects a CompressionConfig subclass, got {config_cls!r}")
+
+    def decorator(handler: Handler) -> Handler:
+        if config_cls in _HANDLERS:
+            raise ValueError(f"a compressor for {config_cls.__name__} is already registered")
+        _HANDLERS[config_cls] = handler
+        return handler
+
+    return decorator
+
+
+@dataclass
+class CompressionResult:
+    """What ``compress_`` did: the recipe, a report per step, and per linear (by qualified name) the final pruning
+    mask (True = pruned) and quantization grid."""
+
+    recipe: Recipe
+    reports: list[StepReport]
+    masks: dict[str, torch.Tensor]
+    quantized: dict[str, QuantizedWeight]
+
+
+def _block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    path, layers = find_decoder_layers(model)
+    return [(f"{path}.{i}.{name}", m) for i, block in enumerate(layers) for name, m in find_linear_layers(block).items()]
+
+
+def _record(report: StepReport, name: str, module: nn.Module, state: CompressionState, **extra) -> None:
+    mask = state.masks.get(module)
+    sparsity = float(mask.float().mean()) if mask is not None else 0.0
+    report.layers[name] = {"sparsity": sparsity, **extra}
+
+
+def _quantized(state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, report: StepReport) -> None:
+    set_linear_weight(module, qw.dequantize())
+    state.quantized[module] = qw
+    _record(report, name, module, state, bits=qw.bits, group_size=qw.group_size)
+
+
+def _pruned(state, name, module, weight, mask, report) -> None:
+    set_linear_weight(module, weight)
+    state.masks[module] = mask
+    _record(report, name, module, state)
+
+
+@register_compressor(RTNConfig)
+def _run_rtn(model, step: RTNConfig, state, report, recipe, progress) -> None:
+    for name, module in tqdm(_block_linears(model), desc="rtn", unit="linear", disable=not progress):
+        qw = rtn_quantize(linear_weight(module).float(), step.bits, step.group_size, step.symmetric)
+        _quantized(state, name, module, qw, report)  # zeros of an earlier pruning step stay exactly 0
+
+
+@register_compressor(MagnitudeConfig)
+def _run_magnitude(model, step: MagnitudeConfig, state, report, recipe, progress) -> None:
+    for name, module in tqdm(_block_linears(model), desc="magnitude", unit="linear", disable=not progress):
+        weight, mask = magnitude_prune(linear_weight(module).float(), step.sparsity)
+        _pruned(state, name, module, weight, mask, report)
+
+
+@register_compressor(GPTQConfig)
+def _run_gptq(model, step: GPTQConfig, state, report, recipe, progress) -> None:
+    def compress(name, module, W, acc):
+        qw = gptq_quantize(
+            W, acc.H, step.bits, step.group_size, step.symmetric, step.act_order, step.damp, step.block_size,
+            prune_mask=state.masks.get(module),
+        )
+        _quantized(state, name, module, qw, report)
+
+    compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
+                       true_sequential=step.true_sequential, desc="gptq", progress=progress)
+
+
+@register_compressor(SparseGPTConfig)
+def _run_sparsegpt(model, step: SparseGPTConfig, state, report, recipe, progress) -> None:
+    def compress(name, module, W, acc):
+        weight, mask, qw = sparsegpt_prune(
+            W, acc.H, step.sparsity, step.bits, step.group_size, step.symmetric, step.damp, step.block_size
+        )
+        set_linear_weight(module, weight)
+        state.masks[module] = mask
+        if qw is not None:
+            state.quantized[module] = qw
+        _record(report, name, module, state, **({"bits": qw.bits, "group_size": qw.group_size} if qw else {}))
+
+    compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
+                       true_sequential=step.true_sequential, desc="sparsegpt", progress=progress)
+
+
+@register_compressor(WandaConfig)
+def _run_wanda(model, step: WandaConfig, state, report, recipe, progress) -> None:
+    def compress(name, module, W, acc):
+        weight, mask = wanda_prune(W, acc.channel_sq_norm, step.sparsity)
+        _pruned(state, name, module, weight, mask, report)
+
+    compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
+                       true_sequential=step.true_sequential, diagonal_only=True, desc="wanda", progress=progress)
+
+
+@register_compressor(LayerDropConfig)
+def _run_layer_drop(model, step: LayerDropConfig, state, report, recipe, progress) -> None:
+    _, layers = find_decoder_layers(model)
+    if step.layers is not None:
+        indices = list(step.layers)
+    else:
+        count = step.num_layers if step.num_layers is not None else max(1, round(step.fraction * len(layers)))
+        indices, report.layer_scores = choose_layers_to_drop(
+            model, state.calibration_ids, count, score=step.score, batch_size=recipe.calibration.batch_size,
+            progress=progress,
+        )
+    drop_layers(model, indices)
+    report.dropped_layers = sorted(indices)
+    logger.info("dropped layers %s", report.dropped_layers)
+
+
+def _validate(model: nn.Module, recipe: Recipe) -> None:
+    """Every check that can fail, before any work starts."""
+    _, layers = find_decoder_layers(model)  # unsupported architectures fail here
+    linears = [(name, linear_weight(m).shape) for name, m in _block_linears(model)]
+    for step in recipe.steps:
+        if type(step) not in _HANDLERS:
+            raise UserInputError(f"no compressor is registered for {type(step).__name__}")
+        group_size = getattr(step, "group_size", -1) if step.quantizes else -1
+        sparsity = getattr(step, "sparsity", None)
+        pattern = parse_sparsity(sparsity) if sparsity is not None else None
+        for name, (_, in_features) in linears:
+            try:
+                check_group_size(group_size, in_features)
+                if pattern is not None:
+                    pattern.check_width(in_features)
+            except UserInputError as exc:
+                raise UserInputError(f"{step.method} on {name}: {exc}") from None
+        if isinstance(step, LayerDropConfig):
+            n = len(layers)
+            count = len(step.layers) if step.layers is not None else (step.num_layers or round(step.fraction * n))
+            if count >= n:
+                raise UserInputError(f"layer_drop would remove {count} of {n} layers; keep at least one")
+            if step.layers is not None and any(not 0 <= i < n for i in step.layers):
+                raise UserInputError(f"layer_drop layers={step.layers} are out of range 0..{n - 1}")
+    seen_quantize = False
+    for step in recipe.steps:
+        if seen_quantize and (step.prunes or step.quantizes):
+            raise UserInputError(f"step {step.method!r} comes after quantization; prune first, then quantize")
+        seen_quantize |= step.quantizes
+    if sum(step.prunes for step in recipe.steps) > 1:
+        raise UserInputError("a recipe may prune only once; use a single pruning step")
+
+
+def _check_seqlen(model: nn.Module, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise UserInputError(
+            f"calibration seqlen={seqlen} exceeds the model's max_position_embeddings={limit}; use seqlen <= {limit}"
+        )
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressionConfig | Recipe | list[CompressionConfig],
+    *,
+    tokenizer=None,
+    calibration: CalibrationConfig | None = None,
+    calibration_ids: torch.Tensor | None = None,
+    progress: bool = True,
+) -> CompressionResult:
+    """Compresses ``model`` in place with one step or a recipe, and records the recipe in ``model.config``.
+
+    Args:
+        model (`PreTrainedModel`): a causal LM (Llama family, Qwen2, Mistral, OPT, GPT-2 style).
+        config (`CompressionConfig`, `Recipe` or a list of steps): what to do.
+        tokenizer (*optional*): used to build calibration windows from ``calibration.dataset``.
+        calibration (`CalibrationConfig`, *optional*): overrides the recipe's calibration settings.
+        calibration_ids (`torch.LongTensor` of shape `(nsamples, seqlen)`, *optional*): calibration tokens to use
+            directly instead of sampling them with ``tokenizer``.
+        progress (`bool`, *optional*, defaults to `True`): progress bars.
+
+    Returns:
+        `CompressionResult`
+    """
+    if isinstance(config, CompressionConfig):
+        recipe = Recipe([config])
+    elif isinstance(config, list):
+        recipe = Recipe(config)
+    elif isinstance(config, Recipe):
+        recipe = config
+    else:
+        raise UserInputError(f"compress_ expects a compression config or a Recipe, got {type(config).__name__}")
+    if calibration is not None:
+        recipe = Recipe(recipe.steps, calibration)
+    _validate(model, recipe)
+
+    if any(step.needs_calibration for step in recipe.steps) and calibration_ids is None:
+        _check_seqlen(model, recipe.calibration.seqlen)
+        if tokenizer is None:
+            raise UserInputError("this recipe needs calibration data; pass tokenizer= (or calibration_ids=)")
+        from ..data import calibration_batches
+
+        c = recipe.calibration
+        calibration_ids = calibration_batches(c.dataset, tokenizer, c.nsamples, c.seqlen, seed=c.seed, split=c.split)
+    if calibration_ids is not None:
+        if calibration_ids.dim() != 2 or calibration_ids.numel() == 0:
+            raise UserInputError(f"calibration_ids must be a non-empty (nsamples, seqlen) tensor, got shape {tuple(calibration_ids.shape)}")
+        _check_seqlen(model, calibration_ids.shape[1])
+
+    was_training = model.training
+    model.eval()
+    state = CompressionState(calibration_ids)
+    try:
+        for step in recipe.steps:
+            report = StepReport(step.method)
+            start = time.perf_counter()
+            _HANDLERS[type(step)](model, step, state, report, recipe, progress)
+            report.seconds = time.perf_counter() - start
+            state.reports.append(report)
+            logger.info("%s took %.1f s", step.method, report.seconds)
+    finally:
+        model.train(was_training)
+
+    previous = getattr(model.config, RECIPE_CONFIG_KEY, None)
+    recorded = recipe.to_dict()
+    if previous:
+        recorded["steps"] = list(previous.get("steps", [])) + recorded["steps"]
+    setattr(model.config, RECIPE_CONFIG_KEY, recorded)
+    return CompressionResult(recipe, state.reports, state.by_name(model, state.masks), state.by_name(model, state.quantized))

@@ -1,0 +1,84 @@
+"""The layer-by-layer loop shared by the calibrated methods (GPTQ, SparseGPT, Wanda).
+
+Capture what the first decoder block receives for the calibration batches, then for each block: collect the
+input statistics of its linear layers (group by group in forward order when ``true_sequential``), compress them,
+and run the compressed block to produce the next block's inputs. Peak memory is about one block's activations for
+the calibration set plus the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._logging import get_logger
+from ..methods.hessian import HessianAccumulator
+from .blocks import (
+    capture_block_inputs,
+    find_decoder_layers,
+    find_linear_layers,
+    linear_weight,
+    run_block,
+    sequential_groups,
+)
+
+__all__ = ["LinearCompressor", "compress_layerwise"]
+
+logger = get_logger(__name__)
+
+# (qualified name, module, weight (out, in) fp32, accumulator) -> None; the callback writes the new weight.
+LinearCompressor = Callable[[str, nn.Module, torch.Tensor, HessianAccumulator], None]
+
+
+@torch.no_grad()
+def compress_layerwise(
+    model: nn.Module,
+    calibration_ids: torch.Tensor,
+    compress_linear: LinearCompressor,
+    *,
+    batch_size: int = 8,
+    true_sequential: bool = True,
+    diagonal_only: bool = False,
+    desc: str = "compress",
+    progress: bool = True,
+) -> None:
+    """Runs ``compress_linear`` on every linear layer of every decoder block, with input statistics gathered from
+    ``calibration_ids`` (shape `(nsamples, seqlen)`) flowing through the already-compressed earlier blocks.
+
+    Args:
+        diagonal_only (`bool`): collect only ``||X_j||^2`` (Wanda) instead of the full Hessian.
+    """
+    path, layers = find_decoder_layers(model)
+    batches = list(torch.split(calibration_ids, batch_size))
+    inputs = capture_block_inputs(model, layers, batches)
+    hidden = inputs.hidden
+    device = hidden[0].device
+    for index, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
+        linears = find_linear_layers(block)
+        groups = sequential_groups(block, inputs)  # linears sharing one input, in forward order
+        rounds = [[g] for g in groups] if true_sequential else [groups]
+        for round_groups in rounds:
+            # One accumulator per shared input: q, k and v see the same tensor, so they share one Hessian.
+            accumulators, handles = {}, []
+            for group in round_groups:
+                in_features = linear_weight(linears[group[0]]).shape[1]
+                acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only)
+                for name in group:
+                    accumulators[name] = acc
+                handles.append(
+                    linears[group[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
+                )
+            try:
+                run_block(block, inputs, hidden)
+            finally:
+                for h in handles:
+                    h.remove()
+            for group in round_groups:
+                for name in group:
+                    module = linears[name]
+                    compress_linear(f"{path}.{index}.{name}", module, linear_weight(module).float(), accumulators[name])
+        hidden = run_block(block, inputs, hidden)  # the compressed block's outputs feed the next block
+    logger.info("compressed %d blocks of %s", len(layers), path)

@@ -1,0 +1,39 @@
+"""What compression steps hand to each other and to the caller: per-layer masks, grids and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import nn
+
+from ..methods.quant_grid import QuantizedWeight
+
+__all__ = ["CompressionState", "StepReport"]
+
+
+@dataclass
+class StepReport:
+    """One step's outcome: wall time and, per compressed linear, what it achieved."""
+
+    method: str
+    seconds: float = 0.0
+    layers: dict[str, dict] = field(default_factory=dict)  # qualified name -> {"sparsity": ..., "damp": ...}
+    dropped_layers: list[int] = field(default_factory=list)
+    layer_scores: list[float] = field(default_factory=list)
+
+
+class CompressionState:
+    """Masks and quantization grids per linear module, keyed by the module itself (so dropping layers, which
+    renames modules, keeps them attached)."""
+
+    def __init__(self, calibration_ids: torch.Tensor | None = None):
+        self.calibration_ids = calibration_ids  # (nsamples, seqlen) or None
+        self.masks: WeakKeyDictionary[nn.Module, torch.Tensor] = WeakKeyDictionary()  # True = pruned
+        self.quantized: WeakKeyDictionary[nn.Module, QuantizedWeight] = WeakKeyDictionary()
+        self.reports: list[StepReport] = []
+
+    def by_name(self, model: nn.Module, table: WeakKeyDictionary) -> dict[str, object]:
+        """``table`` re-keyed by the modules' current qualified names in ``model``."""
+        return {name: table[m] for name, m in model.named_modules() if m in table}

@@ -1,0 +1,27 @@
+import torch
+
+from hf_compress_prompt.compressors.blocks import capture_block_inputs, find_decoder_layers, run_block, sequential_groups
+
+EXPECTED_GROUPS = {
+    "LlamaForCausalLM": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    "OPTForCausalLM": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+}
+
+
+def test_replaying_blocks_reproduces_the_models_hidden_states(tiny_model):
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    path, layers = find_decoder_layers(tiny_model)
+    inputs = capture_block_inputs(tiny_model, layers, [ids[:2], ids[2:]])
+    with torch.no_grad():
+        reference = tiny_model(ids, output_hidden_states=True).hidden_states  # (embeddings, layer 0 out, ...)
+    torch.testing.assert_close(torch.cat(inputs.hidden), reference[0])
+    first = run_block(layers[0], inputs)
+    torch.testing.assert_close(torch.cat(first), reference[1], rtol=1e-5, atol=1e-5)
+
+
+def test_true_sequential_groups_follow_the_forward_pass(tiny_model):
+    path, layers = find_decoder_layers(tiny_model)
+    inputs = capture_block_inputs(tiny_model, layers, [torch.randint(0, 256, (1, 16))])
+    assert sequential_groups(layers[0], inputs) == EXPECTED_GROUPS[type(tiny_model).__name__]
+    assert path in ("model.layers", "model.decoder.layers")
