@@ -21,7 +21,6 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_IMPLEMENTED, EXIT_INTERRUPTED = 0, 
 
 # Commands with a place in the interface whose work lands in a later issue.
 _PLANNED = {
-    "compress": ("compress a model with a recipe (GPTQ, RTN, SparseGPT, Wanda, magnitude, N:M, layer dropping)", 3),
     "recover": ("train a soft-prompt recovery adapter on a compressed model", 6),
     "evaluate-tasks": ("knowledge-intensive evaluation (LLM-KICK: factoid QA, MMLU, retrieval QA, summarization)", 7),
     "push": ("push a compressed model and its recovery prompt to the Hub with a model card", 6),
@@ -91,6 +90,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ppl_args(demo, 4)
     demo.add_argument("--fp32", action="store_true", help="also score in fp32 (slower; the default is bf16 autocast only)")
 
+    co = commands.add_parser(
+        "compress", help="compress a model with one method or a recipe file, and save it",
+        description="Runs GPTQ, RTN, SparseGPT, Wanda, magnitude (unstructured or N:M) or layer dropping layer by "
+        "layer on the CPU (or GPU), then saves the model with the recipe recorded in config.json. Until the packed "
+        "format lands, weights are saved dense (fake-quantized / zeroed).",
+        epilog=_EPILOG + "\nexamples:\n  hf-compress-prompt compress --method gptq --bits 4 --group-size 64 --output out/gptq4\n"
+        "  hf-compress-prompt compress --method sparsegpt --sparsity 2:4 --bits 4 --output out/sp24-4b\n"
+        "  hf-compress-prompt compress --recipe recipe.yaml --output out/recipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(co)
+    co.add_argument("--output", required=True, help="folder to save the compressed model and tokenizer in")
+    what = co.add_mutually_exclusive_group(required=True)
+    what.add_argument("--recipe", help="a .json/.yaml recipe: {steps: [{method: ..., ...}], calibration: {...}}")
+    what.add_argument("--method", choices=["rtn", "gptq", "sparsegpt", "wanda", "magnitude", "layer_drop"], help="one method")
+    co.add_argument("--bits", type=int, help="bits per weight (rtn, gptq; sparsegpt: joint mode)")
+    co.add_argument("--group-size", type=int, help="quantization group size; -1 = per output channel")
+    co.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization grid")
+    co.add_argument("--act-order", action="store_true", default=None, help="GPTQ act-order (static groups)")
+    co.add_argument("--sparsity", help="pruning: a fraction such as 0.5, or N:M such as 2:4")
+    co.add_argument("--num-layers", type=int, help="layer_drop: how many layers to remove")
+    co.add_argument("--fraction", type=float, help="layer_drop: fraction of layers to remove")
+    co.add_argument("--layers", help="layer_drop: comma-separated indices to remove")
+    co.add_argument("--score", help="layer_drop: angular_distance (default) or block_influence")
+    co.add_argument("--dataset", help="calibration corpus (default: c4)")
+    co.add_argument("--nsamples", type=int, help="calibration windows (default: 64; the papers use 128)")
+    co.add_argument("--seqlen", type=int, help="calibration window length (default: 512; the papers use 2048)")
+    co.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
+    co.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     for name, (summary, issue) in _PLANNED.items():
         commands.add_parser(name, help=f"{summary} [not implemented yet: issue {issue}]", description=summary)
     return parser
@@ -145,6 +174,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _recipe_from_args(args: argparse.Namespace):
+    from .compressors import CalibrationConfig, Recipe, step_from_dict
+
+    calibration = {k: getattr(args, k) for k in ("dataset", "nsamples", "seqlen", "seed") if getattr(args, k) is not None}
+    if args.recipe:
+        recipe = Recipe.from_file(args.recipe)
+        if calibration:  # flags override the file's calibration settings
+            merged = {**recipe.calibration.__dict__, **calibration}
+            recipe = Recipe(recipe.steps, CalibrationConfig(**merged))
+        return recipe
+    step = {"method": args.method}
+    for flag in ("bits", "group_size", "symmetric", "act_order", "sparsity", "num_layers", "fraction", "score"):
+        if getattr(args, flag) is not None:
+            step[flag] = getattr(args, flag)
+    if "sparsity" in step and ":" not in step["sparsity"]:
+        try:
+            step["sparsity"] = float(step["sparsity"])
+        except ValueError:
+            raise UserInputError(f"--sparsity {step['sparsity']!r} is neither a fraction nor N:M; use e.g. 0.5 or 2:4") from None
+    if args.layers is not None:
+        try:
+            step["layers"] = [int(i) for i in args.layers.split(",")]
+        except ValueError:
+            raise UserInputError(f"--layers {args.layers!r} must be comma-separated integers, e.g. 3,4,5") from None
+    return Recipe([step_from_dict(step)], CalibrationConfig(**calibration))
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .compressors import compress_
+    from .models import load_model_and_tokenizer
+
+    recipe = _recipe_from_args(args)  # bad flags fail before the model loads
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    result = compress_(model, recipe, tokenizer=tokenizer, progress=not args.no_progress)
+    output = Path(args.output)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    summary = []
+    for report in result.reports:
+        sparsities = [v["sparsity"] for v in report.layers.values()]
+        summary.append({
+            "method": report.method, "seconds": round(report.seconds, 1), "linears": len(report.layers),
+            "mean_sparsity": sum(sparsities) / len(sparsities) if sparsities else 0.0,
+            "dropped_layers": report.dropped_layers,
+        })
+    (output / "compression_report.json").write_text(json.dumps({"recipe": recipe.to_dict(), "steps": summary}, indent=2) + "\n")
+    for row in summary:
+        extra = f", dropped layers {row['dropped_layers']}" if row["dropped_layers"] else ""
+        print(f"{row['method']}: {row['linears']} linear layers in {row['seconds']} s, mean sparsity {row['mean_sparsity']:.3f}{extra}")
+    print(f"saved to {output} (dense weights; recipe in config.json under 'compression_recipe')")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -159,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return {"eval": _cmd_eval, "demo": _cmd_demo}[args.command](args)
+        return {"eval": _cmd_eval, "demo": _cmd_demo, "compress": _cmd_compress}[args.command](args)
     except UserInputError as exc:
         print(f"hf-compress-prompt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

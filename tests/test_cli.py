@@ -15,7 +15,7 @@ def test_help_lists_every_command():
     assert "exit status" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["compress", "recover", "evaluate-tasks", "push"])
+@pytest.mark.parametrize("command", ["recover", "evaluate-tasks", "push"])
 def test_planned_commands_say_so_and_exit_3(command, capsys):
     assert main([command]) == EXIT_NOT_IMPLEMENTED
     assert "not implemented yet" in capsys.readouterr().err
@@ -54,3 +54,46 @@ def test_eval_prints_a_table_and_writes_json(tiny_llama_dir, data_dir, tmp_path,
     expected = perplexity(model, eval_tokens("ptb", tokenizer), seqlen=16, progress=False)
     ptb = next(r for r in records if r["dataset"] == "ptb")
     assert ptb["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6) and ptb["windows"] == expected.windows
+
+
+def test_compress_runs_a_method_from_flags_and_saves(tiny_llama_dir, data_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    code = main(["compress", "--model", str(tiny_llama_dir), "--method", "sparsegpt", "--sparsity", "2:4", "--bits", "4",
+                 "--group-size", "32", "--dataset", "c4", "--nsamples", "4", "--seqlen", "16", "--output", str(out),
+                 "--no-progress"])
+    assert code == EXIT_OK
+    assert "sparsegpt: 14 linear layers" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert bool(((q != 0).reshape(-1, 4).sum(-1) <= 2).all())  # 2:4 held in the saved weights
+    recipe = model.config.to_dict()["compression_recipe"]
+    assert recipe["steps"][0]["sparsity"] == "2:4" and recipe["calibration"]["nsamples"] == 4
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["steps"][0]["mean_sparsity"] == pytest.approx(0.5)
+
+
+def test_compress_runs_a_recipe_file(tiny_llama_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - {method: magnitude, sparsity: 0.5}\n  - {method: rtn, bits: 4, group_size: 32}\n")
+    assert main(["compress", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--output", str(tmp_path / "o"),
+                 "--no-progress"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "magnitude: 14 linear layers" in printed and "rtn: 14 linear layers" in printed
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "gptq", "--sparsity", "0.5"], "unknown keys ['sparsity'] for method 'gptq'"),
+        (["--method", "wanda", "--sparsity", "half"], "--sparsity 'half' is neither a fraction nor N:M"),
+        (["--method", "layer_drop", "--layers", "1,x"], "--layers '1,x' must be comma-separated integers"),
+        (["--method", "gptq", "--bits", "5"], "bits=5 is not supported"),
+    ],
+)
+def test_compress_rejects_bad_flags_before_loading(flags, message, tmp_path, capsys):
+    code = main(["compress", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o"), *flags])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
