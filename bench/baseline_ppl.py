@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                     dataset,
                     mode,
                     f"{r.perplexity:.3f}",
+                    f"{r.first_windows(8):.3f}",
                     r.windows,
                     r.tokens,
                     f"{r.tokens_per_second:.0f}",
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{dataset}: bf16 - fp32 perplexity = {bf16.perplexity - fp32.perplexity:+.4f}", flush=True)
 
     table = markdown_table(
-        ["dataset", "mode", "perplexity", "windows", "tokens", "tokens/s (mean)", "median s/window", "speed vs fp32 (median)"],
+        ["dataset", "mode", "perplexity", "first 8 windows", "windows", "tokens", "tokens/s (mean)", "median s/window", "speed vs fp32 (median)"],
         rows,
     )
     notes = (

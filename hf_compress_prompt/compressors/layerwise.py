@@ -33,6 +33,14 @@ logger = get_logger(__name__)
 LinearCompressor = Callable[[str, nn.Module, torch.Tensor, HessianAccumulator], None]
 
 
+class _StopForward(Exception):
+    pass
+
+
+def _stop_forward(module, args, output):
+    raise _StopForward
+
+
 @torch.no_grad()
 def compress_layerwise(
     model: nn.Module,
@@ -71,8 +79,15 @@ def compress_layerwise(
                 handles.append(
                     linears[group[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
                 )
+            # Nothing after the round's last linear matters for its statistics: stop each forward pass there.
+            last = linears[round_groups[-1][-1]]
+            handles.append(last.register_forward_hook(_stop_forward))
             try:
-                run_block(block, inputs, hidden)
+                for h_in, kwargs in zip(hidden, inputs.kwargs):
+                    try:
+                        block(h_in, **kwargs)
+                    except _StopForward:
+                        pass
             finally:
                 for h in handles:
                     h.remove()

@@ -37,6 +37,12 @@ class PerplexityResult:
     seconds: float
     autocast_bf16: bool
     window_seconds: tuple[float, ...] = ()  # wall time per window (a batch's time split evenly over its windows)
+    window_nll: tuple[float, ...] = ()  # mean NLL of each window, in order
+
+    def first_windows(self, count: int) -> float:
+        """Perplexity over the first ``count`` windows of this same run (windows are equal, so means combine)."""
+        nll = self.window_nll[:count]
+        return math.exp(sum(nll) / len(nll))
 
     @property
     def median_window_seconds(self) -> float:
@@ -117,8 +123,8 @@ def perplexity(
 
     device = _model_device(model)
     windowed = input_ids[: windows * seqlen].view(windows, seqlen)  # (W, T)
-    total_nll = 0.0
     window_seconds: list[float] = []
+    window_nll: list[float] = []
     start = time.perf_counter()
     with tqdm(total=windows, desc=desc, unit="window", disable=not progress) as bar:
         for first in range(0, windows, batch_size):
@@ -128,14 +134,15 @@ def perplexity(
                 logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
             shift_logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
             shift_labels = batch[:, 1:]  # (B, T-1)
-            total_nll += F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="sum"
-            ).item()
+            token_nll = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="none"
+            ).view(shift_labels.shape)  # (B, T-1)
+            window_nll += token_nll.double().mean(dim=1).tolist()
             window_seconds += [(time.perf_counter() - batch_start) / batch.shape[0]] * batch.shape[0]
             bar.update(batch.shape[0])
     seconds = time.perf_counter() - start
     predicted = windows * (seqlen - 1)
-    mean_nll = total_nll / predicted
+    mean_nll = sum(window_nll) / windows  # equal windows: the mean of window means is the token mean
     return PerplexityResult(
         perplexity=math.exp(mean_nll),
         mean_nll=mean_nll,
@@ -147,4 +154,5 @@ def perplexity(
         seconds=seconds,
         autocast_bf16=autocast_bf16,
         window_seconds=tuple(window_seconds),
+        window_nll=tuple(window_nll),
     )

@@ -88,3 +88,12 @@ def test_uniform_model_scores_the_vocabulary_size_and_a_perfect_model_scores_one
 def test_bad_arguments_are_one_line_errors(tiny_llama, ids, kwargs, pattern):
     with pytest.raises(UserInputError, match=pattern):
         perplexity(tiny_llama, ids, progress=False, **kwargs)
+
+
+def test_per_window_nll_gives_the_first_windows_perplexity(tiny_llama):
+    ids = _stream(4 * 16, seed=3)
+    full = perplexity(tiny_llama, ids, seqlen=16, progress=False)
+    first = perplexity(tiny_llama, ids, seqlen=16, max_windows=2, progress=False)
+    assert len(full.window_nll) == 4
+    assert full.first_windows(2) == pytest.approx(first.perplexity, rel=1e-9)
+    assert full.first_windows(4) == pytest.approx(full.perplexity, rel=1e-9)
