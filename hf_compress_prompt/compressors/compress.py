@@ -153,9 +153,8 @@ def _run_layer_drop(model, step: LayerDropConfig, state, report, recipe, progres
     if step.layers is not None:
         indices = list(step.layers)
     else:
-        count = step.num_layers if step.num_layers is not None else max(1, round(step.fraction * len(layers)))
         indices, report.layer_scores = choose_layers_to_drop(
-            model, state.calibration_ids, count, score=step.score, batch_size=recipe.calibration.batch_size,
+            model, state.calibration_ids, step.count(len(layers)), score=step.score, batch_size=recipe.calibration.batch_size,
             progress=progress,
         )
     drop_layers(model, indices)
@@ -182,7 +181,7 @@ def _validate(model: nn.Module, recipe: Recipe) -> None:
                 raise UserInputError(f"{step.method} on {name}: {exc}") from None
         if isinstance(step, LayerDropConfig):
             n = len(layers)
-            count = len(step.layers) if step.layers is not None else (step.num_layers or round(step.fraction * n))
+            count = step.count(n)
             if count >= n:
                 raise UserInputError(f"layer_drop would remove {count} of {n} layers; keep at least one")
             if step.layers is not None and any(not 0 <= i < n for i in step.layers):

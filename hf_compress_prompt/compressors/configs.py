@@ -212,6 +212,14 @@ class LayerDropConfig(CompressionConfig):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.layers is None
 
+    def count(self, num_layers: int) -> int:
+        """How many of ``num_layers`` layers this step removes (a fraction rounds to the nearest count, at least 1)."""
+        if self.layers is not None:
+            return len(self.layers)
+        if self.num_layers is not None:
+            return self.num_layers
+        return max(1, round(self.fraction * num_layers))
+
 
 def step_from_dict(data: dict) -> CompressionConfig:
     """The step that ``to_dict`` wrote; an unknown method or an unknown key is an error."""
