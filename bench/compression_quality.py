@@ -43,6 +43,7 @@ SETTINGS: dict[str, list] = {
     "rtn-w4-perchannel": [RTNConfig(bits=4)],
     "gptq-w4-perchannel": [GPTQConfig(bits=4)],
     "gptq-w4-g64": [GPTQConfig(bits=4, group_size=64)],
+    "gptq-w4-g64-actorder": [GPTQConfig(bits=4, group_size=64, act_order=True)],
     "gptq-w3-g64": [GPTQConfig(bits=3, group_size=64)],
     "sparsegpt-50%": [SparseGPTConfig(sparsity=0.5)],
     "sparsegpt-2:4": [SparseGPTConfig(sparsity="2:4")],
@@ -89,6 +90,36 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     return record
 
 
+def write_table(records: list[dict], args: argparse.Namespace, machine: dict) -> Path:
+    """Writes the results so far (the file says how many of the requested settings are in)."""
+    dense = next((r for r in records if r["setting"] == "dense"), None)
+    header = ["setting"] + [f"{d} ppl" for d in args.datasets]
+    header += ([f"{d} vs dense" for d in args.datasets] if dense else []) + ["compress s", "peak RSS MB", "sparsity", "dropped"]
+    rows = []
+    for r in records:
+        row = [r["setting"]] + [f"{r[d]['perplexity']:.3f}" for d in args.datasets]
+        if dense:
+            row += [f"{r[d]['perplexity'] / dense[d]['perplexity']:.3f}x" for d in args.datasets]
+        row += [f"{r['compress_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r.get('mean_sparsity', 0):.3f}",
+                ",".join(map(str, r.get("dropped_layers", []))) or "-"]
+        rows.append(row)
+    windows = {d: records[0][d]["windows"] for d in args.datasets}
+    notes = (
+        f"Perplexity: test splits, seqlen 2048, bf16 autocast, windows used: {windows} (the first N of each split). "
+        f"Calibration: {args.nsamples} windows x {args.calib_seqlen} tokens from the local C4 train sample, seed 0. "
+        "Each setting ran in its own process; 'compress s' is the wall time of compress_ (calibration sampling "
+        "included), peak RSS is the process maximum (model load, compression and evaluation). Weights stay dense "
+        "in memory (fake-quantized / zeroed) until the packed formats land. The dense baseline is the de-quantized "
+        "Q4_1 GGUF, which already carries 4-bit rounding."
+    )
+    settings = {"settings": args.settings, "datasets": args.datasets, "windows": args.windows or "all", "seqlen": 2048,
+                "autocast": "bf16", "calibration": f"c4 {args.nsamples} x {args.calib_seqlen}", "threads": args.threads}
+    if len(records) < len(args.settings):
+        notes = f"**Partial run: {len(records)} of {len(args.settings)} settings so far.** " + notes
+    return write_results(args.name, title="Compression quality on SmolLM2-135M-Instruct", settings=settings,
+                         machine=machine, table=markdown_table(header, rows), records=records, notes=notes)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"any of: {', '.join([*SETTINGS, *OPTIONAL_SETTINGS])}")
@@ -123,31 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         print("   " + ", ".join(f"{d} {record[d]['perplexity']:.3f}" for d in args.datasets)
               + f", compress {record['compress_seconds']:.0f} s, peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
+        path = write_table(records, args, machine)
 
-    dense = next((r for r in records if r["setting"] == "dense"), None)
-    header = ["setting"] + [f"{d} ppl" for d in args.datasets]
-    header += ([f"{d} vs dense" for d in args.datasets] if dense else []) + ["compress s", "peak RSS MB", "sparsity", "dropped"]
-    rows = []
-    for r in records:
-        row = [r["setting"]] + [f"{r[d]['perplexity']:.3f}" for d in args.datasets]
-        if dense:
-            row += [f"{r[d]['perplexity'] / dense[d]['perplexity']:.3f}x" for d in args.datasets]
-        row += [f"{r['compress_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r.get('mean_sparsity', 0):.3f}",
-                ",".join(map(str, r.get("dropped_layers", []))) or "-"]
-        rows.append(row)
-    windows = {d: records[0][d]["windows"] for d in args.datasets}
-    notes = (
-        f"Perplexity: test splits, seqlen 2048, bf16 autocast, windows used: {windows} (the first N of each split). "
-        f"Calibration: {args.nsamples} windows x {args.calib_seqlen} tokens from the local C4 train sample, seed 0. "
-        "Each setting ran in its own process; 'compress s' is the wall time of compress_ (calibration sampling "
-        "included), peak RSS is the process maximum (model load, compression and evaluation). Weights stay dense "
-        "in memory (fake-quantized / zeroed) until the packed formats land. The dense baseline is the de-quantized "
-        "Q4_1 GGUF, which already carries 4-bit rounding."
-    )
-    settings = {"settings": args.settings, "datasets": args.datasets, "windows": args.windows or "all", "seqlen": 2048,
-                "autocast": "bf16", "calibration": f"c4 {args.nsamples} x {args.calib_seqlen}", "threads": args.threads}
-    path = write_results(args.name, title="Compression quality on SmolLM2-135M-Instruct", settings=settings,
-                         machine=machine, table=markdown_table(header, rows), records=records, notes=notes)
     print(f"wrote {path}")
 
 
