@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-VOCAB = 260  # 256 byte tokens + a few specials
+from builders import C4_DOCS, PTB_LINES, TINY_MODELS, VOCAB, WIKITEXT_RAW, build_tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -40,31 +40,6 @@ def byte_tokenizer():
     return tokenizer
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=256, pad_token_id=256, bos_token_id=256,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
-def _tiny_opt():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    config = OPTConfig(
-        vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, word_embed_proj_dim=128, eos_token_id=256, pad_token_id=256, bos_token_id=256,
-    )
-    torch.manual_seed(0)
-    return OPTForCausalLM(config).eval()
-
-
-TINY_MODELS = {"llama": _tiny_llama, "opt": _tiny_opt}
-
-
 @pytest.fixture(params=sorted(TINY_MODELS))
 def tiny_model(request):
     """Each tiny architecture in turn (parametrised: adding a family is one entry in TINY_MODELS)."""
@@ -73,25 +48,16 @@ def tiny_model(request):
 
 @pytest.fixture
 def tiny_llama():
-    return _tiny_llama()
+    return build_tiny_llama()
 
 
 @pytest.fixture
 def tiny_llama_dir(tmp_path, byte_tokenizer):
     """The tiny Llama and the byte tokenizer saved as a checkpoint folder."""
     folder = tmp_path / "tiny-llama"
-    _tiny_llama().save_pretrained(folder)
+    build_tiny_llama().save_pretrained(folder)
     byte_tokenizer.save_pretrained(folder)
     return folder
-
-
-WIKITEXT_RAW = " \n = Title One = \n \n Some text about the first thing . \n \n = = Part = = \n \n More words here . \n"
-PTB_LINES = " no it was n't black monday \n but while the new york stock exchange did n't fall apart \n"
-C4_DOCS = [
-    "A short first document.",
-    "The second document is a little longer than the first one, with more words in it than before.",
-    "Third.",
-]
 
 
 @pytest.fixture
@@ -108,14 +74,3 @@ def data_dir(tmp_path, monkeypatch):
             f.write(json.dumps({"text": doc, "url": "x"}) + "\n")
     monkeypatch.setenv("HF_COMPRESS_PROMPT_DATA", str(root))
     return root
-
-
-def shared_data_root() -> Path | None:
-    """The real ../shared/data (or $HF_COMPRESS_PROMPT_DATA as set outside the tests), when present."""
-    from hf_compress_prompt.data.corpora import _default_roots
-
-    override = os.environ.get("HF_COMPRESS_PROMPT_DATA")
-    for root in ([Path(override)] if override else []) + _default_roots():
-        if (root / "wikitext-2-raw" / "wiki.test.raw").is_file():
-            return root
-    return None

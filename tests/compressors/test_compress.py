@@ -87,9 +87,9 @@ def test_calibrated_methods_stay_closer_to_the_dense_model(tiny_model, better, w
 
 
 def test_compression_is_deterministic(calib):
-    from conftest import _tiny_llama
+    from builders import build_tiny_llama
 
-    first, second = _tiny_llama(), _tiny_llama()
+    first, second = build_tiny_llama(), build_tiny_llama()
     for model in (first, second):
         compress_(model, SparseGPTConfig(sparsity=0.5, bits=4, group_size=32), calibration_ids=calib, progress=False)
     for (n, p), (_, q) in zip(first.named_parameters(), second.named_parameters()):

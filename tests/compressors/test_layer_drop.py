@@ -1,17 +1,12 @@
 import pytest
 import torch
 
+from builders import build_tiny_llama
 from hf_compress_prompt.compressors import LayerDropConfig, LayerDropper, choose_layers_to_drop, compress_, drop_layers
 
 
 def _deep_llama(layers=6):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=256, pad_token_id=256, bos_token_id=256)
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(num_layers=layers, max_positions=256)
 
 
 def test_dropped_model_saves_reloads_and_generates_with_plain_transformers(tmp_path):

@@ -2,7 +2,7 @@ import gzip
 
 import pytest
 
-from conftest import C4_DOCS, shared_data_root
+from builders import C4_DOCS, shared_data_root
 from hf_compress_prompt.data import Corpus, list_corpora, load_rows, load_text, register_corpus
 from hf_compress_prompt.errors import MissingResourceError, UserInputError
 

@@ -21,7 +21,7 @@ def test_calibration_windows_are_deterministic_and_seeded(data_dir, byte_tokeniz
 
 def test_document_corpora_sample_windows_inside_one_long_document(data_dir, byte_tokenizer):
     # Only the second C4 document has >= 40 byte tokens, so every window must come from it.
-    from conftest import C4_DOCS
+    from builders import C4_DOCS
 
     long_doc = byte_tokenizer(C4_DOCS[1])["input_ids"]
     windows = calibration_batches("c4", byte_tokenizer, nsamples=8, seqlen=40, seed=3)

@@ -18,8 +18,3 @@ def layer():
     acc = HessianAccumulator(128)
     acc.add_batch(X)
     return W, X, acc.H
-
-
-def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:
-    """``||W X^T - Q X^T||_F^2``: the layer-wise reconstruction loss GPTQ and SparseGPT minimise."""
-    return ((X @ (W - Q).T) ** 2).sum().item()

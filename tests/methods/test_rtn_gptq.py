@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import output_error
+from builders import output_error
 from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.methods.gptq import gptq_quantize
 from hf_compress_prompt.methods.hessian import HessianAccumulator, inverse_cholesky_upper
