@@ -8,9 +8,12 @@ recorded in ``config.json``; layer-dropped models are plain, smaller checkpoints
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
+from ..errors import UserInputError
 from .compress import CompressionResult, compress_
 from .configs import (
     CalibrationConfig,
@@ -36,9 +39,14 @@ __all__ = [
 _CALIBRATION_KEYS = ("dataset", "split", "nsamples", "seqlen", "seed", "batch_size")
 
 
-class Compressor:
-    """A recipe step and its calibration data, applied with :meth:`compress_model` (alias ``quantize_model`` /
-    ``prune_model``) and written with :meth:`save`. ``self.result`` holds the last :class:`CompressionResult`."""
+class Compressor(OptimumQuantizer):
+    """A recipe step and its calibration data.
+
+    Two ways in, as in optimum: ``compressor.compress_model(model, tokenizer)`` (alias ``quantize_model`` /
+    ``prune_model``, like ``optimum.gptq.GPTQQuantizer``) on a model you hold, then :meth:`save`; or
+    ``Cls.from_pretrained(model_or_path, **settings).quantize(save_dir)`` (``OptimumQuantizer``'s interface), which
+    loads, compresses and saves. ``self.result`` holds the last :class:`CompressionResult`.
+    """
 
     config_class: type[CompressionConfig] = CompressionConfig
 
@@ -47,6 +55,32 @@ class Compressor:
         self.calibration = CalibrationConfig(**calibration)
         self.config = self.config_class(**kwargs)
         self.result: CompressionResult | None = None
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+
+    @classmethod
+    def from_pretrained(cls, model_or_path: str | os.PathLike | None = None, file_name: str | None = None, **kwargs):
+        """Loads ``model_or_path`` (``None`` for the embedded SmolLM2; ``file_name`` a ``.gguf`` inside a folder)
+        and returns a compressor built from ``kwargs`` and bound to it."""
+        from ..models import load_model_and_tokenizer
+
+        compressor = cls(**kwargs)
+        source = Path(model_or_path) / file_name if file_name is not None else model_or_path
+        compressor.model, compressor.tokenizer = load_model_and_tokenizer(source)
+        return compressor
+
+    def quantize(self, save_dir: str | os.PathLike, file_prefix: str | None = None, **kwargs) -> Path:
+        """Compresses the model bound by :meth:`from_pretrained` and saves it (with its tokenizer) to ``save_dir``."""
+        if self.model is None:
+            raise UserInputError(
+                f"{type(self).__name__} holds no model; use {type(self).__name__}.from_pretrained(...).quantize(dir) "
+                "or compress_model(model, tokenizer)"
+            )
+        if file_prefix is not None:
+            raise UserInputError("file_prefix is not supported: checkpoints use the standard transformers file names")
+        self.compress_model(self.model, self.tokenizer, **kwargs)
+        self.save(self.model, save_dir, tokenizer=self.tokenizer)
+        return Path(save_dir)
 
     def compress_model(self, model: nn.Module, tokenizer=None, *, progress: bool = True) -> nn.Module:
         """Compresses ``model`` in place (calibrating with ``tokenizer`` when the method needs data) and returns it."""

@@ -33,3 +33,19 @@ def test_pruners(tiny_llama, byte_tokenizer, data_dir, cls, kwargs):
 def test_unknown_arguments_fail_at_construction():
     with pytest.raises(TypeError):
         GPTQQuantizer(bitz=4)
+
+
+def test_optimum_quantizer_interface_loads_compresses_and_saves(tiny_llama_dir, tmp_path):
+    from optimum.quantization_base import OptimumQuantizer
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress_prompt.compressors import MagnitudePruner
+    from hf_compress_prompt.errors import UserInputError
+
+    pruner = MagnitudePruner.from_pretrained(tiny_llama_dir, sparsity="2:4")
+    assert isinstance(pruner, OptimumQuantizer)
+    out = pruner.quantize(tmp_path / "out", progress=False)
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert float((saved.model.layers[1].mlp.down_proj.weight == 0).float().mean()) == pytest.approx(0.5)
+    with pytest.raises(UserInputError, match="holds no model"):
+        MagnitudePruner().quantize(tmp_path / "x")

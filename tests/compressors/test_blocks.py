@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hf_compress_prompt.compressors.blocks import capture_block_inputs, find_decoder_layers, run_block, sequential_groups
@@ -25,3 +26,30 @@ def test_true_sequential_groups_follow_the_forward_pass(tiny_model):
     inputs = capture_block_inputs(tiny_model, layers, [torch.randint(0, 256, (1, 16))])
     assert sequential_groups(layers[0], inputs) == EXPECTED_GROUPS[type(tiny_model).__name__]
     assert path in ("model.layers", "model.decoder.layers")
+
+
+def _other_families():
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    return {
+        "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(**common)), "model.layers"),
+        "mistral": (lambda: MistralForCausalLM(MistralConfig(**common)), "model.layers"),
+        "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=260, n_embd=128, n_layer=2, n_head=4, n_positions=128,
+                                                    bos_token_id=0, eos_token_id=0)), "transformer.h"),
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gpt2"])
+def test_other_families_are_discovered_and_replayed(family):
+    build, expected_path = _other_families()[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    path, layers = find_decoder_layers(model)
+    assert path == expected_path and len(layers) == 2
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, layers, [ids])
+    with torch.no_grad():
+        reference = model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(run_block(layers[0], inputs)[0], reference[1], rtol=1e-5, atol=1e-5)
