@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-from pathlib import Path
 
 import pytest
-import torch
 
 from builders import C4_DOCS, PTB_LINES, TINY_MODELS, VOCAB, WIKITEXT_RAW, build_tiny_llama
 
