@@ -1,27 +1,38 @@
 """hf_compress_prompt: compress a causal LM and recover its quality with a learned soft prompt.
 
 Submodules: ``models`` (the embedded SmolLM2 default, loading), ``data`` (corpora, token batches),
-``evaluation`` (perplexity), ``cli``.
+``evaluation`` (perplexity), ``methods`` (compression maths), ``compressors`` (orchestration, Optimum-style
+classes), ``formats`` (on-disk layouts), ``nn`` (runtime modules), ``kernels`` (torch.library ops),
+``integrations`` (transformers quantization method), ``cli``.
+
+Importing the package registers the ``hf_compress_prompt`` quantization method with transformers, so
+``AutoModelForCausalLM.from_pretrained`` can load compressed folders; without the import transformers refuses them.
 """
 
 from .data import calibration_batches, eval_tokens, list_corpora, load_text
 from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
+from .integrations import CompressedConfig, CompressedHfQuantizer
+from .integrations.checkpoints import from_pretrained, save_pretrained
 from .models import DEFAULT_MODEL_NAME, default_model_path, load_model_and_tokenizer, locate_default_gguf
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "CompressedConfig",
+    "CompressedHfQuantizer",
     "MissingResourceError",
     "PerplexityResult",
     "UserInputError",
     "calibration_batches",
     "default_model_path",
     "eval_tokens",
+    "from_pretrained",
     "list_corpora",
     "load_model_and_tokenizer",
     "load_text",
     "locate_default_gguf",
     "perplexity",
+    "save_pretrained",
 ]

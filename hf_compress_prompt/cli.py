@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     co = commands.add_parser(
         "compress", help="compress a model with one method or a recipe file, and save it",
         description="Runs GPTQ, RTN, SparseGPT, Wanda, magnitude (unstructured or N:M) or layer dropping layer by "
-        "layer on the CPU (or GPU), then saves the model with the recipe recorded in config.json. Until the packed "
-        "format lands, weights are saved dense (fake-quantized / zeroed).",
+        "layer on the CPU (or GPU), then saves the packed model (safetensors; load it with "
+        "hf_compress_prompt.from_pretrained or, after `import hf_compress_prompt`, AutoModelForCausalLM.from_pretrained).",
         epilog=_EPILOG + "\nexamples:\n  hf-compress-prompt compress --method gptq --bits 4 --group-size 64 --output out/gptq4\n"
         "  hf-compress-prompt compress --method sparsegpt --sparsity 2:4 --bits 4 --output out/sp24-4b\n"
         "  hf-compress-prompt compress --recipe recipe.yaml --output out/recipe",
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _table(rows: list[list]) -> str:
     header = ["dataset", "mode", "perplexity", "windows", "tokens", "tokens/s"]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
 
 
@@ -203,14 +203,13 @@ def _recipe_from_args(args: argparse.Namespace):
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .compressors import compress_
+    from .integrations.checkpoints import save_pretrained
     from .models import load_model_and_tokenizer
 
     recipe = _recipe_from_args(args)  # bad flags fail before the model loads
     model, tokenizer = load_model_and_tokenizer(args.model)
     result = compress_(model, recipe, tokenizer=tokenizer, progress=not args.no_progress)
     output = Path(args.output)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
     summary = []
     for report in result.reports:
         sparsities = [v["sparsity"] for v in report.layers.values()]
@@ -219,11 +218,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             "mean_sparsity": sum(sparsities) / len(sparsities) if sparsities else 0.0,
             "dropped_layers": report.dropped_layers,
         })
-    (output / "compression_report.json").write_text(json.dumps({"recipe": recipe.to_dict(), "steps": summary}, indent=2) + "\n")
+    report = json.dumps({"recipe": recipe.to_dict(), "steps": summary}, indent=2) + "\n"
+    save_pretrained(model, output, tokenizer=tokenizer, extra_files={"compression_report.json": report})
     for row in summary:
         extra = f", dropped layers {row['dropped_layers']}" if row["dropped_layers"] else ""
         print(f"{row['method']}: {row['linears']} linear layers in {row['seconds']} s, mean sparsity {row['mean_sparsity']:.3f}{extra}")
-    print(f"saved to {output} (dense weights; recipe in config.json under 'compression_recipe')")
+    packed = getattr(model.config, "quantization_config", None)
+    what = f"{len(packed.layers)} packed layers, quantization_config in config.json" if packed else "plain transformers model"
+    print(f"saved to {output} ({what}; recipe under 'compression_recipe')")
     return EXIT_OK
 
 

@@ -64,9 +64,12 @@ def test_compress_runs_a_method_from_flags_and_saves(tiny_llama_dir, data_dir, t
                  "--group-size", "32", "--dataset", "c4", "--nsamples", "4", "--seqlen", "16", "--output", str(out),
                  "--no-progress"])
     assert code == EXIT_OK
-    assert "sparsegpt: 14 linear layers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sparsegpt: 14 linear layers" in printed and "14 packed layers" in printed
     model = AutoModelForCausalLM.from_pretrained(out)
-    q = model.model.layers[0].self_attn.q_proj.weight
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.fmt.sparsity == "2:4" and q_proj.fmt.bits == 4  # saved packed
+    q = q_proj.dequantize_weight()
     assert bool(((q != 0).reshape(-1, 4).sum(-1) <= 2).all())  # 2:4 held in the saved weights
     recipe = model.config.to_dict()["compression_recipe"]
     assert recipe["steps"][0]["sparsity"] == "2:4" and recipe["calibration"]["nsamples"] == 4

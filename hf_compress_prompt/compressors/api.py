@@ -1,8 +1,9 @@
 """Optimum-style front doors: ``GPTQQuantizer(bits=4, group_size=64).quantize_model(model, tokenizer)`` and friends.
 
-Each wraps one recipe step plus its calibration settings and calls :func:`compress_`. Until the packed format
-lands (issue 4), ``save`` writes the compressed model as dense (fake-quantized / zeroed) weights with the recipe
-recorded in ``config.json``; layer-dropped models are plain, smaller checkpoints.
+Each wraps one recipe step plus its calibration settings and calls :func:`compress_`, which packs the compressed
+layers (:mod:`hf_compress_prompt.nn`); ``save`` writes them in the packed safetensors format with the
+``quantization_config`` and recipe in ``config.json``, atomically. Layer-dropped models are plain, smaller
+checkpoints.
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ class Compressor(OptimumQuantizer):
     prune_model = compress_model
 
     def save(self, model: nn.Module, save_dir: str | os.PathLike, tokenizer=None, **kwargs) -> None:
-        """``model.save_pretrained(save_dir)`` (safetensors, recipe in config.json) and the tokenizer beside it."""
-        model.save_pretrained(save_dir, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(save_dir)
+        """Saves ``model`` (packed safetensors, config and recipe in config.json) and the tokenizer to ``save_dir``,
+        atomically (:func:`hf_compress_prompt.save_pretrained`)."""
+        from ..integrations.checkpoints import save_pretrained
+
+        save_pretrained(model, save_dir, tokenizer=tokenizer, **kwargs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r}, {self.calibration!r})"

@@ -45,7 +45,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (expected is None or len(module) == expected)
-        and all(find_linear_layers(block) for block in module)
+        and all(_has_linear(block) for block in module)
     ]
     if not candidates:
         kind = type(model).__name__
@@ -54,6 +54,12 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             "supported: Llama-family (incl. SmolLM2, Qwen2, Mistral), OPT and GPT-2 style causal LMs"
         )
     return min(candidates, key=lambda item: item[0].count("."))  # the outermost list
+
+
+def _has_linear(block: nn.Module) -> bool:
+    from ..nn import PackedLinear
+
+    return bool(find_linear_layers(block)) or any(isinstance(m, PackedLinear) for m in block.modules())
 
 
 def find_linear_layers(block: nn.Module) -> dict[str, nn.Module]:

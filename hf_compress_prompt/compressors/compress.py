@@ -165,6 +165,13 @@ def _run_layer_drop(model, step: LayerDropConfig, state, report, recipe, progres
 def _validate(model: nn.Module, recipe: Recipe) -> None:
     """Every check that can fail, before any work starts."""
     _, layers = find_decoder_layers(model)  # unsupported architectures fail here
+    from ..nn import PackedLinear
+
+    if any(s.prunes or s.quantizes for s in recipe.steps) and any(isinstance(m, PackedLinear) for m in model.modules()):
+        raise UserInputError(
+            "this model already holds packed (compressed) layers; prune or quantize the dense model instead "
+            "(compress_(..., pack=False) keeps dense weights between calls)"
+        )
     linears = [(name, linear_weight(m).shape) for name, m in _block_linears(model)]
     for step in recipe.steps:
         if type(step) not in _HANDLERS:
@@ -210,6 +217,7 @@ def compress_(
     tokenizer=None,
     calibration: CalibrationConfig | None = None,
     calibration_ids: torch.Tensor | None = None,
+    pack: bool = True,
     progress: bool = True,
 ) -> CompressionResult:
     """Compresses ``model`` in place with one step or a recipe, and records the recipe in ``model.config``.
@@ -221,6 +229,9 @@ def compress_(
         calibration (`CalibrationConfig`, *optional*): overrides the recipe's calibration settings.
         calibration_ids (`torch.LongTensor` of shape `(nsamples, seqlen)`, *optional*): calibration tokens to use
             directly instead of sampling them with ``tokenizer``.
+        pack (`bool`, *optional*, defaults to `True`): replace each quantized or pruned linear by its packed runtime
+            module (:mod:`hf_compress_prompt.nn`) and attach the ``quantization_config``, so ``save_pretrained``
+            writes the packed checkpoint; `False` leaves dense (fake-quantized / zeroed) weights.
         progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
@@ -270,4 +281,9 @@ def compress_(
     if previous:
         recorded["steps"] = list(previous.get("steps", [])) + recorded["steps"]
     setattr(model.config, RECIPE_CONFIG_KEY, recorded)
-    return CompressionResult(recipe, state.reports, state.by_name(model, state.masks), state.by_name(model, state.quantized))
+    result = CompressionResult(recipe, state.reports, state.by_name(model, state.masks), state.by_name(model, state.quantized))
+    if pack:
+        from .pack import pack_model
+
+        pack_model(model, result)
+    return result

@@ -46,7 +46,7 @@ def gptq_quantize(
     """
     rows, cols = weight.shape
     size = check_group_size(group_size, cols)
-    W = weight.detach().float().clone()  # (rows, cols)
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
     H = H.detach().float().clone()  # (cols, cols)
 
     dead = torch.diagonal(H) == 0  # inputs that were always zero: any value works, so quantize zeros

@@ -47,7 +47,7 @@ def sparsegpt_prune(
         block_size = pattern.m * max(1, block_size // pattern.m)  # N:M runs must not straddle blocks
     size = check_group_size(group_size, cols) if bits is not None else cols
 
-    W = weight.detach().float().clone()  # (rows, cols)
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
     H = H.detach().float().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1

@@ -1,0 +1,63 @@
+"""After compression: replace each compressed linear by its packed runtime module and record the
+``quantization_config`` that lets ``from_pretrained`` load the saved folder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import LinearFormat
+from ..methods.masks import parse_sparsity
+from ..nn import PackedLinear, pack_module
+from .blocks import linear_weight
+from .compress import CompressionResult
+
+__all__ = ["pack_model", "has_packed_layers"]
+
+
+def has_packed_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, result: CompressionResult) -> dict[str, LinearFormat]:
+    """Packs every linear that ``result`` quantized or pruned (in place) and attaches the quantization config.
+
+    Returns the format of each packed layer by qualified name. A model without quantized or pruned layers (e.g.
+    only layer dropping) is left as a plain transformers model.
+    """
+    from ..integrations.transformers_quantizer import attach_quantization_config
+
+    prune_step = next((s for s in result.recipe.steps if s.prunes), None)
+    pattern = parse_sparsity(prune_step.sparsity) if prune_step is not None else None
+    formats: dict[str, LinearFormat] = {}
+    for name in sorted(set(result.masks) | set(result.quantized)):
+        module = model.get_submodule(name)
+        weight = linear_weight(module)  # (out, in)
+        out_features, in_features = weight.shape
+        qw, pruned = result.quantized.get(name), result.masks.get(name)
+        sparsity = None
+        if pruned is not None:
+            sparsity = str(pattern) if pattern is not None and pattern.is_nm else "bitmask"
+        fmt = LinearFormat(
+            in_features, out_features, bias=getattr(module, "bias", None) is not None,
+            bits=qw.bits if qw else None, group_size=qw.group_size if qw else -1,
+            symmetric=qw.symmetric if qw else False, sparsity=sparsity,
+            nnz=int((~pruned).sum()) if sparsity == "bitmask" else None,
+            act_order=bool(qw is not None and qw.perm is not None),
+        )
+        parts = {"pruned": pruned, "float_dtype": weight.dtype, "name": name}
+        if qw is not None:
+            parts.update(codes=qw.codes, scale=qw.scale, zero=qw.zero)
+        _set_module(model, name, pack_module(fmt, weight, getattr(module, "bias", None), **parts))
+        formats[name] = fmt
+    if formats:
+        dropped = sorted(i for r in result.reports for i in r.dropped_layers)
+        attach_quantization_config(model, formats, recipe=getattr(model.config, "compression_recipe", None),
+                                   dropped_layers=dropped)
+    return formats

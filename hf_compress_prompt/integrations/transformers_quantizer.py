@@ -1,0 +1,245 @@
+"""The ``hf_compress_prompt`` quantization method for transformers: a :class:`CompressedConfig` recorded in
+``config.json`` and a :class:`CompressedHfQuantizer` that swaps the compressed layers in on the meta device before
+the weights load, so ``AutoModelForCausalLM.from_pretrained(dir)`` returns the packed model.
+
+Both are registered with transformers when ``hf_compress_prompt`` is imported (:func:`register`, idempotent).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .._logging import get_logger
+from ..errors import UserInputError
+from ..formats import FORMAT_VERSION, LinearFormat
+from ..nn import packed_linear_class
+from .safetensors_check import CheckpointError, checkpoint_tensors
+
+__all__ = [
+    "QUANT_METHOD",
+    "CompressedConfig",
+    "CompressedHfQuantizer",
+    "attach_quantization_config",
+    "install_packed_modules",
+    "register",
+]
+
+logger = get_logger(__name__)
+
+QUANT_METHOD = "hf_compress_prompt"
+CHECKPOINT_FORMATS = ("native", "gptq")
+
+
+class CompressedConfig(QuantizationConfigMixin):
+    """What a compressed checkpoint holds, recorded under ``quantization_config`` in ``config.json``.
+
+    Args:
+        layers (`dict[str, dict]`): qualified module name -> its :class:`~hf_compress_prompt.formats.LinearFormat`
+            as a dict (bits, group size, symmetry, act-order, sparsity kind and kept count).
+        format_version (`int`): the on-disk format version; a version this package does not know is an error.
+        checkpoint_format (`str`, defaults to ``"native"``): ``"native"`` (this package's layout) or ``"gptq"``
+            (an AutoGPTQ/GPTQModel/optimum checkpoint, repacked at load time).
+        recipe (`dict`, *optional*): the compression recipe (steps and calibration) that produced the weights.
+        dropped_layers (`list[int]`, *optional*): decoder layers removed by layer dropping (original indices).
+        modules_to_not_convert (`list[str]`, *optional*): modules kept in floating point (e.g. ``lm_head``).
+        gptq (`dict`, *optional*): the original GPTQ quantization config, for ``checkpoint_format="gptq"``.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, dict] | None = None,
+        format_version: int = FORMAT_VERSION,
+        checkpoint_format: str = "native",
+        recipe: dict | None = None,
+        dropped_layers: list[int] | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        gptq: dict | None = None,
+        **kwargs,
+    ):
+        kwargs.pop("quant_method", None)
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.checkpoint_format = checkpoint_format
+        self.layers = dict(layers or {})
+        self.recipe = recipe
+        self.dropped_layers = list(dropped_layers or [])
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.gptq = gptq
+        if kwargs:
+            logger.warning("ignoring unknown quantization_config keys %s", sorted(kwargs))
+        self.post_init()
+
+    def post_init(self) -> None:
+        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise UserInputError(
+                f"compressed checkpoint format_version={self.format_version!r} is not supported by this "
+                f"hf_compress_prompt (it reads versions 1..{FORMAT_VERSION}); upgrade hf_compress_prompt"
+            )
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise UserInputError(f"checkpoint_format={self.checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+        if self.checkpoint_format == "gptq" and not self.gptq:
+            raise UserInputError("checkpoint_format='gptq' needs the original GPTQ config under 'gptq'")
+        self.layer_formats()  # validates every layer entry
+
+    def layer_formats(self) -> dict[str, LinearFormat]:
+        formats = {}
+        for name, spec in self.layers.items():
+            try:
+                formats[name] = LinearFormat.from_dict(spec)
+            except (TypeError, UserInputError) as exc:
+                raise UserInputError(f"quantization_config layer {name!r}: {exc}") from None
+        return formats
+
+    @classmethod
+    def from_gptq(cls, gptq_config: dict) -> CompressedConfig:
+        """A config that loads a GPTQ checkpoint (``quant_method: "gptq"``) into this package's modules."""
+        return cls(checkpoint_format="gptq", gptq=dict(gptq_config))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def install_packed_modules(model: nn.Module, formats: dict[str, LinearFormat], dtype: torch.dtype, device="meta") -> None:
+    """Replaces each named module by an empty runtime module of its format (on ``device``)."""
+    for name, fmt in formats.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantization_config names layer {name!r}, which this model does not have") from None
+        if not isinstance(old, nn.Module):
+            raise CheckpointError(f"{name!r} is not a module")
+        _set_module(model, name, packed_linear_class(fmt)(fmt, dtype=dtype, device=device))
+
+
+def _check_tensors(expected: dict[str, tuple[tuple[int, ...], str | None]], found: dict[str, dict]) -> None:
+    """Every expected tensor is present with its shape (and dtype, when fixed); errors name the tensor and file."""
+    for name, (shape, dtype) in expected.items():
+        info = found.get(name)
+        if info is None:
+            raise CheckpointError(f"compressed checkpoint is missing tensor {name!r}; the folder is incomplete, save it again")
+        if tuple(info["shape"]) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} in {info['file']} has shape {list(info['shape'])}, the config says {list(shape)}"
+            )
+        if dtype is not None and info["dtype"] != dtype:
+            raise CheckpointError(f"tensor {name!r} in {info['file']} has dtype {info['dtype']}, the format needs {dtype}")
+
+
+class CompressedHfQuantizer(HfQuantizer):
+    """Loads checkpoints of :class:`CompressedConfig` (and GPTQ checkpoints through it)."""
+
+    requires_calibration = True  # compress with hf_compress_prompt.compressors first; nothing quantizes on the fly
+    quantization_config: CompressedConfig
+
+    def __init__(self, quantization_config: CompressedConfig, **kwargs):
+        if not kwargs.get("pre_quantized", True):
+            raise UserInputError(
+                "hf_compress_prompt cannot compress a dense model inside from_pretrained (it needs calibration "
+                "data): compress it with hf_compress_prompt.compress_ or the GPTQQuantizer / SparseGPTPruner "
+                "classes (or `hf-compress-prompt compress`), save it, then load the saved folder"
+            )
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args, **kwargs):
+        return
+
+    def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
+        config = self.quantization_config
+        float_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
+        found = checkpoint_tensors(checkpoint_files) if checkpoint_files else None
+        if config.checkpoint_format == "gptq":
+            from ..nn.gptq_import import install_gptq_modules
+
+            install_gptq_modules(model, config.gptq, found, float_dtype)
+            return model
+        formats = config.layer_formats()
+        if found is not None:
+            expected = {}
+            for name, fmt in formats.items():
+                for tensor, spec in fmt.tensor_specs().items():
+                    expected[f"{name}.{tensor}"] = (spec.shape, None if spec.dtype is None else str(spec.dtype).split(".")[1])
+            _check_tensors(expected, found)
+        install_packed_modules(model, formats, float_dtype)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.quantization_config.checkpoint_format == "gptq":
+            from ..nn.gptq_import import repack_gptq_modules
+
+            layers = repack_gptq_modules(model)
+            gptq = self.quantization_config.gptq
+            self.quantization_config = CompressedConfig(layers={k: f.to_dict() for k, f in layers.items()},
+                                                        recipe={"imported_from": {"quant_method": "gptq", **gptq}})
+            model.config.quantization_config = self.quantization_config
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        from ..nn import PackedLinear
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, PackedLinear):
+                linear = module.to_linear()
+                _set_module(model, name, linear.to(dtype) if dtype is not None else linear)
+        return model
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Registers the config and the quantizer with transformers under ``quant_method="hf_compress_prompt"``.
+    Safe to call again; a different class already registered under the name is an error."""
+    for mapping, cls, decorator in (
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, CompressedConfig, register_quantization_config),
+        (AUTO_QUANTIZER_MAPPING, CompressedHfQuantizer, register_quantizer),
+    ):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is cls:
+            continue
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"quant_method {QUANT_METHOD!r} is already registered to {existing!r}")
+        if existing is not None:  # the same class from a reloaded module
+            del mapping[QUANT_METHOD]
+        decorator(QUANT_METHOD)(cls)
+
+
+def attach_quantization_config(model: nn.Module, formats: dict[str, LinearFormat], *, recipe: dict | None = None,
+                               dropped_layers: list[int] | None = None) -> CompressedConfig:
+    """Marks an in-memory packed model as quantized with :class:`CompressedConfig`, so ``save_pretrained`` records
+    the config and ``from_pretrained`` can load the folder."""
+    from ..nn import PackedLinear
+
+    existing = getattr(model.config, "quantization_config", None)
+    layers = dict(existing.layers) if isinstance(existing, CompressedConfig) else {}
+    layers.update({name: fmt.to_dict() for name, fmt in formats.items()})
+    layers = {name: spec for name, spec in layers.items() if isinstance(_get(model, name), PackedLinear)}
+    not_converted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    config = CompressedConfig(layers=layers, recipe=recipe, dropped_layers=dropped_layers,
+                              modules_to_not_convert=not_converted)
+    model.config.quantization_config = config
+    model.hf_quantizer = CompressedHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return config
+
+
+def _get(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
