@@ -116,3 +116,29 @@ def test_gptq_checkpoint_with_a_wrong_shape_is_named(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(UserInputError, match=r"'model\.layers\.0\.mlp\.up_proj\.scales' .* has shape"):
         hcp.from_pretrained(tmp_path / "gptq")
+
+
+def test_sharded_save_loads(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    compress_(tiny_llama, RTNConfig(bits=4, group_size=32), progress=False)
+    folder = hcp.save_pretrained(tiny_llama, tmp_path / "m", max_shard_size="100KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert (loaded(ids).logits - tiny_llama(ids).logits).abs().max() <= 1e-4
+    # a missing shard names the tensor it held
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = next(name for name in index if name.endswith("weight_scale"))
+    shard = folder / index[victim]
+    from safetensors.torch import load_file
+
+    tensors = load_file(shard)
+    tensors.pop(victim)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    from hf_compress_prompt.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=f"missing tensor '{victim}'"):
+        AutoModelForCausalLM.from_pretrained(folder)
