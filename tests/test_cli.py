@@ -100,3 +100,15 @@ def test_compress_rejects_bad_flags_before_loading(flags, message, tmp_path, cap
     assert code == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_eval_reads_a_packed_folder(tiny_llama_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "packed"
+    assert main(["compress", "--model", str(tiny_llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--output", str(out), "--no-progress"]) == EXIT_OK
+    files = {p.name for p in out.iterdir()}
+    # a folder push_to_hub / upload_folder can publish as is: config, weights (safetensors only), tokenizer
+    assert {"config.json", "model.safetensors", "tokenizer.json", "compression_report.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert main(["eval", "--model", str(out), "--datasets", "wikitext2", "--seqlen", "16"]) == EXIT_OK
+    assert "wikitext2" in capsys.readouterr().out

@@ -49,7 +49,8 @@ def load_model_and_tokenizer(
             folder or a Hub id.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): the weights' dtype.
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): where to put the model.
-        from_pretrained_kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
+        from_pretrained_kwargs: passed on to ``AutoModelForCausalLM.from_pretrained`` (through
+            :func:`hf_compress_prompt.from_pretrained`, so packed and GPTQ folders load too).
 
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`
@@ -57,7 +58,7 @@ def load_model_and_tokenizer(
     Raises:
         UserInputError: the source is not a causal LM or cannot be read; MissingResourceError: it does not exist.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     source = resolve_model_source(model)
@@ -81,7 +82,9 @@ def load_model_and_tokenizer(
             f"model {str(model)!r} has no usable tokenizer ({_first_line(exc)}); save one next to the weights "
             "with tokenizer.save_pretrained(folder)"
         ) from None
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
+    from ..integrations.checkpoints import from_pretrained  # packed folders, and GPTQ ones without GPTQModel
+
+    lm = from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
     lm.to(device).eval()
     logger.info("loaded %s (%s, %.1fM parameters)", source, type(lm).__name__, lm.num_parameters() / 1e6)
     return lm, tokenizer

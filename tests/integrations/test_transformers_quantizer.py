@@ -238,3 +238,23 @@ def test_truncated_file_is_named(saved):
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(UserInputError, match=r"model\.safetensors: truncated safetensors file"):
         AutoModelForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("case", ["gptq-w4-g32-actorder", "sparsegpt-2:4+w4 joint", "magnitude-50%"])
+def test_gradients_reach_the_input_through_packed_layers(calib, ids, case):
+    # what prompt tuning needs: d loss / d inputs_embeds through frozen compressed layers, as in the dense model
+    from builders import build_tiny_llama
+
+    steps, _ = CASES[case]
+    packed, dense = build_tiny_llama(), build_tiny_llama()
+    compress_(packed, Recipe(steps), calibration_ids=calib, progress=False)
+    compress_(dense, Recipe(steps), calibration_ids=calib, pack=False, progress=False)
+    grads = []
+    for model in (packed, dense):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        grads.append(embeds.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert not any(p.requires_grad and p.grad is not None for m in packed.modules() if isinstance(m, PackedLinear)
+                   for p in m.parameters())
