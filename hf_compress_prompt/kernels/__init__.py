@@ -2,11 +2,49 @@
 reference, a fake implementation for ``torch.compile``, and a slot for faster per-device kernels.
 :func:`status` says which implementation serves each op and why optional kernels are not in use."""
 
-from .ops import KERNELS, bitmask_linear, int_linear, nm_linear, record_unavailable, register_kernel, status
+from . import cpu as _cpu
+from .ops import (
+    KERNELS,
+    bitmask_linear,
+    int_linear,
+    nm_linear,
+    record_unavailable,
+    reference_only,
+    register_kernel,
+    status,
+)
 from .reference import dense_weight, reference_linear
+
+
+def _cpu_description() -> str:
+    reason = _cpu.unavailable_reason()  # builds the C kernels on first call (about a second, then cached)
+    if reason is not None:
+        return f"reference (pure PyTorch): {reason}"
+    return f"{_cpu.kernel_name()} for dense int4 with group size a multiple of 64; reference otherwise"
+
+
+register_kernel("int_linear", "cpu", _cpu.int4_linear, _cpu_description)
+
+
+def layer_status(model) -> dict[str, str]:
+    """For each packed layer of ``model``: which implementation its forward uses on the CPU, and why."""
+    from ..nn import PackedLinear
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PackedLinear):
+            continue
+        why = _cpu.supports_int4(module.fmt)
+        if why is None and _cpu.available():
+            out[name] = _cpu.kernel_name()
+        else:
+            out[name] = f"reference: {why or _cpu.unavailable_reason()}"
+    return out
 
 __all__ = [
     "KERNELS",
+    "layer_status",
+    "reference_only",
     "bitmask_linear",
     "dense_weight",
     "int_linear",

@@ -14,7 +14,9 @@ One op per storage kind (``int_linear``: dense integer codes; ``nm_linear``: N:M
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.library import custom_op
@@ -22,7 +24,7 @@ from torch.library import custom_op
 from ..formats import LinearFormat
 from .reference import dense_weight, reference_linear
 
-__all__ = ["int_linear", "nm_linear", "bitmask_linear", "register_kernel", "status", "KERNELS"]
+__all__ = ["int_linear", "nm_linear", "bitmask_linear", "register_kernel", "status", "reference_only", "KERNELS"]
 
 Kernel = Callable[..., torch.Tensor]
 # op name -> device type -> (kernel, description); filled by the reference below and by the kernels issue.
@@ -30,8 +32,10 @@ KERNELS: dict[str, dict[str, tuple[Kernel, str]]] = {"int_linear": {}, "nm_linea
 _UNAVAILABLE: dict[str, str] = {}  # kernel name -> why it is not registered
 
 
-def register_kernel(op: str, device_type: str, kernel: Kernel, description: str) -> None:
-    """Makes ``kernel(x, fmt, tensors, bias)`` serve ``op`` for inputs on ``device_type`` (``"cpu"``, ``"cuda"``)."""
+def register_kernel(op: str, device_type: str, kernel: Kernel, description: str | Callable[[], str]) -> None:
+    """Makes ``kernel(x, fmt, tensors, bias)`` serve ``op`` for inputs on ``device_type`` (``"cpu"``, ``"cuda"``).
+    The kernel itself falls back to :func:`~.reference.reference_linear` for formats it does not cover;
+    ``description`` (or a function returning it) is what :func:`status` reports."""
     if op not in KERNELS:
         raise ValueError(f"unknown op {op!r}; ops are {sorted(KERNELS)}")
     KERNELS[op][device_type] = (kernel, description)
@@ -45,14 +49,29 @@ def record_unavailable(name: str, reason: str) -> None:
 def status() -> dict:
     """Which kernel serves each op on each device, and why optional kernels are unavailable."""
     return {
-        "ops": {op: {dev: desc for dev, (_, desc) in table.items()} or {"*": "reference (pure PyTorch)"}
-                for op, table in KERNELS.items()},
+        "ops": {op: {dev: desc() if callable(desc) else desc for dev, (_, desc) in table.items()}
+                or {"*": "reference (pure PyTorch)"} for op, table in KERNELS.items()},
         "unavailable": dict(_UNAVAILABLE),
     }
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Inside this block (on this thread) every op runs its pure-PyTorch reference: exact de-quantized weights,
+    no activation quantization. Use it to compare a packed model with its fake-quantized twin."""
+    previous = getattr(_local, "reference", False)
+    _local.reference = True
+    try:
+        yield
+    finally:
+        _local.reference = previous
+
+
 def _run(op: str, x: torch.Tensor, fmt: LinearFormat, tensors: dict, bias: torch.Tensor | None) -> torch.Tensor:
-    entry = KERNELS[op].get(x.device.type)
+    entry = None if getattr(_local, "reference", False) else KERNELS[op].get(x.device.type)
     return (entry[0] if entry else reference_linear)(x, fmt, tensors, bias)
 
 

@@ -23,6 +23,7 @@ from hf_compress_prompt.compressors import (
 )
 from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.integrations import QUANT_METHOD, CompressedConfig, CompressedHfQuantizer, register
+from hf_compress_prompt.kernels import reference_only
 from hf_compress_prompt.nn import BitmaskSparseLinear, NMSparseLinear, PackedLinear, QuantLinear
 
 CASES = {  # name -> (steps, runtime class of the block linears)
@@ -30,6 +31,7 @@ CASES = {  # name -> (steps, runtime class of the block linears)
     "rtn-w3-perchannel": ([RTNConfig(bits=3)], QuantLinear),
     "rtn-w8-g64-sym": ([RTNConfig(bits=8, group_size=64, symmetric=True)], QuantLinear),
     "rtn-w2-g32": ([RTNConfig(bits=2, group_size=32)], QuantLinear),
+    "rtn-w4-g64 (C kernel on CPU)": ([RTNConfig(bits=4, group_size=64)], QuantLinear),
     "sparsegpt-2:4": ([SparseGPTConfig(sparsity="2:4")], NMSparseLinear),
     "wanda-4:8": ([WandaConfig(sparsity="4:8")], NMSparseLinear),
     "magnitude-50%": ([MagnitudeConfig(sparsity=0.5)], BitmaskSparseLinear),
@@ -77,8 +79,10 @@ def test_round_trip_gives_the_same_logits(tiny_llama, calib, ids, tmp_path, case
     assert all(isinstance(m, cls) for m in _block_linears(tiny_llama).values())
     with torch.no_grad():
         packed_logits = tiny_llama(ids).logits
-        # packing is lossless: the packed model computes what the fake-quantized dense model computes
-        torch.testing.assert_close(packed_logits, dense_copy(ids).logits, rtol=0, atol=1e-4)
+        # packing is lossless: with the reference ops the packed model computes what the fake-quantized dense
+        # model computes (the int4 kernel also quantizes activations; tests/kernels bound that difference)
+        with reference_only():
+            torch.testing.assert_close(tiny_llama(ids).logits, dense_copy(ids).logits, rtol=0, atol=1e-4)
         hcp.save_pretrained(tiny_llama, tmp_path / "m")
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
         assert all(isinstance(m, cls) for m in _block_linears(loaded).values())

@@ -1,0 +1,191 @@
+"""C kernels for the CPU, compiled at first use with the system C compiler and cached.
+
+Why plain C behind ``ctypes`` rather than a ``torch.utils.cpp_extension`` module: the kernels need no torch
+headers (they take raw pointers), so they build in about a second instead of a minute, do not depend on the
+compiler matching torch's C++ ABI, and a fresh machine (or CI) pays that second once per cache. They are
+registered behind the package's ``torch.library`` ops (``hf_compress_prompt.kernels.ops``), which keep the schema,
+the fake implementations and autograd. ``ctypes`` releases the GIL during a call, so rows are split across a small
+thread pool for large layers.
+
+Set ``HF_COMPRESS_PROMPT_KERNELS=reference`` to disable them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..._logging import get_logger
+from ...formats import LinearFormat
+from ..reference import reference_linear
+
+__all__ = ["available", "build", "int4_linear", "supports_int4", "unavailable_reason", "CACHE_ENV"]
+
+logger = get_logger(__name__)
+
+CACHE_ENV = "HF_COMPRESS_PROMPT_KERNEL_CACHE"
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-fno-math-errno"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_use_vnni = False
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) if root else Path.home() / ".cache" / "hf_compress_prompt" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build() -> Path:
+    """Compiles the kernels (once per source and compiler; cached) and returns the shared library's path."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
+    digest = hashlib.sha256()
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(" ".join([cc, *version, *_FLAGS, sys.platform]).encode())
+    target = _cache_dir() / digest.hexdigest()[:16] / "libhcp_cpu.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cc, *_FLAGS, "-o", str(out), *map(str, _SOURCES), "-lm"], capture_output=True,
+                              text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(out, target)  # atomic: a concurrent builder finds either nothing or the whole file
+    logger.info("built CPU kernels %s", target)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _reason, _use_vnni
+    if _lib is not None or _reason is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _reason is not None:
+            return _lib
+        if os.environ.get("HF_COMPRESS_PROMPT_KERNELS", "").lower() == "reference":
+            _reason = "disabled by HF_COMPRESS_PROMPT_KERNELS=reference"
+            return None
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (OSError, RuntimeError) as exc:
+            _reason = f"CPU kernels could not be built: {exc}"
+            logger.warning("%s; using the reference ops", _reason)
+            return None
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.hcp_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
+        lib.hcp_quantize_activations.restype = None
+        lib.hcp_int4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
+        lib.hcp_int4_gemm.restype = None
+        lib.hcp_has_vnni.restype = i32
+        _use_vnni = bool(lib.hcp_has_vnni())
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _reason
+
+
+def kernel_name() -> str:
+    return "C int4 x int8, AVX-512 VNNI" if _use_vnni else "C int4 x int8, portable (no AVX-512 VNNI on this CPU)"
+
+
+def supports_int4(fmt: LinearFormat) -> str | None:
+    """``None`` when the int4 kernel serves ``fmt``, else why not."""
+    if fmt.kind != "int" or fmt.bits != 4:
+        return f"{fmt.describe()}: the CPU kernel covers dense int4 only"
+    if fmt.g_idx:
+        return "explicit g_idx (act-order without static groups)"
+    if fmt.in_features % 64 or fmt.effective_group_size % 64:
+        return f"in_features={fmt.in_features} / group size {fmt.effective_group_size} not multiples of 64"
+    return None
+
+
+# ----- prepared weights: converted once per layer (kernels repack at load time, never on disk) ----------------------
+_prepared: dict[int, tuple] = {}
+
+
+def _prepare(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight, scale, zero = tensors["weight"], tensors["weight_scale"], tensors["weight_zero"]
+    key = id(weight)
+    entry = _prepared.get(key)
+    versions = (weight._version, scale._version, zero._version)
+    if entry is not None:
+        ref, seen, prepared = entry
+        if ref() is weight and seen == versions:
+            return prepared
+    scale32 = scale.float().contiguous()
+    prepared = (weight.contiguous().view(torch.uint8), scale32, (scale32 * zero.float()).contiguous())
+    _prepared[key] = (weakref.ref(weight, lambda _, k=key: _prepared.pop(k, None)), versions, prepared)
+    return prepared
+
+
+def _threads(rows: int, tokens: int, in_features: int) -> int:
+    # small work stays on one thread: a busy 2-core box stalls thread hand-offs for milliseconds
+    work = rows * in_features * max(tokens, 1)
+    return max(1, min(torch.get_num_threads(), 2 if work >= 2_000_000 else 1))
+
+
+def _pool_for(n: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hcp-kernel")
+    return _pool
+
+
+def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    """``x @ W.T + bias`` for a dense int4 layer, through the C kernel when it applies (else the reference)."""
+    lib = _load()
+    if lib is None or supports_int4(fmt) is not None or x.device.type != "cpu":
+        return reference_linear(x, fmt, tensors, bias)
+    w, scale, zs = _prepare(tensors)
+    K, N, gs = fmt.in_features, fmt.out_features, fmt.effective_group_size
+    x2 = x.reshape(-1, K).to(torch.float32).contiguous()  # (T, K)
+    T = x2.shape[0]
+    xq = torch.empty(T, K, dtype=torch.int8)
+    sx = torch.empty(T, K // 64, dtype=torch.float32)
+    xs = torch.empty(T, K // gs, dtype=torch.float32)
+    y = torch.empty(T, N, dtype=torch.float32)
+    lib.hcp_quantize_activations(x2.data_ptr(), T, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr())
+    args = (w.data_ptr(), scale.data_ptr(), zs.data_ptr(), N, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), T,
+            y.data_ptr())
+    n = _threads(N, T, K)
+    if n == 1:
+        lib.hcp_int4_gemm(*args, 0, N, int(_use_vnni))
+    else:
+        step = -(-N // n)
+        futures = [_pool_for(n).submit(lib.hcp_int4_gemm, *args, r, min(N, r + step), int(_use_vnni))
+                   for r in range(0, N, step)]
+        for f in futures:
+            f.result()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)

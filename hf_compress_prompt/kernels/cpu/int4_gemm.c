@@ -1,0 +1,127 @@
+/* 4-bit weight x int8 activation matrix products for the CPU (hf_compress_prompt.kernels.cpu).
+ *
+ * Weights stay in the stored layout (hf_compress_prompt/formats): row o holds in/2 bytes, byte k the codes of
+ * inputs 2k (low nibble) and 2k+1 (high nibble). Activations are quantized per block of 64 inputs to int8 with one
+ * float scale (as llama.cpp's Q8 does), and reordered inside each block as [evens | odds] so that a block's 32
+ * weight bytes split into [low nibbles | high nibbles] line up with them for one VNNI dpbusd (u8 x s8 -> s32).
+ *
+ *   y[t, o] = sum_g scale[o,g] * sum_{b in g} sx[t,b] * sum_{i in b} q[o,i] xq[t,i]  -  sum_g zs[o,g] * XS[t,g]
+ *   with zs = scale * zero and XS[t,g] = sum_{b in g} sx[t,b] * sum_{i in b} xq[t,i].
+ *
+ * Built at first use with the system C compiler (no torch headers); the AVX-512 path is compiled with target
+ * attributes and chosen at run time, never with -march=native. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <immintrin.h>
+
+#define BLOCK 64
+
+/* ---- activations -------------------------------------------------------------------------------------------- */
+/* x (T, K) float -> xq (T, K) int8 in [evens | odds] order per block, sx (T, K/64), xs (T, G) per weight group. */
+void hcp_quantize_activations(const float *x, int64_t T, int64_t K, int64_t group_size, int8_t *xq, float *sx,
+                              float *xs) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * K;
+        for (int64_t g = 0; g < G; g++) xs[t * G + g] = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *v = xr + b * BLOCK;
+            float amax = 0.0f;
+            for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
+            const float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+            int8_t *q = xq + t * K + b * BLOCK;
+            int32_t sum = 0;
+            for (int i = 0; i < BLOCK / 2; i++) {
+                const int even = (int)lrintf(v[2 * i] * inv), odd = (int)lrintf(v[2 * i + 1] * inv);
+                q[i] = (int8_t)even;
+                q[BLOCK / 2 + i] = (int8_t)odd;
+                sum += even + odd;
+            }
+            sx[t * nb + b] = s;
+            xs[t * G + b / per_group] += s * (float)sum;
+        }
+    }
+}
+
+/* ---- portable path ------------------------------------------------------------------------------------------- */
+static void gemm_scalar(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                        const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
+    for (int64_t o = r0; o < r1; o++) {
+        const uint8_t *wr = w + o * (K / 2);
+        for (int64_t t = 0; t < T; t++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *wb = wr + b * (BLOCK / 2);
+                const int8_t *qb = xq + t * K + b * BLOCK;
+                int32_t dot = 0;
+                for (int i = 0; i < BLOCK / 2; i++) dot += (wb[i] & 15) * qb[i] + (wb[i] >> 4) * qb[BLOCK / 2 + i];
+                acc += scale[o * G + b / per_group] * sx[t * nb + b] * (float)dot;
+            }
+            for (int64_t g = 0; g < G; g++) acc -= zs[o * G + g] * xs[t * G + g];
+            y[t * N + o] = acc;
+        }
+    }
+}
+
+/* ---- AVX-512 VNNI path --------------------------------------------------------------------------------------- */
+#define TILE 8 /* tokens whose accumulators stay in registers while one weight row streams by */
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static inline __m512i unpack_block(const uint8_t *src, __m256i low4) {
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)src);                  /* 64 codes, 2 per byte */
+    const __m256i lo = _mm256_and_si256(packed, low4);                                 /* inputs 0, 2, .., 62 */
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);           /* inputs 1, 3, .., 63 */
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* One row at a time: its 64-code blocks are unpacked once and reused for a tile of tokens whose accumulators stay
+ * in registers; per block and token one dpbusd (64 products into 16 int32 lanes), one convert, one fma. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void gemm_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                      const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t o = r0; o < r1; o++) {
+        const uint8_t *wr = w + o * (K / 2);
+        const float *sr = scale + o * G;
+        for (int64_t t0 = 0; t0 < T; t0 += TILE) {
+            const int64_t nt = T - t0 < TILE ? T - t0 : TILE;
+            __m512 acc[TILE];
+            for (int j = 0; j < TILE; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const __m512i codes = unpack_block(wr + b * (BLOCK / 2), low4);
+                const float sg = sr[b / per_group];
+                for (int j = 0; j < nt; j++) {
+                    const int64_t t = t0 + j;
+                    const __m512i a = _mm512_loadu_si512((const void *)(xq + t * K + b * BLOCK));
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, a);  /* 16 x 4 products */
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sg * sx[t * nb + b]), acc[j]);
+                }
+            }
+            for (int j = 0; j < nt; j++) {
+                const int64_t t = t0 + j;
+                float v = _mm512_reduce_add_ps(acc[j]);
+                for (int64_t g = 0; g < G; g++) v -= zs[o * G + g] * xs[t * G + g];
+                y[t * N + o] = v;
+            }
+        }
+    }
+}
+
+int hcp_has_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* y (T, N) for rows [r0, r1): callers split rows across threads. use_vnni: 1 = AVX-512 VNNI, 0 = portable. */
+void hcp_int4_gemm(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                   const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1,
+                   int use_vnni) {
+    if (use_vnni)
+        gemm_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
+    else
+        gemm_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
+}

@@ -1,0 +1,89 @@
+"""The C int4 kernel against the reference op (dequantize then matmul): bf16 activations, max error relative to
+the largest output <= 1e-2, over shapes (SmolLM2's 576 / 1536 / 49152, odd row counts), token counts 1-64 and
+group sizes."""
+
+import pytest
+import torch
+
+from hf_compress_prompt.formats import LinearFormat, pack_linear
+from hf_compress_prompt.kernels import cpu, layer_status, reference_only, status
+from hf_compress_prompt.kernels.reference import reference_linear
+from hf_compress_prompt.methods.rtn import rtn_quantize
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+
+SHAPES = [  # (out, in, group_size)
+    (576, 576, 64), (1536, 576, 64), (576, 1536, 64), (576, 1536, -1), (192, 576, 192), (257, 128, 128), (3, 64, 64),
+]
+
+
+def _layer(out, inp, group_size, symmetric=False, seed=0):
+    torch.manual_seed(seed)
+    W = torch.randn(out, inp) * 0.05
+    qw = rtn_quantize(W, 4, group_size, symmetric)
+    fmt = LinearFormat(inp, out, bits=4, group_size=group_size, symmetric=symmetric)
+    return fmt, pack_linear(fmt, W, codes=qw.codes, scale=qw.scale, zero=qw.zero)
+
+
+def _rel_err(y, ref):
+    return float((y.float() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 64])
+def test_matches_reference_with_bf16_activations(shape, tokens):
+    fmt, tensors = _layer(*shape)
+    x = torch.randn(tokens, fmt.in_features).bfloat16()
+    ref = reference_linear(x.float(), fmt, tensors, None)
+    assert _rel_err(cpu.int4_linear(x, fmt, tensors, None), ref) <= 1e-2
+
+
+def test_embedding_sized_layer_and_bias_and_3d_input():
+    fmt, tensors = _layer(49152, 576, 64, symmetric=True)
+    bias = torch.randn(49152)
+    x = torch.randn(2, 3, 576).bfloat16()
+    y = cpu.int4_linear(x, fmt, tensors, bias)
+    assert y.shape == (2, 3, 49152) and y.dtype == torch.bfloat16
+    assert _rel_err(y, reference_linear(x.float(), fmt, tensors, bias)) <= 1e-2
+
+
+def test_portable_path_matches_too(monkeypatch):
+    monkeypatch.setattr(cpu, "_use_vnni", False)
+    fmt, tensors = _layer(64, 576, 64)
+    x = torch.randn(5, 576)
+    assert _rel_err(cpu.int4_linear(x, fmt, tensors, None), reference_linear(x, fmt, tensors, None)) <= 1e-2
+
+
+def test_two_threads_give_the_same_result(monkeypatch):
+    fmt, tensors = _layer(4096, 576, 64)
+    x = torch.randn(4, 576)
+    monkeypatch.setattr(cpu, "_threads", lambda *a: 1)
+    one = cpu.int4_linear(x, fmt, tensors, None)
+    monkeypatch.setattr(cpu, "_threads", lambda *a: 2)
+    assert torch.equal(cpu.int4_linear(x, fmt, tensors, None), one)
+
+
+def test_weights_prepared_once_and_refreshed_when_changed():
+    fmt, tensors = _layer(64, 128, 64)
+    x = torch.randn(1, 128)
+    before = cpu.int4_linear(x, fmt, tensors, None)
+    assert cpu._prepare(tensors) is cpu._prepare(tensors)
+    tensors["weight_scale"].mul_(2)  # in-place change bumps the version: re-prepared
+    torch.testing.assert_close(cpu.int4_linear(x, fmt, tensors, None), before * 2, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_route_through_the_kernel_and_status_says_so():
+    from hf_compress_prompt.nn import packed_linear_from
+
+    fmt, tensors = _layer(64, 128, 64)
+    module = packed_linear_from(fmt, tensors)
+    x = torch.randn(2, 128)
+    with reference_only():
+        exact = module(x)
+    approx = module(x)
+    assert not torch.equal(approx, exact) and _rel_err(approx, exact) <= 1e-2  # activations were quantized
+    assert "int4" in status()["ops"]["int_linear"]["cpu"]
+    model = torch.nn.Sequential(module)
+    assert layer_status(model) == {"0": cpu.kernel_name()}
+    fmt32, tensors32 = _layer(64, 128, 32)
+    assert layer_status(torch.nn.Sequential(packed_linear_from(fmt32, tensors32)))["0"].startswith("reference:")
