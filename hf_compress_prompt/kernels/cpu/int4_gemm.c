@@ -76,6 +76,51 @@ static inline __m512i unpack_block(const uint8_t *src, __m256i low4) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
+/* One token (decoding): four rows at a time, each with its own accumulator (independent dependency chains), sharing
+ * every activation load. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void gemv_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                      const int8_t *xq, const float *sx, const float *xs, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size, row = K / 2;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    int64_t o = r0;
+    for (; o + 3 < r1; o += 4) {
+        const uint8_t *w0 = w + o * row;
+        const float *s0 = scale + o * G;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const uint8_t *next = w0 + 4 * row;  /* the next four rows stream in while these four are used */
+        const int prefetch = o + 7 < r1;
+        for (int64_t b = 0; b < nb; b++) {
+            if (prefetch && !(b & 1)) {
+                const uint8_t *p = next + b * (BLOCK / 2);
+                _mm_prefetch((const char *)p, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + row), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 2 * row), _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 3 * row), _MM_HINT_T0);
+            }
+            const __m512i a = _mm512_loadu_si512((const void *)(xq + b * BLOCK));
+            const int64_t g = b / per_group;
+            const float s = sx[b];
+            const __m512i z = _mm512_setzero_si512();
+            const __m512i d0 = _mm512_dpbusd_epi32(z, unpack_block(w0 + b * (BLOCK / 2), low4), a);
+            const __m512i d1 = _mm512_dpbusd_epi32(z, unpack_block(w0 + row + b * (BLOCK / 2), low4), a);
+            const __m512i d2 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 2 * row + b * (BLOCK / 2), low4), a);
+            const __m512i d3 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 3 * row + b * (BLOCK / 2), low4), a);
+            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s * s0[g]), a0);
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s * s0[G + g]), a1);
+            a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_set1_ps(s * s0[2 * G + g]), a2);
+            a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d3), _mm512_set1_ps(s * s0[3 * G + g]), a3);
+        }
+        float v[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                      _mm512_reduce_add_ps(a3)};
+        for (int r = 0; r < 4; r++) {
+            for (int64_t g = 0; g < G; g++) v[r] -= zs[(o + r) * G + g] * xs[g];
+            y[o + r] = v[r];
+        }
+    }
+    if (o < r1) gemm_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, 1, y, o, r1);
+}
+
 /* One row at a time: its 64-code blocks are unpacked once and reused for a tile of tokens whose accumulators stay
  * in registers; per block and token one dpbusd (64 products into 16 int32 lanes), one convert, one fma. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -120,7 +165,9 @@ int hcp_has_vnni(void) {
 void hcp_int4_gemm(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
                    const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1,
                    int use_vnni) {
-    if (use_vnni)
+    if (use_vnni && T == 1)
+        gemv_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, y, r0, r1);
+    else if (use_vnni)
         gemm_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
     else
         gemm_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);

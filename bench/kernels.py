@@ -1,0 +1,149 @@
+"""Linear-layer kernels on this CPU: our int4 kernel against fp32 / bf16 ``F.linear`` and torch's own int4 op,
+all measured in the same run. Writes docs/results/kernels.{md,json}.
+
+Weights are cold: each implementation cycles through a pool of distinct weight copies larger than the caches
+(--pool-mb), so every call streams its weights from memory. Each cell is the best and the median of --reps calls.
+The bandwidth limit is the best fp32 GEMV (MKL) on 4096 x 4096 at one token in the same run; effective GB/s =
+weight bytes of the implementation's format / time.
+
+    python bench/kernels.py --threads 1
+    python bench/kernels.py --threads 2 --shapes 4096x4096g128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table, write_results  # noqa: E402
+
+from hf_compress_prompt.formats import LinearFormat, pack_linear  # noqa: E402
+from hf_compress_prompt.kernels import cpu  # noqa: E402
+
+SHAPES = {  # name -> (out, in, group size)
+    "4096x4096g128": (4096, 4096, 128),
+    "smollm2 q/o 576x576g64": (576, 576, 64),
+    "smollm2 k/v 192x576g64": (192, 576, 64),
+    "smollm2 gate/up 1536x576g64": (1536, 576, 64),
+    "smollm2 down 576x1536g64": (576, 1536, 64),
+    "smollm2 lm_head-size 49152x576g64": (49152, 576, 64),
+}
+
+
+def _time(fn, pool, reps: int) -> tuple[float, float]:
+    for item in pool[: min(2, len(pool))]:
+        fn(item)  # warm-up (allocations, first-call set-up)
+    times = []
+    for r in range(reps):
+        item = pool[r % len(pool)]
+        start = time.perf_counter()
+        fn(item)
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def _pool(make, nbytes: int, pool_bytes: int, limit: int = 64) -> list:
+    count = max(2, min(limit, -(-pool_bytes // max(nbytes, 1))))
+    return [make(i) for i in range(count)]
+
+
+def run_shape(name: str, out: int, inp: int, gs: int, tokens: int, args) -> list[dict]:
+    torch.manual_seed(0)
+    pool_bytes = args.pool_mb * 2**20
+    x32 = torch.randn(tokens, inp)
+    xbf = x32.bfloat16()
+    groups = inp // gs
+    fmt = LinearFormat(inp, out, bits=4, group_size=gs)
+
+    def ours(i):
+        codes = torch.randint(0, 16, (out, inp), dtype=torch.uint8)
+        scale, zero = torch.rand(out, groups) * 0.01, torch.randint(0, 16, (out, groups)).float()
+        return pack_linear(fmt, torch.empty(out, inp, device="meta"), codes=codes, scale=scale.bfloat16(), zero=zero)
+
+    def torch_int4(i):
+        q = torch.randint(0, 16, (out, inp), dtype=torch.int32)
+        sz = torch.stack([torch.rand(groups, out) * 0.01, torch.rand(groups, out)], -1).bfloat16()  # (G, out, 2)
+        return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz
+
+    impls = {
+        "fp32 F.linear": (lambda i: torch.randn(out, inp), lambda w: F.linear(x32, w), out * inp * 4),
+        "bf16 F.linear": (lambda i: torch.randn(out, inp).bfloat16(), lambda w: F.linear(xbf, w), out * inp * 2),
+        "torch int4 (_weight_int4pack_mm_for_cpu)": (
+            torch_int4, lambda w: torch._weight_int4pack_mm_for_cpu(xbf, w[0], gs, w[1]), out * inp // 2 + groups * out * 4),
+    }
+    if cpu.available():
+        impls["ours int4 (C, W4A8)"] = (ours, lambda t: cpu.int4_linear(xbf, fmt, t, None), fmt.nbytes(torch.bfloat16))
+    records = []
+    for impl, (make, call, nbytes) in impls.items():
+        pool = _pool(make, nbytes, pool_bytes)
+        best, median = _time(call, pool, args.reps)
+        records.append({"shape": name, "out": out, "in": inp, "group_size": gs, "tokens": tokens, "impl": impl,
+                        "weight_bytes": nbytes, "pool": len(pool), "best_us": best * 1e6, "median_us": median * 1e6,
+                        "best_GBps": nbytes / best / 1e9})
+        del pool
+    return records
+
+
+def bandwidth_limit(args) -> float:
+    pool = _pool(lambda i: torch.randn(4096, 4096), 4096 * 4096 * 4, args.pool_mb * 2**20)
+    x = torch.randn(1, 4096)
+    best, _ = _time(lambda w: F.linear(x, w), pool, max(args.reps, 15))
+    return 4096 * 4096 * 4 / best / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"any of: {', '.join(SHAPES)}")
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--pool-mb", type=int, default=320, help="weight bytes each implementation cycles through")
+    parser.add_argument("--name", default=None, help="results stem (default kernels_<threads>t)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    limit = bandwidth_limit(args)
+    print(f"bandwidth limit (fp32 GEMV 4096x4096, cold): {limit:.1f} GB/s", flush=True)
+    records = []
+    for name in args.shapes:
+        out, inp, gs = SHAPES[name]
+        for tokens in args.tokens:
+            rows = run_shape(name, out, inp, gs, tokens, args)
+            records += rows
+            for r in rows:
+                print(f"{name} T={tokens} {r['impl']}: best {r['best_us']:.0f} us, median {r['median_us']:.0f} us", flush=True)
+    header = ["shape", "tokens", "implementation", "best us", "median us", "GB/s", "% of limit", "vs bf16 F.linear",
+              "vs torch int4"]
+    rows = []
+    for r in records:
+        same = {x["impl"]: x for x in records if x["shape"] == r["shape"] and x["tokens"] == r["tokens"]}
+        bf16, tint4 = same["bf16 F.linear"], same["torch int4 (_weight_int4pack_mm_for_cpu)"]
+        rows.append([r["shape"], r["tokens"], r["impl"], f"{r['best_us']:.0f}", f"{r['median_us']:.0f}",
+                     f"{r['best_GBps']:.1f}", f"{100 * r['best_GBps'] / limit:.0f}%",
+                     f"{bf16['best_us'] / r['best_us']:.2f}x", f"{tint4['best_us'] / r['best_us']:.2f}x"])
+    notes = (
+        f"Bandwidth limit measured in this run: **{limit:.1f} GB/s** (best fp32 `F.linear` GEMV, 4096 x 4096, one "
+        f"token, cold). {args.threads} thread(s); best and median of {args.reps} calls, each on the next of a pool of "
+        f"distinct weights totalling about {args.pool_mb} MB per implementation (cold weights). 'vs' columns: speed-up "
+        "of this row over that implementation (best times). Our kernel takes bf16 activations, quantizes them to int8 "
+        "per 64 inputs (W4A8, as llama.cpp's Q4 x Q8) and computes in int32/fp32; torch's int4 op takes bf16 "
+        "activations. Weight bytes include scales and zeros."
+    )
+    settings = {"threads": args.threads, "reps": args.reps, "pool_mb": args.pool_mb, "tokens": args.tokens,
+                "shapes": args.shapes, "cpu_kernel": cpu.kernel_name() if cpu.available() else cpu.unavailable_reason(),
+                "bandwidth_limit_GBps": limit}
+    path = write_results(args.name or f"kernels_{args.threads}t", title=f"Linear kernels, {args.threads} thread(s)",
+                         settings=settings, machine=machine, table=markdown_table(header, rows), records=records,
+                         notes=notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
