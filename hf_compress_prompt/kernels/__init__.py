@@ -16,14 +16,19 @@ from .ops import (
 from .reference import dense_weight, reference_linear
 
 
-def _cpu_description() -> str:
-    reason = _cpu.unavailable_reason()  # builds the C kernels on first call (about a second, then cached)
-    if reason is not None:
-        return f"reference (pure PyTorch): {reason}"
-    return f"{_cpu.kernel_name()} for dense int4 with group size a multiple of 64; reference otherwise"
+def _cpu_description(kind: str):
+    def describe() -> str:
+        reason = _cpu.unavailable_reason()  # builds the C kernels on first call (about a second, then cached)
+        if reason is not None:
+            return f"reference (pure PyTorch): {reason}"
+        what = "dense int4" if kind == "int" else "bitmask + int4"
+        return f"{_cpu.kernel_name(kind)} for {what} with group size a multiple of 64; reference otherwise"
+
+    return describe
 
 
-register_kernel("int_linear", "cpu", _cpu.int4_linear, _cpu_description)
+register_kernel("int_linear", "cpu", _cpu.int4_linear, _cpu_description("int"))
+register_kernel("bitmask_linear", "cpu", _cpu.bitmask_int4_linear, _cpu_description("bitmask"))
 
 
 def layer_status(model) -> dict[str, str]:
@@ -34,9 +39,9 @@ def layer_status(model) -> dict[str, str]:
     for name, module in model.named_modules():
         if not isinstance(module, PackedLinear):
             continue
-        why = _cpu.supports_int4(module.fmt)
+        why = _cpu.supports(module.fmt)
         if why is None and _cpu.available():
-            out[name] = _cpu.kernel_name()
+            out[name] = _cpu.kernel_name(module.fmt.kind)
         else:
             out[name] = f"reference: {why or _cpu.unavailable_reason()}"
     return out

@@ -47,6 +47,29 @@ def test_embedding_sized_layer_and_bias_and_3d_input():
     assert _rel_err(y, reference_linear(x.float(), fmt, tensors, bias)) <= 1e-2
 
 
+def _bitmask_layer(out, inp, group_size, seed=0):
+    from hf_compress_prompt.methods.masks import layer_prune_mask
+
+    torch.manual_seed(seed)
+    W = torch.randn(out, inp) * 0.05
+    pruned = layer_prune_mask(W.abs(), 0.5)
+    W = W.masked_fill(pruned, 0)
+    qw = rtn_quantize(W, 4, group_size, False)
+    fmt = LinearFormat(inp, out, bits=4, group_size=group_size, sparsity="bitmask", nnz=int((~pruned).sum()))
+    return fmt, pack_linear(fmt, W, codes=qw.codes, scale=qw.scale, zero=qw.zero, pruned=pruned)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 9, 64])
+@pytest.mark.parametrize("simd", [True, False])
+def test_bitmask_int4_matches_reference(shape, tokens, simd, monkeypatch):
+    monkeypatch.setattr(cpu, "_use_vbmi2", simd and cpu._use_vbmi2)
+    fmt, tensors = _bitmask_layer(*shape)
+    x = torch.randn(tokens, fmt.in_features).bfloat16()
+    ref = reference_linear(x.float(), fmt, tensors, None)
+    assert _rel_err(cpu.bitmask_int4_linear(x, fmt, tensors, None), ref) <= 1e-2
+
+
 def test_portable_path_matches_too(monkeypatch):
     monkeypatch.setattr(cpu, "_use_vnni", False)
     fmt, tensors = _layer(64, 576, 64)
@@ -82,7 +105,7 @@ def test_ops_route_through_the_kernel_and_status_says_so():
         exact = module(x)
     approx = module(x)
     assert not torch.equal(approx, exact) and _rel_err(approx, exact) <= 1e-2  # activations were quantized
-    assert "int4" in status()["ops"]["int_linear"]["cpu"]
+    assert "int4" in status()["ops"]["int_linear"]["cpu"] and "bitmask" in status()["ops"]["bitmask_linear"]["cpu"]
     model = torch.nn.Sequential(module)
     assert layer_status(model) == {"0": cpu.kernel_name()}
     fmt32, tensors32 = _layer(64, 128, 32)

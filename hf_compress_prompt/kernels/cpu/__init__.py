@@ -30,7 +30,17 @@ from ..._logging import get_logger
 from ...formats import LinearFormat
 from ..reference import reference_linear
 
-__all__ = ["available", "build", "int4_linear", "supports_int4", "unavailable_reason", "CACHE_ENV"]
+__all__ = [
+    "CACHE_ENV",
+    "available",
+    "bitmask_int4_linear",
+    "build",
+    "int4_linear",
+    "kernel_name",
+    "supports",
+    "supports_int4",
+    "unavailable_reason",
+]
 
 logger = get_logger(__name__)
 
@@ -41,6 +51,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _use_vnni = False
+_use_vbmi2 = False
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -79,7 +90,7 @@ def build() -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _reason, _use_vnni
+    global _lib, _reason, _use_vnni, _use_vbmi2
     if _lib is not None or _reason is not None:
         return _lib
     with _lock:
@@ -95,12 +106,16 @@ def _load() -> ctypes.CDLL | None:
             logger.warning("%s; using the reference ops", _reason)
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.hcp_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
+        lib.hcp_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p, i32]
         lib.hcp_quantize_activations.restype = None
         lib.hcp_int4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
         lib.hcp_int4_gemm.restype = None
+        lib.hcp_bitmask_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, i64, p, i64, i64, i32]
+        lib.hcp_bitmask_int4_gemm.restype = None
         lib.hcp_has_vnni.restype = i32
+        lib.hcp_has_vbmi2.restype = i32
         _use_vnni = bool(lib.hcp_has_vnni())
+        _use_vbmi2 = bool(lib.hcp_has_vbmi2())
         _lib = lib
         return lib
 
@@ -114,14 +129,19 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def kernel_name() -> str:
+def kernel_name(kind: str = "int") -> str:
+    """The kernel that serves a storage kind (``"int"`` or ``"bitmask"``) on this CPU."""
+    _load()
+    if kind == "bitmask":
+        return ("C bitmask + int4 x int8, AVX-512 VNNI + VBMI2" if _use_vbmi2
+                else "C bitmask + int4 x int8, portable (no AVX-512 VBMI2 on this CPU)")
     return "C int4 x int8, AVX-512 VNNI" if _use_vnni else "C int4 x int8, portable (no AVX-512 VNNI on this CPU)"
 
 
-def supports_int4(fmt: LinearFormat) -> str | None:
-    """``None`` when the int4 kernel serves ``fmt``, else why not."""
-    if fmt.kind != "int" or fmt.bits != 4:
-        return f"{fmt.describe()}: the CPU kernel covers dense int4 only"
+def supports(fmt: LinearFormat) -> str | None:
+    """``None`` when a C kernel serves ``fmt``, else why not."""
+    if fmt.bits != 4 or fmt.kind == "nm":
+        return f"{fmt.describe()}: the CPU kernels cover int4 dense and int4 + bitmask"
     if fmt.g_idx:
         return "explicit g_idx (act-order without static groups)"
     if fmt.in_features % 64 or fmt.effective_group_size % 64:
@@ -129,23 +149,63 @@ def supports_int4(fmt: LinearFormat) -> str | None:
     return None
 
 
+def supports_int4(fmt: LinearFormat) -> str | None:
+    """``None`` when the dense int4 kernel serves ``fmt``, else why not."""
+    if fmt.kind != "int":
+        return f"{fmt.describe()}: not a dense int4 layer"
+    return supports(fmt)
+
+
 # ----- prepared weights: converted once per layer (kernels repack at load time, never on disk) ----------------------
 _prepared: dict[int, tuple] = {}
 
 
-def _prepare(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    weight, scale, zero = tensors["weight"], tensors["weight_scale"], tensors["weight_zero"]
+def _cached(tensors: dict[str, torch.Tensor], build_fn) -> tuple:
+    """``build_fn(tensors)``, computed once per weight tensor (and again if any tensor is modified in place)."""
+    weight = tensors["weight"]
     key = id(weight)
+    versions = tuple(t._version for t in tensors.values())
     entry = _prepared.get(key)
-    versions = (weight._version, scale._version, zero._version)
     if entry is not None:
         ref, seen, prepared = entry
         if ref() is weight and seen == versions:
             return prepared
-    scale32 = scale.float().contiguous()
-    prepared = (weight.contiguous().view(torch.uint8), scale32, (scale32 * zero.float()).contiguous())
+    prepared = build_fn(tensors)
     _prepared[key] = (weakref.ref(weight, lambda _, k=key: _prepared.pop(k, None)), versions, prepared)
     return prepared
+
+
+def _grid(tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    scale32 = tensors["weight_scale"].float().contiguous()
+    return scale32, (scale32 * tensors["weight_zero"].float()).contiguous()
+
+
+def _prepare(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cached(tensors, lambda t: (t["weight"].contiguous().view(torch.uint8), *_grid(t)))
+
+
+def _bitmask_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tuple:
+    """The kernel's layout of a bitmask + int4 layer: per 64-input block, its kept codes nibble-packed from a byte
+    boundary; row byte offsets; the 64-bit masks (see int4_gemm.c)."""
+    from ...formats.bitpack import from_words, unpack_bits
+
+    out, cols = fmt.out_features, fmt.in_features
+    nb = cols // 64
+    kept = unpack_bits(from_words(tensors["weight_mask"]), 1, cols).bool()  # (out, in)
+    codes = unpack_bits(from_words(tensors["weight"]), 4, fmt.nnz)  # (nnz,) row-major kept codes
+    per_block = kept.reshape(out, nb, 64).sum(-1)  # (out, nb) kept per block
+    block_bytes = (per_block + 1) // 2
+    start = torch.cumsum(block_bytes.flatten(), 0) - block_bytes.flatten()  # byte offset of each block
+    rank = torch.cumsum(kept.reshape(out, nb, 64).to(torch.int64), -1) - 1  # position among the block's kept
+    rank = rank.reshape(out, cols)[kept]  # (nnz,)
+    block_of = (torch.arange(out * nb).reshape(out, nb, 1).expand(out, nb, 64).reshape(out, cols))[kept]
+    byte = start[block_of] + rank // 2
+    total = int(block_bytes.sum())
+    stream = torch.zeros(total + 64, dtype=torch.int32)  # +64: the kernel may read a block's full 32 bytes
+    stream.index_add_(0, byte, codes.to(torch.int32) << (4 * (rank % 2)).to(torch.int32))
+    row_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(block_bytes.sum(1), 0)])[:-1].contiguous()
+    masks = from_words(tensors["weight_mask"]).reshape(out, cols // 8).contiguous().view(torch.int64)  # (out, nb)
+    return (stream.to(torch.uint8), row_off, masks.contiguous(), *_grid(tensors))
 
 
 def _threads(rows: int, tokens: int, in_features: int) -> int:
@@ -174,18 +234,44 @@ def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Ten
     sx = torch.empty(T, K // 64, dtype=torch.float32)
     xs = torch.empty(T, K // gs, dtype=torch.float32)
     y = torch.empty(T, N, dtype=torch.float32)
-    lib.hcp_quantize_activations(x2.data_ptr(), T, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr())
+    lib.hcp_quantize_activations(x2.data_ptr(), T, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), 1)
     args = (w.data_ptr(), scale.data_ptr(), zs.data_ptr(), N, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), T,
             y.data_ptr())
+    _split_rows(lib.hcp_int4_gemm, args, N, T, K, int(_use_vnni))
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _split_rows(fn, args: tuple, N: int, T: int, K: int, flag: int) -> None:
     n = _threads(N, T, K)
     if n == 1:
-        lib.hcp_int4_gemm(*args, 0, N, int(_use_vnni))
-    else:
-        step = -(-N // n)
-        futures = [_pool_for(n).submit(lib.hcp_int4_gemm, *args, r, min(N, r + step), int(_use_vnni))
-                   for r in range(0, N, step)]
-        for f in futures:
-            f.result()
+        fn(*args, 0, N, flag)
+        return
+    step = -(-N // n)
+    futures = [_pool_for(n).submit(fn, *args, r, min(N, r + step), flag) for r in range(0, N, step)]
+    for f in futures:
+        f.result()
+
+
+def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    """``x @ W.T + bias`` for an unstructured-sparse int4 layer (e.g. SparseGPT 50% + 4-bit), through the C kernel
+    when it applies (else the reference)."""
+    lib = _load()
+    if lib is None or fmt.kind != "bitmask" or supports(fmt) is not None or x.device.type != "cpu":
+        return reference_linear(x, fmt, tensors, bias)
+    codes, row_off, masks, scale, zs = _cached(tensors, lambda t: _bitmask_layout(fmt, t))
+    K, N, gs = fmt.in_features, fmt.out_features, fmt.effective_group_size
+    x2 = x.reshape(-1, K).to(torch.float32).contiguous()  # (T, K)
+    T = x2.shape[0]
+    xq = torch.empty(T, K, dtype=torch.int8)
+    sx = torch.empty(T, K // 64, dtype=torch.float32)
+    xs = torch.empty(T, K // gs, dtype=torch.float32)
+    y = torch.empty(T, N, dtype=torch.float32)
+    lib.hcp_quantize_activations(x2.data_ptr(), T, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), 0)
+    args = (codes.data_ptr(), row_off.data_ptr(), masks.data_ptr(), scale.data_ptr(), zs.data_ptr(), N, K, gs,
+            xq.data_ptr(), sx.data_ptr(), T, y.data_ptr())
+    _split_rows(lib.hcp_bitmask_int4_gemm, args, N, T, K, int(_use_vbmi2))
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)

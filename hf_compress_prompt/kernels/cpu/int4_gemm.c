@@ -18,9 +18,10 @@
 #define BLOCK 64
 
 /* ---- activations -------------------------------------------------------------------------------------------- */
-/* x (T, K) float -> xq (T, K) int8 in [evens | odds] order per block, sx (T, K/64), xs (T, G) per weight group. */
+/* x (T, K) float -> xq (T, K) int8 (in [evens | odds] order per block when ``permute``, else natural order),
+ * sx (T, K/64) block scales, xs (T, G) = sum over each weight group of sx * sum(xq). */
 void hcp_quantize_activations(const float *x, int64_t T, int64_t K, int64_t group_size, int8_t *xq, float *sx,
-                              float *xs) {
+                              float *xs, int permute) {
     const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
     for (int64_t t = 0; t < T; t++) {
         const float *xr = x + t * K;
@@ -34,8 +35,8 @@ void hcp_quantize_activations(const float *x, int64_t T, int64_t K, int64_t grou
             int32_t sum = 0;
             for (int i = 0; i < BLOCK / 2; i++) {
                 const int even = (int)lrintf(v[2 * i] * inv), odd = (int)lrintf(v[2 * i + 1] * inv);
-                q[i] = (int8_t)even;
-                q[BLOCK / 2 + i] = (int8_t)odd;
+                q[permute ? i : 2 * i] = (int8_t)even;
+                q[permute ? BLOCK / 2 + i : 2 * i + 1] = (int8_t)odd;
                 sum += even + odd;
             }
             sx[t * nb + b] = s;
@@ -171,4 +172,87 @@ void hcp_int4_gemm(const uint8_t *w, const float *scale, const float *zs, int64_
         gemm_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
     else
         gemm_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
+}
+
+/* ---- unstructured bitmask + int4 ------------------------------------------------------------------------------
+ * Kernel layout (built at load time from the stored format): for row o, block b (64 inputs), a 64-bit keep mask
+ * masks[o, b] and the block's n = popcount kept codes nibble-packed from a byte boundary (byte k: codes 2k | 2k+1),
+ * rows concatenated, row_off[o] the byte offset of row o. Activations come in natural order: each block's kept
+ * activations are compressed to the front (VBMI2 vpcompressb) and split [evens | odds] (VBMI vpermb) to line up
+ * with the unpacked nibbles. The zero point only applies to kept weights: y -= zs * sx * sum(kept xq). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt")))
+static void bitmask_vnni(const uint8_t *codes, const int64_t *row_off, const uint64_t *masks, const float *scale,
+                         const float *zs, int64_t N, int64_t K, int64_t group_size, const int8_t *xq, const float *sx,
+                         int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m512i ones = _mm512_set1_epi8(1);
+    uint8_t order[64];
+    for (int i = 0; i < 32; i++) { order[i] = (uint8_t)(2 * i); order[32 + i] = (uint8_t)(2 * i + 1); }
+    const __m512i even_odd = _mm512_loadu_si512((const void *)order);
+    for (int64_t o = r0; o < r1; o++) {
+        const uint64_t *mr = masks + o * nb;
+        const float *sr = scale + o * G, *zr = zs + o * G;
+        for (int64_t t = 0; t < T; t++) {
+            const uint8_t *cp = codes + row_off[o];
+            const int8_t *xt = xq + t * K;
+            const float *st = sx + t * nb;
+            __m512 acc = _mm512_setzero_ps(), accz = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const uint64_t m = mr[b];
+                const __m512i a = _mm512_loadu_si512((const void *)(xt + b * BLOCK));
+                const __m512i kept = _mm512_maskz_compress_epi8((__mmask64)m, a);       /* kept activations first */
+                const __m512i split = _mm512_permutexvar_epi8(even_odd, kept);          /* [evens | odds] */
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack_block(cp, low4), split);
+                const __m512i z = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, kept); /* sum of kept xq */
+                const int64_t g = b / per_group;
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sr[g] * st[b]), acc);
+                accz = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z), _mm512_set1_ps(zr[g] * st[b]), accz);
+                cp += (__builtin_popcountll(m) + 1) / 2;
+            }
+            y[t * N + o] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(accz);
+        }
+    }
+}
+
+static void bitmask_scalar(const uint8_t *codes, const int64_t *row_off, const uint64_t *masks, const float *scale,
+                           const float *zs, int64_t N, int64_t K, int64_t group_size, const int8_t *xq, const float *sx,
+                           int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
+    for (int64_t o = r0; o < r1; o++) {
+        for (int64_t t = 0; t < T; t++) {
+            const uint8_t *cp = codes + row_off[o];
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint64_t m = masks[o * nb + b];
+                int32_t dot = 0, sum = 0, j = 0;
+                for (int i = 0; i < BLOCK; i++) {
+                    if (!((m >> i) & 1)) continue;
+                    const int code = (cp[j / 2] >> (4 * (j & 1))) & 15;
+                    const int v = xq[t * K + b * BLOCK + i];
+                    dot += code * v;
+                    sum += v;
+                    j++;
+                }
+                const int64_t g = b / per_group;
+                acc += sx[t * nb + b] * (scale[o * G + g] * (float)dot - zs[o * G + g] * (float)sum);
+                cp += (j + 1) / 2;
+            }
+            y[t * N + o] = acc;
+        }
+    }
+}
+
+int hcp_has_vbmi2(void) {
+    __builtin_cpu_init();
+    return hcp_has_vnni() && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
+}
+
+void hcp_bitmask_int4_gemm(const uint8_t *codes, const int64_t *row_off, const uint64_t *masks, const float *scale,
+                           const float *zs, int64_t N, int64_t K, int64_t group_size, const int8_t *xq, const float *sx,
+                           int64_t T, float *y, int64_t r0, int64_t r1, int use_simd) {
+    if (use_simd)
+        bitmask_vnni(codes, row_off, masks, scale, zs, N, K, group_size, xq, sx, T, y, r0, r1);
+    else
+        bitmask_scalar(codes, row_off, masks, scale, zs, N, K, group_size, xq, sx, T, y, r0, r1);
 }
