@@ -70,9 +70,13 @@ def reference_only() -> Iterator[None]:
         _local.reference = previous
 
 
-def _run(op: str, x: torch.Tensor, fmt: LinearFormat, tensors: dict, bias: torch.Tensor | None) -> torch.Tensor:
+def run_kernel(op: str, x: torch.Tensor, fmt: LinearFormat, tensors: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the op computes, called directly: the registered kernel for ``x``'s device, else the reference."""
     entry = None if getattr(_local, "reference", False) else KERNELS[op].get(x.device.type)
     return (entry[0] if entry else reference_linear)(x, fmt, tensors, bias)
+
+
+_run = run_kernel
 
 
 def _quant(tensors: dict, scale, zero, g_idx=None) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..formats import LinearFormat, pack_linear
 from ..kernels import dense_weight
+from ..kernels import ops as _ops  # registers torch.ops.hf_compress_prompt.*; run_kernel is the eager fast path
 
 __all__ = ["PackedLinear", "QuantLinear", "NMSparseLinear", "BitmaskSparseLinear", "packed_linear_class", "packed_linear_from"]
 
@@ -29,10 +30,24 @@ class PackedLinear(nn.Module):
                 self.register_buffer(name, tensor)
         if not fmt.bias:
             self.register_parameter("bias", None)
+        self._names = tuple(name for name in fmt.tensor_specs() if name != "bias")
+        self._stored: dict[str, torch.Tensor] | None = None
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """The format's tensors other than the bias."""
-        return {name: getattr(self, name) for name in self.fmt.tensor_specs() if name != "bias"}
+        """The format's tensors other than the bias (cached: rebuilt after ``.to()`` or a reassignment)."""
+        stored = self._stored
+        if stored is None or stored["weight"] is not self._buffers["weight"]:  # also catches direct _buffers writes
+            stored = self._stored = {name: getattr(self, name) for name in self._names}
+        return stored
+
+    def __setattr__(self, name, value):
+        if name in getattr(self, "_names", ()):
+            self.__dict__["_stored"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stored = None  # .to(), .half(), .cuda() replace the buffers
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def float_dtype(self) -> torch.dtype:
@@ -63,6 +78,13 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}"
 
+    def _eager_fast_path(self, x: torch.Tensor) -> bool:
+        """Plain eager inference on a real CPU tensor: call the kernel directly, skipping the ``torch.library``
+        dispatcher (tens of microseconds per call, more than a small layer's matmul). Compilation, fake tensors and
+        anything that needs a gradient go through the registered op."""
+        return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))))
+
     def _grid(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.fmt.bits:
             return self.weight_scale, self.weight_zero
@@ -74,6 +96,8 @@ class QuantLinear(PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
+        if self._eager_fast_path(x):
+            return _ops.run_kernel("int_linear", x, f, self.stored_tensors(), self.bias)
         g_idx = self.weight_g_idx if f.g_idx else None
         return torch.ops.hf_compress_prompt.int_linear(
             x, self.weight, self.weight_scale, self.weight_zero, g_idx, self.bias, f.in_features, f.bits, f.group_size
@@ -85,6 +109,8 @@ class NMSparseLinear(PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
+        if self._eager_fast_path(x):
+            return _ops.run_kernel("nm_linear", x, f, self.stored_tensors(), self.bias)
         n, m = f.nm
         scale, zero = self._grid()
         return torch.ops.hf_compress_prompt.nm_linear(
@@ -97,6 +123,8 @@ class BitmaskSparseLinear(PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
+        if self._eager_fast_path(x):
+            return _ops.run_kernel("bitmask_linear", x, f, self.stored_tensors(), self.bias)
         scale, zero = self._grid()
         return torch.ops.hf_compress_prompt.bitmask_linear(
             x, self.weight, self.weight_mask, scale, zero, self.bias, f.in_features, f.nnz, f.bits or 0, f.group_size

@@ -49,3 +49,12 @@ def test_packed_linear_from_checks_shapes():
     tensors["weight_scale"] = tensors["weight_scale"][:, :1]
     with pytest.raises(ValueError, match="weight_scale"):
         packed_linear_from(module.fmt, tensors)
+
+
+def test_stored_tensors_follow_buffer_replacement():
+    module, _ = _quant_linear()
+    first = module.stored_tensors()
+    module.half()
+    assert module.stored_tensors()["weight_scale"].dtype == torch.float16
+    module._buffers["weight"] = module.weight.clone()  # as a loader assigning tensors might
+    assert module.stored_tensors()["weight"] is module._buffers["weight"] and first is not module.stored_tensors()

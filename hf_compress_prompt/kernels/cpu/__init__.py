@@ -112,6 +112,10 @@ def _load() -> ctypes.CDLL | None:
         lib.hcp_int4_gemm.restype = None
         lib.hcp_bitmask_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, i64, p, i64, i64, i32]
         lib.hcp_bitmask_int4_gemm.restype = None
+        lib.hcp_prepare_activations.argtypes = [p, i32, i64, i64, i64, i32, p, p, p]
+        lib.hcp_prepare_activations.restype = i32
+        lib.hcp_finish_output.argtypes = [p, i64, i64, p, p, i32, i64, i64]
+        lib.hcp_finish_output.restype = None
         lib.hcp_has_vnni.restype = i32
         lib.hcp_has_vbmi2.restype = i32
         _use_vnni = bool(lib.hcp_has_vnni())
@@ -221,26 +225,60 @@ def _pool_for(n: int) -> ThreadPoolExecutor:
     return _pool
 
 
+_scratch = threading.local()
+
+
+def _buffers(T: int, K: int, N: int, gs: int) -> tuple[torch.Tensor, ...]:
+    """Per-thread scratch for the quantized activations and the fp32 output, reused across calls of one shape."""
+    key = (T, K, N, gs)
+    cache = getattr(_scratch, "buffers", None)
+    if cache is None or cache[0] != key:
+        cache = (key, torch.empty(T, K, dtype=torch.int8), torch.empty(T, K // 64), torch.empty(T, K // gs),
+                 torch.empty(T, N))
+        _scratch.buffers = cache
+    return cache[1:]
+
+
+def _drive(lib, gemm, weights: tuple, x: torch.Tensor, fmt: LinearFormat, bias: torch.Tensor | None, permute: int,
+           flag: int) -> torch.Tensor:
+    """Activations -> int8 (in C, from fp32 or bf16), the row-split GEMM, bias and output cast (in C)."""
+    K, N, gs = fmt.in_features, fmt.out_features, fmt.effective_group_size
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    T = x.numel() // K
+    bf16 = int(x.dtype == torch.bfloat16)
+    xq, sx, xs, y32 = _buffers(T, K, N, gs)
+    if lib.hcp_prepare_activations(x.data_ptr(), bf16, T, K, gs, permute, xq.data_ptr(), sx.data_ptr(), xs.data_ptr()):
+        raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
+    _split_rows(gemm, (*weights, N, K, gs, xq.data_ptr(), sx.data_ptr(), *([xs.data_ptr()] if permute else []), T,
+                       y32.data_ptr()), N, T, K, flag)
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    b = None if bias is None else bias.float().contiguous()
+    lib.hcp_finish_output(y32.data_ptr(), T, N, None if b is None else b.data_ptr(), y.data_ptr(), bf16, 0, N)
+    return y
+
+
 def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
     """``x @ W.T + bias`` for a dense int4 layer, through the C kernel when it applies (else the reference)."""
     lib = _load()
     if lib is None or supports_int4(fmt) is not None or x.device.type != "cpu":
         return reference_linear(x, fmt, tensors, bias)
     w, scale, zs = _prepare(tensors)
-    K, N, gs = fmt.in_features, fmt.out_features, fmt.effective_group_size
-    x2 = x.reshape(-1, K).to(torch.float32).contiguous()  # (T, K)
-    T = x2.shape[0]
-    xq = torch.empty(T, K, dtype=torch.int8)
-    sx = torch.empty(T, K // 64, dtype=torch.float32)
-    xs = torch.empty(T, K // gs, dtype=torch.float32)
-    y = torch.empty(T, N, dtype=torch.float32)
-    lib.hcp_quantize_activations(x2.data_ptr(), T, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), 1)
-    args = (w.data_ptr(), scale.data_ptr(), zs.data_ptr(), N, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), T,
-            y.data_ptr())
-    _split_rows(lib.hcp_int4_gemm, args, N, T, K, int(_use_vnni))
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+    y = _drive(lib, lib.hcp_int4_gemm, (w.data_ptr(), scale.data_ptr(), zs.data_ptr()), x, fmt, bias, 1,
+               int(_use_vnni))
+    return y
+
+
+def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    """``x @ W.T + bias`` for an unstructured-sparse int4 layer (e.g. SparseGPT 50% + 4-bit), through the C kernel
+    when it applies (else the reference)."""
+    lib = _load()
+    if lib is None or fmt.kind != "bitmask" or supports(fmt) is not None or x.device.type != "cpu":
+        return reference_linear(x, fmt, tensors, bias)
+    codes, row_off, masks, scale, zs = _cached(tensors, lambda t: _bitmask_layout(fmt, t))
+    weights = (codes.data_ptr(), row_off.data_ptr(), masks.data_ptr(), scale.data_ptr(), zs.data_ptr())
+    return _drive(lib, lib.hcp_bitmask_int4_gemm, weights, x, fmt, bias, 0, int(_use_vbmi2))
 
 
 def _split_rows(fn, args: tuple, N: int, T: int, K: int, flag: int) -> None:
@@ -252,26 +290,3 @@ def _split_rows(fn, args: tuple, N: int, T: int, K: int, flag: int) -> None:
     futures = [_pool_for(n).submit(fn, *args, r, min(N, r + step), flag) for r in range(0, N, step)]
     for f in futures:
         f.result()
-
-
-def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
-    """``x @ W.T + bias`` for an unstructured-sparse int4 layer (e.g. SparseGPT 50% + 4-bit), through the C kernel
-    when it applies (else the reference)."""
-    lib = _load()
-    if lib is None or fmt.kind != "bitmask" or supports(fmt) is not None or x.device.type != "cpu":
-        return reference_linear(x, fmt, tensors, bias)
-    codes, row_off, masks, scale, zs = _cached(tensors, lambda t: _bitmask_layout(fmt, t))
-    K, N, gs = fmt.in_features, fmt.out_features, fmt.effective_group_size
-    x2 = x.reshape(-1, K).to(torch.float32).contiguous()  # (T, K)
-    T = x2.shape[0]
-    xq = torch.empty(T, K, dtype=torch.int8)
-    sx = torch.empty(T, K // 64, dtype=torch.float32)
-    xs = torch.empty(T, K // gs, dtype=torch.float32)
-    y = torch.empty(T, N, dtype=torch.float32)
-    lib.hcp_quantize_activations(x2.data_ptr(), T, K, gs, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), 0)
-    args = (codes.data_ptr(), row_off.data_ptr(), masks.data_ptr(), scale.data_ptr(), zs.data_ptr(), N, K, gs,
-            xq.data_ptr(), sx.data_ptr(), T, y.data_ptr())
-    _split_rows(lib.hcp_bitmask_int4_gemm, args, N, T, K, int(_use_vbmi2))
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -256,3 +256,61 @@ void hcp_bitmask_int4_gemm(const uint8_t *codes, const int64_t *row_off, const u
     else
         bitmask_scalar(codes, row_off, masks, scale, zs, N, K, group_size, xq, sx, T, y, r0, r1);
 }
+
+/* ---- one call per layer: convert + quantize the activations, multiply, add the bias, write the output ---------
+ * x: (T, K) in float32 (x_bf16 = 0) or bfloat16 (1); y: (T, N) float32 or bfloat16 (y_bf16); bias: float32 or NULL.
+ * kind: 0 = dense int4 (w, scale, zs), 1 = bitmask + int4 (w = codes, row_off, masks, scale, zs). Rows [r0, r1). */
+#include <stdlib.h>
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);               /* round to nearest even */
+}
+
+static _Thread_local void *scratch = NULL;
+static _Thread_local size_t scratch_size = 0;
+
+static void *scratch_for(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch);
+        scratch = malloc(bytes);
+        scratch_size = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
+/* Quantizes the activations of (T, K) ``x`` into the caller's scratch: returns 0 on success. */
+int hcp_prepare_activations(const void *x, int x_bf16, int64_t T, int64_t K, int64_t group_size, int permute,
+                            int8_t *xq, float *sx, float *xs) {
+    if (!x_bf16) {
+        hcp_quantize_activations((const float *)x, T, K, group_size, xq, sx, xs, permute);
+        return 0;
+    }
+    float *x32 = (float *)scratch_for((size_t)(T * K) * sizeof(float));
+    if (!x32) return 1;
+    const uint16_t *xb = (const uint16_t *)x;
+    for (int64_t i = 0; i < T * K; i++) x32[i] = bf16_to_f32(xb[i]);
+    hcp_quantize_activations(x32, T, K, group_size, xq, sx, xs, permute);
+    return 0;
+}
+
+void hcp_finish_output(const float *y32, int64_t T, int64_t N, const float *bias, void *y, int y_bf16, int64_t r0,
+                       int64_t r1) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t o = r0; o < r1; o++) {
+            const float v = y32[t * N + o] + (bias ? bias[o] : 0.0f);
+            if (y_bf16)
+                ((uint16_t *)y)[t * N + o] = f32_to_bf16(v);
+            else
+                ((float *)y)[t * N + o] = v;
+        }
+}

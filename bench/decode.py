@@ -1,0 +1,159 @@
+"""End-to-end generation speed of SmolLM2-135M-Instruct: dense fp32, dense bf16, packed 4-bit and packed
+50% + 4-bit. Writes docs/results/decode_<threads>t.{md,json}.
+
+For each setting and batch size: prefill time of a --prompt-tokens prompt (WikiText-2 text), then greedy decoding
+of --new-tokens tokens (min_new_tokens forces the full length), median of --reps runs. A second pass with timing
+hooks on every linear layer splits a decode step into time inside linear layers and everything else (framework
+overhead: attention, norms, sampling, Python). Resident memory = bytes of the loaded tensors.
+
+The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
+the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`), activations in bf16.
+The tied 49152 x 576 embedding / LM head stays bf16 in every setting but fp32.
+
+    python bench/decode.py --threads 1
+    python bench/decode.py --settings "dense bf16" "packed 4-bit g64" --batch 1 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table, write_results  # noqa: E402
+
+from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
+from hf_compress_prompt.kernels import layer_status, status  # noqa: E402
+from hf_compress_prompt.nn import PackedLinear  # noqa: E402
+
+SETTINGS = {
+    "dense fp32": (torch.float32, []),
+    "dense bf16": (torch.bfloat16, []),
+    "packed 4-bit g64": (torch.bfloat16, [RTNConfig(bits=4, group_size=64)]),
+    "packed 50% + 4-bit g64": (torch.bfloat16, [MagnitudeConfig(sparsity=0.5), RTNConfig(bits=4, group_size=64)]),
+}
+
+
+def _resident(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class LinearTimer:
+    """Forward hooks that add up the wall time spent inside every linear layer."""
+
+    def __init__(self, model):
+        self.seconds, self._start, self._handles = 0.0, {}, []
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, PackedLinear)):
+                self._handles.append(module.register_forward_pre_hook(self._pre))
+                self._handles.append(module.register_forward_hook(self._post))
+
+    def _pre(self, module, args):
+        self._start[id(module)] = time.perf_counter()
+
+    def _post(self, module, args, out):
+        self.seconds += time.perf_counter() - self._start.pop(id(module))
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int) -> dict:
+    attention = torch.ones_like(prompt)
+    kwargs = dict(attention_mask=attention, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0)
+    with torch.no_grad():
+        model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        prefill, total = [], []
+        for _ in range(reps):
+            start = time.perf_counter()
+            model(prompt, attention_mask=attention)
+            prefill.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            out = model.generate(prompt, **kwargs)
+            total.append(time.perf_counter() - start)
+        assert out.shape[1] == prompt.shape[1] + new_tokens
+        timer = LinearTimer(model)
+        start = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        hooked = time.perf_counter() - start
+        timer.remove()
+    p, t = statistics.median(prefill), statistics.median(total)
+    decode = max(t - p, 1e-9)
+    batch = prompt.shape[0]
+    return {"prefill_s": p, "generate_s": t, "decode_s": decode, "tokens_per_s": batch * new_tokens / decode,
+            "ms_per_step": 1e3 * decode / new_tokens, "hooked_generate_s": hooked,
+            "linear_share_of_generate": timer.seconds / hooked}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hf_compress_prompt.data import eval_tokens
+    from hf_compress_prompt.models import load_model_and_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"any of: {', '.join(SETTINGS)}")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    records = []
+    for name in args.settings:
+        dtype, steps = SETTINGS[name]
+        model, tokenizer = load_model_and_tokenizer()
+        model = model.to(dtype)
+        if steps:
+            compress_(model, Recipe(steps), progress=False)
+        kernels = sorted(set(layer_status(model).values()))
+        stream = eval_tokens("wikitext2", tokenizer, "test")[0]
+        for batch in args.batch:
+            n = args.prompt_tokens
+            prompt = torch.stack([stream[i * n: (i + 1) * n] for i in range(batch)])  # (batch, n)
+            record = {"setting": name, "batch": batch, "dtype": str(dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
+                      "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps)}
+            records.append(record)
+            print(f"{name} batch {batch}: {record['tokens_per_s']:.1f} tokens/s, prefill {record['prefill_s'] * 1e3:.0f} ms, "
+                  f"linear share {100 * record['linear_share_of_generate']:.0f}%", flush=True)
+        del model
+    base = {(r["setting"], r["batch"]): r for r in records}
+    header = ["setting", "batch", "tokens/s", "vs fp32", "vs bf16", "ms per step", "prefill ms", "linear layers share",
+              "resident MB"]
+    rows = []
+    for r in records:
+        fp32, bf16 = base.get(("dense fp32", r["batch"])), base.get(("dense bf16", r["batch"]))
+        rows.append([r["setting"], r["batch"], f"{r['tokens_per_s']:.1f}",
+                     f"{r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x" if fp32 else "-",
+                     f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-",
+                     f"{r['ms_per_step']:.1f}", f"{r['prefill_s'] * 1e3:.0f}",
+                     f"{100 * r['linear_share_of_generate']:.0f}%", f"{r['resident_MB']:.0f}"])
+    notes = (
+        f"Greedy `generate`, {args.new_tokens} new tokens after a {args.prompt_tokens}-token WikiText-2 prompt per "
+        f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
+        "thread(s). 'Linear layers share': fraction of a hooked generate run spent inside the 210 block linears and "
+        "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead). Kernels used by "
+        "packed layers: see the JSON ('kernels')."
+    )
+    settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens, "reps": args.reps, "threads": args.threads, "kernel_status": status()}
+    path = write_results(f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
+                         settings=settings, machine=machine, table=markdown_table(header, rows), records=records,
+                         notes=notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
