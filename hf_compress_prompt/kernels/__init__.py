@@ -21,7 +21,7 @@ def _cpu_description(kind: str):
         reason = _cpu.unavailable_reason()  # builds the C kernels on first call (about a second, then cached)
         if reason is not None:
             return f"reference (pure PyTorch): {reason}"
-        what = "dense int4" if kind == "int" else "bitmask + int4"
+        what = {"int": "dense int4", "bitmask": "bitmask + int4", "nm": "N:M + int4 (via the bitmask layout)"}[kind]
         return f"{_cpu.kernel_name(kind)} for {what} with group size a multiple of 64; reference otherwise"
 
     return describe
@@ -29,6 +29,7 @@ def _cpu_description(kind: str):
 
 register_kernel("int_linear", "cpu", _cpu.int4_linear, _cpu_description("int"))
 register_kernel("bitmask_linear", "cpu", _cpu.bitmask_int4_linear, _cpu_description("bitmask"))
+register_kernel("nm_linear", "cpu", _cpu.bitmask_int4_linear, _cpu_description("nm"))
 
 
 def layer_status(model) -> dict[str, str]:

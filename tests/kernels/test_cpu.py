@@ -47,24 +47,26 @@ def test_embedding_sized_layer_and_bias_and_3d_input():
     assert _rel_err(y, reference_linear(x.float(), fmt, tensors, bias)) <= 1e-2
 
 
-def _bitmask_layer(out, inp, group_size, seed=0):
-    from hf_compress_prompt.methods.masks import layer_prune_mask
+def _bitmask_layer(out, inp, group_size, seed=0, sparsity="bitmask"):
+    from hf_compress_prompt.methods.masks import layer_prune_mask, nm_prune_mask
 
     torch.manual_seed(seed)
     W = torch.randn(out, inp) * 0.05
-    pruned = layer_prune_mask(W.abs(), 0.5)
+    pruned = layer_prune_mask(W.abs(), 0.5) if sparsity == "bitmask" else nm_prune_mask(W.abs(), 2, 4)
     W = W.masked_fill(pruned, 0)
     qw = rtn_quantize(W, 4, group_size, False)
-    fmt = LinearFormat(inp, out, bits=4, group_size=group_size, sparsity="bitmask", nnz=int((~pruned).sum()))
+    fmt = LinearFormat(inp, out, bits=4, group_size=group_size, sparsity=sparsity,
+                       nnz=int((~pruned).sum()) if sparsity == "bitmask" else None)
     return fmt, pack_linear(fmt, W, codes=qw.codes, scale=qw.scale, zero=qw.zero, pruned=pruned)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tokens", [1, 9, 64])
 @pytest.mark.parametrize("simd", [True, False])
-def test_bitmask_int4_matches_reference(shape, tokens, simd, monkeypatch):
+@pytest.mark.parametrize("sparsity", ["bitmask", "2:4"])
+def test_sparse_int4_matches_reference(shape, tokens, simd, sparsity, monkeypatch):
     monkeypatch.setattr(cpu, "_use_vbmi2", simd and cpu._use_vbmi2)
-    fmt, tensors = _bitmask_layer(*shape)
+    fmt, tensors = _bitmask_layer(*shape, sparsity=sparsity)
     x = torch.randn(tokens, fmt.in_features).bfloat16()
     ref = reference_linear(x.float(), fmt, tensors, None)
     assert _rel_err(cpu.bitmask_int4_linear(x, fmt, tensors, None), ref) <= 1e-2

@@ -136,7 +136,7 @@ def unavailable_reason() -> str | None:
 def kernel_name(kind: str = "int") -> str:
     """The kernel that serves a storage kind (``"int"`` or ``"bitmask"``) on this CPU."""
     _load()
-    if kind == "bitmask":
+    if kind in ("bitmask", "nm"):
         return ("C bitmask + int4 x int8, AVX-512 VNNI + VBMI2" if _use_vbmi2
                 else "C bitmask + int4 x int8, portable (no AVX-512 VBMI2 on this CPU)")
     return "C int4 x int8, AVX-512 VNNI" if _use_vnni else "C int4 x int8, portable (no AVX-512 VNNI on this CPU)"
@@ -144,8 +144,8 @@ def kernel_name(kind: str = "int") -> str:
 
 def supports(fmt: LinearFormat) -> str | None:
     """``None`` when a C kernel serves ``fmt``, else why not."""
-    if fmt.bits != 4 or fmt.kind == "nm":
-        return f"{fmt.describe()}: the CPU kernels cover int4 dense and int4 + bitmask"
+    if fmt.bits != 4:
+        return f"{fmt.describe()}: the CPU kernels cover int4 (dense, bitmask or N:M sparse) only"
     if fmt.g_idx:
         return "explicit g_idx (act-order without static groups)"
     if fmt.in_features % 64 or fmt.effective_group_size % 64:
@@ -189,26 +189,27 @@ def _prepare(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 def _bitmask_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tuple:
-    """The kernel's layout of a bitmask + int4 layer: per 64-input block, its kept codes nibble-packed from a byte
-    boundary; row byte offsets; the 64-bit masks (see int4_gemm.c)."""
-    from ...formats.bitpack import from_words, unpack_bits
+    """The kernel's layout of a sparse int4 layer (bitmask or N:M): per 64-input block a 64-bit keep mask and its
+    kept codes nibble-packed from a byte boundary; row byte offsets (see int4_gemm.c). N:M layers are converted to
+    it at load time."""
+    from ...formats.bitpack import as_words, pack_bits
+    from ...formats.packing import _kept_and_values
 
     out, cols = fmt.out_features, fmt.in_features
     nb = cols // 64
-    kept = unpack_bits(from_words(tensors["weight_mask"]), 1, cols).bool()  # (out, in)
-    codes = unpack_bits(from_words(tensors["weight"]), 4, fmt.nnz)  # (nnz,) row-major kept codes
+    kept, dense_codes = _kept_and_values(fmt, tensors)  # (out, in) bool, (out, in) codes
+    codes = dense_codes[kept]  # (nnz,) row-major kept codes
     per_block = kept.reshape(out, nb, 64).sum(-1)  # (out, nb) kept per block
     block_bytes = (per_block + 1) // 2
     start = torch.cumsum(block_bytes.flatten(), 0) - block_bytes.flatten()  # byte offset of each block
     rank = torch.cumsum(kept.reshape(out, nb, 64).to(torch.int64), -1) - 1  # position among the block's kept
     rank = rank.reshape(out, cols)[kept]  # (nnz,)
-    block_of = (torch.arange(out * nb).reshape(out, nb, 1).expand(out, nb, 64).reshape(out, cols))[kept]
+    block_of = torch.arange(out * nb).reshape(out, nb, 1).expand(out, nb, 64).reshape(out, cols)[kept]
     byte = start[block_of] + rank // 2
-    total = int(block_bytes.sum())
-    stream = torch.zeros(total + 64, dtype=torch.int32)  # +64: the kernel may read a block's full 32 bytes
+    stream = torch.zeros(int(block_bytes.sum()) + 64, dtype=torch.int32)  # +64: a block's 32-byte read may overrun
     stream.index_add_(0, byte, codes.to(torch.int32) << (4 * (rank % 2)).to(torch.int32))
     row_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(block_bytes.sum(1), 0)])[:-1].contiguous()
-    masks = from_words(tensors["weight_mask"]).reshape(out, cols // 8).contiguous().view(torch.int64)  # (out, nb)
+    masks = as_words(pack_bits(kept.to(torch.uint8), 1)).contiguous().view(torch.int64)  # (out, nb)
     return (stream.to(torch.uint8), row_off, masks.contiguous(), *_grid(tensors))
 
 
@@ -271,10 +272,10 @@ def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Ten
 
 
 def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
-    """``x @ W.T + bias`` for an unstructured-sparse int4 layer (e.g. SparseGPT 50% + 4-bit), through the C kernel
-    when it applies (else the reference)."""
+    """``x @ W.T + bias`` for a sparse int4 layer (bitmask, e.g. SparseGPT 50% + 4-bit, or N:M), through the C
+    kernel when it applies (else the reference)."""
     lib = _load()
-    if lib is None or fmt.kind != "bitmask" or supports(fmt) is not None or x.device.type != "cpu":
+    if lib is None or fmt.kind == "int" or supports(fmt) is not None or x.device.type != "cpu":
         return reference_linear(x, fmt, tensors, bias)
     codes, row_off, masks, scale, zs = _cached(tensors, lambda t: _bitmask_layout(fmt, t))
     weights = (codes.data_ptr(), row_off.data_ptr(), masks.data_ptr(), scale.data_ptr(), zs.data_ptr())
