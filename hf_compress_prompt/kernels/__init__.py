@@ -21,15 +21,17 @@ def _cpu_description(kind: str):
         reason = _cpu.unavailable_reason()  # builds the C kernels on first call (about a second, then cached)
         if reason is not None:
             return f"reference (pure PyTorch): {reason}"
-        what = {"int": "dense int4", "bitmask": "bitmask + int4", "nm": "N:M + int4 (via the bitmask layout)"}[kind]
-        return f"{_cpu.kernel_name(kind)} for {what} with group size a multiple of 64; reference otherwise"
+        if kind == "int":
+            return f"{_cpu.kernel_name(kind)} for int4 with group size a multiple of 64; reference otherwise"
+        return (f"{_cpu.kernel_name(kind)} for int4 values (group size a multiple of 64); "
+                f"{_cpu.kernel_name(kind, None)} for bf16 values; reference otherwise")
 
     return describe
 
 
 register_kernel("int_linear", "cpu", _cpu.int4_linear, _cpu_description("int"))
-register_kernel("bitmask_linear", "cpu", _cpu.bitmask_int4_linear, _cpu_description("bitmask"))
-register_kernel("nm_linear", "cpu", _cpu.bitmask_int4_linear, _cpu_description("nm"))
+register_kernel("bitmask_linear", "cpu", _cpu.sparse_linear, _cpu_description("bitmask"))
+register_kernel("nm_linear", "cpu", _cpu.sparse_linear, _cpu_description("nm"))
 
 
 def layer_status(model) -> dict[str, str]:
@@ -40,9 +42,9 @@ def layer_status(model) -> dict[str, str]:
     for name, module in model.named_modules():
         if not isinstance(module, PackedLinear):
             continue
-        why = _cpu.supports(module.fmt)
+        why = _cpu.supports(module.fmt, module.stored_tensors()["weight"].dtype)
         if why is None and _cpu.available():
-            out[name] = _cpu.kernel_name(module.fmt.kind)
+            out[name] = _cpu.kernel_name(module.fmt.kind, module.fmt.bits)
         else:
             out[name] = f"reference: {why or _cpu.unavailable_reason()}"
     return out

@@ -112,3 +112,24 @@ def test_ops_route_through_the_kernel_and_status_says_so():
     assert layer_status(model) == {"0": cpu.kernel_name()}
     fmt32, tensors32 = _layer(64, 128, 32)
     assert layer_status(torch.nn.Sequential(packed_linear_from(fmt32, tensors32)))["0"].startswith("reference:")
+
+
+@pytest.mark.parametrize("sparsity", ["bitmask", "2:4"])
+@pytest.mark.parametrize("shape", [(576, 576, 64), (1536, 576, 64), (3, 128, 64)])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("simd", [True, False])
+def test_sparse_bf16_values_match_reference(sparsity, shape, tokens, simd, monkeypatch):
+    from hf_compress_prompt.methods.masks import layer_prune_mask, nm_prune_mask
+
+    monkeypatch.setattr(cpu, "_use_bf16", simd and cpu._use_bf16)
+    out, inp, _ = shape
+    torch.manual_seed(0)
+    W = torch.randn(out, inp).bfloat16()
+    pruned = layer_prune_mask(W.float().abs(), 0.5) if sparsity == "bitmask" else nm_prune_mask(W.float().abs(), 2, 4)
+    W = W.masked_fill(pruned, 0)
+    fmt = LinearFormat(inp, out, sparsity=sparsity, nnz=int((~pruned).sum()) if sparsity == "bitmask" else None)
+    tensors = pack_linear(fmt, W, pruned=pruned)
+    x = torch.randn(tokens, inp).bfloat16()
+    ref = reference_linear(x.float(), fmt, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, None)
+    y = cpu.sparse_linear(x, fmt, tensors, None)
+    assert y.dtype == torch.bfloat16 and _rel_err(y, ref) <= 1e-2

@@ -52,6 +52,7 @@ _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _use_vnni = False
 _use_vbmi2 = False
+_use_bf16 = False
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -90,7 +91,7 @@ def build() -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _reason, _use_vnni, _use_vbmi2
+    global _lib, _reason, _use_vnni, _use_vbmi2, _use_bf16
     if _lib is not None or _reason is not None:
         return _lib
     with _lock:
@@ -118,6 +119,10 @@ def _load() -> ctypes.CDLL | None:
         lib.hcp_finish_output.restype = None
         lib.hcp_has_vnni.restype = i32
         lib.hcp_has_vbmi2.restype = i32
+        lib.hcp_sparse_bf16_gemm.argtypes = [p, p, p, i64, i64, p, i64, p, i64, i64, i32]
+        lib.hcp_sparse_bf16_gemm.restype = None
+        lib.hcp_has_bf16.restype = i32
+        _use_bf16 = bool(lib.hcp_has_bf16())
         _use_vnni = bool(lib.hcp_has_vnni())
         _use_vbmi2 = bool(lib.hcp_has_vbmi2())
         _lib = lib
@@ -133,17 +138,26 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def kernel_name(kind: str = "int") -> str:
-    """The kernel that serves a storage kind (``"int"`` or ``"bitmask"``) on this CPU."""
+def kernel_name(kind: str = "int", bits: int | None = 4) -> str:
+    """The kernel that serves a storage kind (``"int"``, ``"bitmask"``, ``"nm"``; ``bits=None`` for float values)."""
     _load()
+    if bits is None:
+        return ("C sparse bf16, AVX-512 BF16 + VBMI2" if _use_bf16
+                else "C sparse bf16, portable (no AVX-512 BF16 / VBMI2 on this CPU)")
     if kind in ("bitmask", "nm"):
         return ("C bitmask + int4 x int8, AVX-512 VNNI + VBMI2" if _use_vbmi2
                 else "C bitmask + int4 x int8, portable (no AVX-512 VBMI2 on this CPU)")
     return "C int4 x int8, AVX-512 VNNI" if _use_vnni else "C int4 x int8, portable (no AVX-512 VNNI on this CPU)"
 
 
-def supports(fmt: LinearFormat) -> str | None:
-    """``None`` when a C kernel serves ``fmt``, else why not."""
+def supports(fmt: LinearFormat, dtype: torch.dtype | None = None) -> str | None:
+    """``None`` when a C kernel serves ``fmt`` (with values / activations in ``dtype``), else why not."""
+    if fmt.bits is None:
+        if fmt.in_features % 64:
+            return f"in_features={fmt.in_features} is not a multiple of 64"
+        if dtype is not None and dtype != torch.bfloat16:
+            return f"sparse {dtype} values: the CPU kernel covers bf16 values (a bf16 model)"
+        return None
     if fmt.bits != 4:
         return f"{fmt.describe()}: the CPU kernels cover int4 (dense, bitmask or N:M sparse) only"
     if fmt.g_idx:
@@ -211,6 +225,46 @@ def _bitmask_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tupl
     row_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(block_bytes.sum(1), 0)])[:-1].contiguous()
     masks = as_words(pack_bits(kept.to(torch.uint8), 1)).contiguous().view(torch.int64)  # (out, nb)
     return (stream.to(torch.uint8), row_off, masks.contiguous(), *_grid(tensors))
+
+
+def _sparse_values_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tuple:
+    """Kept bf16 values row by row, their row offsets and the 64-bit masks, for a float sparse layer."""
+    from ...formats.bitpack import as_words, pack_bits
+    from ...formats.packing import _kept_and_values
+
+    kept, dense = _kept_and_values(fmt, tensors)  # (out, in)
+    values = dense[kept].to(torch.bfloat16).contiguous()
+    counts = kept.sum(1)
+    val_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])[:-1].contiguous()
+    values = torch.cat([values, torch.zeros(64, dtype=torch.bfloat16)])  # a masked load never reads past the end
+    masks = as_words(pack_bits(kept.to(torch.uint8), 1)).contiguous().view(torch.int64).contiguous()
+    return values, val_off, masks
+
+
+def sparse_bf16_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
+    """``x @ W.T + bias`` for a pruned (not quantized) layer of a bf16 model, through the C kernel when it applies."""
+    lib = _load()
+    if (lib is None or fmt.bits is not None or x.device.type != "cpu" or x.dtype != torch.bfloat16
+            or supports(fmt, tensors["weight"].dtype) is not None):
+        return reference_linear(x, fmt, tensors, bias)
+    values, val_off, masks = _cached(tensors, lambda t: _sparse_values_layout(fmt, t))
+    K, N = fmt.in_features, fmt.out_features
+    x = x.contiguous()
+    T = x.numel() // K
+    y32 = _buffers(T, K, N, K)[3]
+    _split_rows(lib.hcp_sparse_bf16_gemm, (values.data_ptr(), val_off.data_ptr(), masks.data_ptr(), N, K,
+                                           x.data_ptr(), T, y32.data_ptr()), N, T, K, int(_use_bf16))
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    b = None if bias is None else bias.float().contiguous()
+    lib.hcp_finish_output(y32.data_ptr(), T, N, None if b is None else b.data_ptr(), y.data_ptr(), 1, 0, N)
+    return y
+
+
+def sparse_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
+    """The CPU kernel for a sparse layer: int4 values or bf16 values."""
+    if fmt.bits is None:
+        return sparse_bf16_linear(x, fmt, tensors, bias)
+    return bitmask_int4_linear(x, fmt, tensors, bias)
 
 
 def _threads(rows: int, tokens: int, in_features: int) -> int:

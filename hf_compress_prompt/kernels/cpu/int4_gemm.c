@@ -314,3 +314,63 @@ void hcp_finish_output(const float *y32, int64_t T, int64_t N, const float *bias
                 ((float *)y)[t * N + o] = v;
         }
 }
+
+/* ---- sparse bf16 values (bitmask or N:M pruned, not quantized) -------------------------------------------------
+ * Layout: per row the kept bf16 values in row-major order from val_off[o]; per 64-input block a 64-bit keep mask.
+ * Each block's 64 bf16 activations are compressed by the mask (VBMI2 vpcompressw, 32 at a time) to line up with the
+ * kept values, then multiplied pairwise with AVX512-BF16 vdpbf16ps into fp32. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt")))
+static void sparse_bf16_simd(const uint16_t *values, const int64_t *val_off, const uint64_t *masks, int64_t N,
+                             int64_t K, const uint16_t *x, int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK;
+    for (int64_t o = r0; o < r1; o++) {
+        const uint64_t *mr = masks + o * nb;
+        for (int64_t t = 0; t < T; t++) {
+            const uint16_t *vp = values + val_off[o];
+            const uint16_t *xt = x + t * K;
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const uint64_t m = mr[b];
+                const __mmask32 lo = (__mmask32)(m & 0xffffffffu), hi = (__mmask32)(m >> 32);
+                const int nlo = __builtin_popcount(lo), nhi = __builtin_popcount(hi);
+                const __m512i xlo = _mm512_maskz_compress_epi16(lo, _mm512_loadu_si512((const void *)(xt + b * BLOCK)));
+                const __m512i xhi = _mm512_maskz_compress_epi16(hi, _mm512_loadu_si512((const void *)(xt + b * BLOCK + 32)));
+                const __m512i vlo = _mm512_maskz_loadu_epi16((__mmask32)(nlo == 32 ? 0xffffffffu : (1u << nlo) - 1), vp);
+                const __m512i vhi = _mm512_maskz_loadu_epi16((__mmask32)(nhi == 32 ? 0xffffffffu : (1u << nhi) - 1), vp + nlo);
+                acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)vlo, (__m512bh)xlo);
+                acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)vhi, (__m512bh)xhi);
+                vp += nlo + nhi;
+            }
+            y[t * N + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        }
+    }
+}
+
+static void sparse_bf16_scalar(const uint16_t *values, const int64_t *val_off, const uint64_t *masks, int64_t N,
+                               int64_t K, const uint16_t *x, int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK;
+    for (int64_t o = r0; o < r1; o++)
+        for (int64_t t = 0; t < T; t++) {
+            const uint16_t *vp = values + val_off[o];
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint64_t m = masks[o * nb + b];
+                for (int i = 0; i < BLOCK; i++)
+                    if ((m >> i) & 1) acc += bf16_to_f32(*vp++) * bf16_to_f32(x[t * K + b * BLOCK + i]);
+            }
+            y[t * N + o] = acc;
+        }
+}
+
+int hcp_has_bf16(void) {
+    __builtin_cpu_init();
+    return hcp_has_vbmi2() && __builtin_cpu_supports("avx512bf16");
+}
+
+void hcp_sparse_bf16_gemm(const uint16_t *values, const int64_t *val_off, const uint64_t *masks, int64_t N, int64_t K,
+                          const uint16_t *x, int64_t T, float *y, int64_t r0, int64_t r1, int use_simd) {
+    if (use_simd)
+        sparse_bf16_simd(values, val_off, masks, N, K, x, T, y, r0, r1);
+    else
+        sparse_bf16_scalar(values, val_off, masks, N, K, x, T, y, r0, r1);
+}
