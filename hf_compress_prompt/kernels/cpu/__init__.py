@@ -117,6 +117,10 @@ def _load() -> ctypes.CDLL | None:
         lib.hcp_prepare_activations.restype = i32
         lib.hcp_finish_output.argtypes = [p, i64, i64, p, p, i32, i64, i64]
         lib.hcp_finish_output.restype = None
+        lib.hcp_int4_linear.argtypes = [p, p, p, i64, i64, i64, p, i32, i64, p, p, p, p, p, p, i32]
+        lib.hcp_int4_linear.restype = i32
+        lib.hcp_sparse_int4_linear.argtypes = [p, p, p, p, p, i64, i64, i64, p, i32, i64, p, p, p, p, p, p, i32]
+        lib.hcp_sparse_int4_linear.restype = i32
         lib.hcp_has_vnni.restype = i32
         lib.hcp_has_vbmi2.restype = i32
         lib.hcp_sparse_bf16_gemm.argtypes = [p, p, p, i64, i64, p, i64, p, i64, i64, i32]
@@ -294,9 +298,10 @@ def _buffers(T: int, K: int, N: int, gs: int) -> tuple[torch.Tensor, ...]:
     return cache[1:]
 
 
-def _drive(lib, gemm, weights: tuple, x: torch.Tensor, fmt: LinearFormat, bias: torch.Tensor | None, permute: int,
-           flag: int) -> torch.Tensor:
-    """Activations -> int8 (in C, from fp32 or bf16), the row-split GEMM, bias and output cast (in C)."""
+def _drive(lib, fused, gemm, weights: tuple, x: torch.Tensor, fmt: LinearFormat, bias: torch.Tensor | None,
+           permute: int, flag: int) -> torch.Tensor:
+    """Activations -> int8 (in C, from fp32 or bf16), the GEMM, bias and output cast (in C): one C call on one
+    thread, or the GEMM's rows split across the pool for large layers."""
     K, N, gs = fmt.in_features, fmt.out_features, fmt.effective_group_size
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
@@ -304,13 +309,19 @@ def _drive(lib, gemm, weights: tuple, x: torch.Tensor, fmt: LinearFormat, bias: 
     T = x.numel() // K
     bf16 = int(x.dtype == torch.bfloat16)
     xq, sx, xs, y32 = _buffers(T, K, N, gs)
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    b = None if bias is None else bias.float().contiguous()
+    b_ptr = None if b is None else b.data_ptr()
+    if _threads(N, T, K) == 1:
+        if fused(*weights, N, K, gs, x.data_ptr(), bf16, T, y.data_ptr(), b_ptr, xq.data_ptr(), sx.data_ptr(),
+                 xs.data_ptr(), y32.data_ptr(), flag):
+            raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
+        return y
     if lib.hcp_prepare_activations(x.data_ptr(), bf16, T, K, gs, permute, xq.data_ptr(), sx.data_ptr(), xs.data_ptr()):
         raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
     _split_rows(gemm, (*weights, N, K, gs, xq.data_ptr(), sx.data_ptr(), *([xs.data_ptr()] if permute else []), T,
                        y32.data_ptr()), N, T, K, flag)
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
-    b = None if bias is None else bias.float().contiguous()
-    lib.hcp_finish_output(y32.data_ptr(), T, N, None if b is None else b.data_ptr(), y.data_ptr(), bf16, 0, N)
+    lib.hcp_finish_output(y32.data_ptr(), T, N, b_ptr, y.data_ptr(), bf16, 0, N)
     return y
 
 
@@ -320,9 +331,8 @@ def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Ten
     if lib is None or supports_int4(fmt) is not None or x.device.type != "cpu":
         return reference_linear(x, fmt, tensors, bias)
     w, scale, zs = _prepare(tensors)
-    y = _drive(lib, lib.hcp_int4_gemm, (w.data_ptr(), scale.data_ptr(), zs.data_ptr()), x, fmt, bias, 1,
-               int(_use_vnni))
-    return y
+    return _drive(lib, lib.hcp_int4_linear, lib.hcp_int4_gemm, (w.data_ptr(), scale.data_ptr(), zs.data_ptr()), x,
+                  fmt, bias, 1, int(_use_vnni))
 
 
 def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
@@ -333,7 +343,8 @@ def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, t
         return reference_linear(x, fmt, tensors, bias)
     codes, row_off, masks, scale, zs = _cached(tensors, lambda t: _bitmask_layout(fmt, t))
     weights = (codes.data_ptr(), row_off.data_ptr(), masks.data_ptr(), scale.data_ptr(), zs.data_ptr())
-    return _drive(lib, lib.hcp_bitmask_int4_gemm, weights, x, fmt, bias, 0, int(_use_vbmi2))
+    return _drive(lib, lib.hcp_sparse_int4_linear, lib.hcp_bitmask_int4_gemm, weights, x, fmt, bias, 0,
+                  int(_use_vbmi2))
 
 
 def _split_rows(fn, args: tuple, N: int, T: int, K: int, flag: int) -> None:

@@ -374,3 +374,23 @@ void hcp_sparse_bf16_gemm(const uint16_t *values, const int64_t *val_off, const 
     else
         sparse_bf16_scalar(values, val_off, masks, N, K, x, T, y, r0, r1);
 }
+
+/* ---- whole layer in one call (single thread): activations, product, bias, output ------------------------------ */
+int hcp_int4_linear(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                    const void *x, int x_bf16, int64_t T, void *y, const float *bias, int8_t *xq, float *sx, float *xs,
+                    float *y32, int use_simd) {
+    if (hcp_prepare_activations(x, x_bf16, T, K, group_size, 1, xq, sx, xs)) return 1;
+    hcp_int4_gemm(w, scale, zs, N, K, group_size, xq, sx, xs, T, y32, 0, N, use_simd);
+    hcp_finish_output(y32, T, N, bias, y, x_bf16, 0, N);
+    return 0;
+}
+
+int hcp_sparse_int4_linear(const uint8_t *codes, const int64_t *row_off, const uint64_t *masks, const float *scale,
+                           const float *zs, int64_t N, int64_t K, int64_t group_size, const void *x, int x_bf16,
+                           int64_t T, void *y, const float *bias, int8_t *xq, float *sx, float *xs, float *y32,
+                           int use_simd) {
+    if (hcp_prepare_activations(x, x_bf16, T, K, group_size, 0, xq, sx, xs)) return 1;
+    hcp_bitmask_int4_gemm(codes, row_off, masks, scale, zs, N, K, group_size, xq, sx, T, y32, 0, N, use_simd);
+    hcp_finish_output(y32, T, N, bias, y, x_bf16, 0, N);
+    return 0;
+}
