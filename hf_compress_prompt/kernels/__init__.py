@@ -2,6 +2,8 @@
 reference, a fake implementation for ``torch.compile``, and a slot for faster per-device kernels.
 :func:`status` says which implementation serves each op and why optional kernels are not in use."""
 
+import torch
+
 from . import cpu as _cpu
 from .ops import (
     KERNELS,
@@ -30,6 +32,13 @@ def _cpu_description(kind: str):
 
 
 register_kernel("int_linear", "cpu", _cpu.int4_linear, _cpu_description("int"))
+
+from . import triton as _triton  # noqa: E402
+
+if _triton.available() and torch.cuda.is_available():
+    register_kernel("int_linear", "cuda", _triton.int4_linear, "Triton int4 (de-quantize in registers, tl.dot)")
+else:
+    record_unavailable("triton int4 (cuda)", _triton.unavailable_reason() or "no CUDA device")
 register_kernel("bitmask_linear", "cpu", _cpu.sparse_linear, _cpu_description("bitmask"))
 register_kernel("nm_linear", "cpu", _cpu.sparse_linear, _cpu_description("nm"))
 
