@@ -69,12 +69,15 @@ static void gemm_scalar(const uint8_t *w, const float *scale, const float *zs, i
 /* ---- AVX-512 VNNI path --------------------------------------------------------------------------------------- */
 #define TILE 8 /* tokens whose accumulators stay in registers while one weight row streams by */
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+/* 32 bytes = 64 codes -> [low nibbles (inputs 0, 2, .., 62) | high nibbles (1, 3, .., 63)] as 64 bytes. The bytes
+ * are broadcast to both 256-bit halves straight from memory (a load, no shuffle port), and only the upper half's
+ * 16-bit words are shifted right by 4 before the mask. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
 static inline __m512i unpack_block(const uint8_t *src, __m256i low4) {
-    const __m256i packed = _mm256_loadu_si256((const __m256i *)src);                  /* 64 codes, 2 per byte */
-    const __m256i lo = _mm256_and_si256(packed, low4);                                 /* inputs 0, 2, .., 62 */
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);           /* inputs 1, 3, .., 63 */
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    (void)low4;
+    const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)src));
+    const __m512i shifted = _mm512_mask_srli_epi16(both, (__mmask32)0xFFFF0000u, both, 4);
+    return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
 }
 
 /* One token (decoding): four rows at a time, each with its own accumulator (independent dependency chains), sharing
@@ -180,6 +183,20 @@ void hcp_int4_gemm(const uint8_t *w, const float *scale, const float *zs, int64_
  * rows concatenated, row_off[o] the byte offset of row o. Activations come in natural order: each block's kept
  * activations are compressed to the front (VBMI2 vpcompressb) and split [evens | odds] (VBMI vpermb) to line up
  * with the unpacked nibbles. The zero point only applies to kept weights: y -= zs * sx * sum(kept xq). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt"), always_inline))
+static inline __m512 bitmask_block(const uint8_t *cp, uint64_t m, __m512i a, __m512i even_odd, __m256i low4,
+                                   __m512i ones, const float *s_code, const float *s_zero, __m512 s_act, __m512 acc) {
+    const __m512i kept = _mm512_maskz_compress_epi8((__mmask64)m, a);       /* kept activations first */
+    const __m512i split = _mm512_permutexvar_epi8(even_odd, kept);          /* [evens | odds] */
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack_block(cp, low4), split);
+    const __m512i z = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, kept); /* sum of kept xq */
+    /* scale * code-dot - zero*scale * kept-sum, then times the activation scale (broadcasts come from memory) */
+    const __m512 v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(*s_code),
+                                     _mm512_mul_ps(_mm512_cvtepi32_ps(z), _mm512_set1_ps(*s_zero)));
+    return _mm512_fmadd_ps(v, s_act, acc);
+}
+
+/* Two rows at a time (independent chains, one activation load per block for both). */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt")))
 static void bitmask_vnni(const uint8_t *codes, const int64_t *row_off, const uint64_t *masks, const float *scale,
                          const float *zs, int64_t N, int64_t K, int64_t group_size, const int8_t *xq, const float *sx,
@@ -190,27 +207,41 @@ static void bitmask_vnni(const uint8_t *codes, const int64_t *row_off, const uin
     uint8_t order[64];
     for (int i = 0; i < 32; i++) { order[i] = (uint8_t)(2 * i); order[32 + i] = (uint8_t)(2 * i + 1); }
     const __m512i even_odd = _mm512_loadu_si512((const void *)order);
-    for (int64_t o = r0; o < r1; o++) {
-        const uint64_t *mr = masks + o * nb;
-        const float *sr = scale + o * G, *zr = zs + o * G;
+    int64_t o = r0;
+    for (; o < r1; o += 2) {
+        const int two = o + 1 < r1;
+        const uint64_t *m0 = masks + o * nb, *m1 = two ? m0 + nb : m0;
+        const float *s0 = scale + o * G, *z0 = zs + o * G;
+        const float *s1 = two ? s0 + G : s0, *z1 = two ? z0 + G : z0;
         for (int64_t t = 0; t < T; t++) {
-            const uint8_t *cp = codes + row_off[o];
+            const uint8_t *c0 = codes + row_off[o], *c1 = codes + row_off[two ? o + 1 : o];
+            /* the next two rows (codes and masks) stream in while these two are used */
+            const int ahead = t == 0 && o + 3 < r1;
+            const int64_t ahead_shift = ahead ? row_off[o + 2] - row_off[o] : 0;
+            const uint64_t *m_next = m0 + 2 * nb;
             const int8_t *xt = xq + t * K;
             const float *st = sx + t * nb;
-            __m512 acc = _mm512_setzero_ps(), accz = _mm512_setzero_ps();
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
-                const uint64_t m = mr[b];
+                if (ahead && !(b & 1)) {
+                    _mm_prefetch((const char *)(c0 + ahead_shift), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(c1 + ahead_shift), _MM_HINT_T0);
+                    if (!(b & 7)) {
+                        _mm_prefetch((const char *)(m_next + b), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(m_next + nb + b), _MM_HINT_T0);
+                    }
+                }
                 const __m512i a = _mm512_loadu_si512((const void *)(xt + b * BLOCK));
-                const __m512i kept = _mm512_maskz_compress_epi8((__mmask64)m, a);       /* kept activations first */
-                const __m512i split = _mm512_permutexvar_epi8(even_odd, kept);          /* [evens | odds] */
-                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack_block(cp, low4), split);
-                const __m512i z = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, kept); /* sum of kept xq */
+                const __m512 s_act = _mm512_set1_ps(st[b]);
                 const int64_t g = b / per_group;
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sr[g] * st[b]), acc);
-                accz = _mm512_fmadd_ps(_mm512_cvtepi32_ps(z), _mm512_set1_ps(zr[g] * st[b]), accz);
-                cp += (__builtin_popcountll(m) + 1) / 2;
+                const uint64_t k0 = m0[b], k1 = m1[b];
+                acc0 = bitmask_block(c0, k0, a, even_odd, low4, ones, s0 + g, z0 + g, s_act, acc0);
+                acc1 = bitmask_block(c1, k1, a, even_odd, low4, ones, s1 + g, z1 + g, s_act, acc1);
+                c0 += (__builtin_popcountll(k0) + 1) / 2;
+                c1 += (__builtin_popcountll(k1) + 1) / 2;
             }
-            y[t * N + o] = _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(accz);
+            y[t * N + o] = _mm512_reduce_add_ps(acc0);
+            if (two) y[t * N + o + 1] = _mm512_reduce_add_ps(acc1);
         }
     }
 }
