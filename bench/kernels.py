@@ -54,11 +54,12 @@ def _pool(make, nbytes: int, pool_bytes: int, limit: int = 4096) -> list:
     return [make(i) for i in range(count)]
 
 
-def run_shape(name: str, out: int, inp: int, gs: int, tokens: int, args) -> list[dict]:
+def run_shape(name: str, out: int, inp: int, gs: int, token_counts: list[int], args) -> list[dict]:
+    """Every implementation on one shape: each pool is built once and timed at every token count."""
     torch.manual_seed(0)
     pool_bytes = args.pool_mb * 2**20
-    x32 = torch.randn(tokens, inp)
-    xbf = x32.bfloat16()
+    xs = {t: (torch.randn(t, inp), torch.randn(t, inp).bfloat16()) for t in token_counts}
+    x32 = xbf = None  # set per token count below; the lambdas read them at call time
     groups = inp // gs
     fmt = LinearFormat(inp, out, bits=4, group_size=gs)
 
@@ -105,10 +106,12 @@ def run_shape(name: str, out: int, inp: int, gs: int, tokens: int, args) -> list
     records = []
     for impl, (make, call, nbytes) in impls.items():
         pool = _pool(make, nbytes, pool_bytes)
-        best, median = _time(call, pool, args.reps)
-        records.append({"shape": name, "out": out, "in": inp, "group_size": gs, "tokens": tokens, "impl": impl,
-                        "weight_bytes": nbytes, "pool": len(pool), "best_us": best * 1e6, "median_us": median * 1e6,
-                        "best_GBps": nbytes / best / 1e9})
+        for tokens in token_counts:
+            x32, xbf = xs[tokens]
+            best, median = _time(lambda item: call(item), pool, args.reps)
+            records.append({"shape": name, "out": out, "in": inp, "group_size": gs, "tokens": tokens, "impl": impl,
+                            "weight_bytes": nbytes, "pool": len(pool), "best_us": best * 1e6,
+                            "median_us": median * 1e6, "best_GBps": nbytes / best / 1e9})
         del pool
     return records
 
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--pool-mb", type=int, default=320, help="weight bytes each implementation cycles through")
+    parser.add_argument("--pool-mb", type=int, default=256, help="weight bytes each implementation cycles through")
     parser.add_argument("--name", default=None, help="results stem (default kernels_<threads>t)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -136,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for name in args.shapes:
         out, inp, gs = SHAPES[name]
-        for tokens in args.tokens:
-            rows = run_shape(name, out, inp, gs, tokens, args)
-            records += rows
-            for r in rows:
-                print(f"{name} T={tokens} {r['impl']}: best {r['best_us']:.0f} us, median {r['median_us']:.0f} us", flush=True)
+        rows = run_shape(name, out, inp, gs, args.tokens, args)
+        records += rows
+        for r in rows:
+            print(f"{name} T={r['tokens']} {r['impl']}: best {r['best_us']:.0f} us, median {r['median_us']:.0f} us",
+                  flush=True)
+    records.sort(key=lambda r: (args.shapes.index(r["shape"]), r["tokens"]))
     fp32_gemv = [r["best_GBps"] for r in records if r["impl"] == "fp32 F.linear" and r["tokens"] == 1
                  and r["pool"] * r["weight_bytes"] >= args.pool_mb * 2**20 * 0.9]  # only truly cold pools
     limit = max([limit, *fp32_gemv])  # the best fp32 GEMV seen in this run is the attainable bandwidth
