@@ -19,11 +19,6 @@ def has_packed_layers(model: nn.Module) -> bool:
     return any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @torch.no_grad()
 def pack_model(model: nn.Module, result: CompressionResult) -> dict[str, LinearFormat]:
     """Packs every linear that ``result`` quantized or pruned (in place) and attaches the quantization config.
@@ -31,7 +26,7 @@ def pack_model(model: nn.Module, result: CompressionResult) -> dict[str, LinearF
     Returns the format of each packed layer by qualified name. A model without quantized or pruned layers (e.g.
     only layer dropping) is left as a plain transformers model.
     """
-    from ..integrations.transformers_quantizer import attach_quantization_config
+    from ..integrations.transformers_quantizer import _set_module, attach_quantization_config
 
     prune_step = next((s for s in result.recipe.steps if s.prunes), None)
     pattern = parse_sparsity(prune_step.sparsity) if prune_step is not None else None

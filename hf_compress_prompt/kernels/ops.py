@@ -76,8 +76,6 @@ def run_kernel(op: str, x: torch.Tensor, fmt: LinearFormat, tensors: dict, bias:
     return (entry[0] if entry else reference_linear)(x, fmt, tensors, bias)
 
 
-_run = run_kernel
-
 
 def _quant(tensors: dict, scale, zero, g_idx=None) -> None:
     if scale is not None:
@@ -108,7 +106,7 @@ def int_linear(
     fmt = _int_format(weight, scale, g_idx, in_features, bits, group_size)
     tensors = {"weight": weight}
     _quant(tensors, scale, zero, g_idx)
-    return _run("int_linear", x, fmt, tensors, bias)
+    return run_kernel("int_linear", x, fmt, tensors, bias)
 
 
 @int_linear.register_fake
@@ -125,7 +123,7 @@ def nm_linear(
     fmt = _nm_format(index, in_features, n, m, bits, group_size)
     tensors = {"weight": weight, "weight_index": index}
     _quant(tensors, scale, zero)
-    return _run("nm_linear", x, fmt, tensors, bias)
+    return run_kernel("nm_linear", x, fmt, tensors, bias)
 
 
 @nm_linear.register_fake
@@ -142,7 +140,7 @@ def bitmask_linear(
     fmt = _bitmask_format(mask, in_features, nnz, bits, group_size)
     tensors = {"weight": weight, "weight_mask": mask}
     _quant(tensors, scale, zero)
-    return _run("bitmask_linear", x, fmt, tensors, bias)
+    return run_kernel("bitmask_linear", x, fmt, tensors, bias)
 
 
 @bitmask_linear.register_fake
