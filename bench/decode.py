@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, markdown_table, write_results  # noqa: E402
 
 from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
-from hf_compress_prompt.kernels import layer_status, status  # noqa: E402
+from hf_compress_prompt.kernels import cpu, layer_status, status  # noqa: E402
 from hf_compress_prompt.nn import PackedLinear  # noqa: E402
 
 SETTINGS = {
@@ -125,13 +125,14 @@ def main(argv: list[str] | None = None) -> None:
             prompt = torch.stack([stream[i * n: (i + 1) * n] for i in range(batch)])  # (batch, n)
             record = {"setting": name, "batch": batch, "dtype": str(dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
                       "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps)}
+            record["kernel_cache_MB"] = cpu.cache_bytes() / 1e6 if steps else 0.0
             records.append(record)
             print(f"{name} batch {batch}: {record['tokens_per_s']:.1f} tokens/s, prefill {record['prefill_s'] * 1e3:.0f} ms, "
                   f"linear share {100 * record['linear_share_of_generate']:.0f}%", flush=True)
         del model
     base = {(r["setting"], r["batch"]): r for r in records}
     header = ["setting", "batch", "tokens/s", "vs fp32", "vs bf16", "ms per step", "prefill ms", "linear layers share",
-              "resident MB"]
+              "resident MB", "kernel cache MB"]
     rows = []
     for r in records:
         fp32, bf16 = base.get(("dense fp32", r["batch"])), base.get(("dense bf16", r["batch"]))
@@ -139,13 +140,16 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x" if fp32 else "-",
                      f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-",
                      f"{r['ms_per_step']:.1f}", f"{r['prefill_s'] * 1e3:.0f}",
-                     f"{100 * r['linear_share_of_generate']:.0f}%", f"{r['resident_MB']:.0f}"])
+                     f"{100 * r['linear_share_of_generate']:.0f}%", f"{r['resident_MB']:.0f}",
+                     f"{r['kernel_cache_MB']:.0f}"])
     notes = (
         f"Greedy `generate`, {args.new_tokens} new tokens after a {args.prompt_tokens}-token WikiText-2 prompt per "
         f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
         "thread(s). 'Linear layers share': fraction of a hooked generate run spent inside the 210 block linears and "
-        "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead). Kernels used by "
-        "packed layers: see the JSON ('kernels')."
+        "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead). Resident MB: "
+        "the model's parameters and buffers; kernel cache MB: what the CPU kernels add at load time (fp32 copies of "
+        "the scales, and for sparse layers the repacked per-block layout), on top. Kernels used by packed layers: "
+        "see the JSON ('kernels')."
     )
     settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens, "reps": args.reps, "threads": args.threads, "kernel_status": status()}

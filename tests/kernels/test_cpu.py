@@ -133,3 +133,11 @@ def test_sparse_bf16_values_match_reference(sparsity, shape, tokens, simd, monke
     ref = reference_linear(x.float(), fmt, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, None)
     y = cpu.sparse_linear(x, fmt, tensors, None)
     assert y.dtype == torch.bfloat16 and _rel_err(y, ref) <= 1e-2
+
+
+def test_cache_bytes_counts_copies_not_views():
+    fmt, tensors = _layer(64, 128, 64)
+    before = cpu.cache_bytes()
+    cpu.int4_linear(torch.randn(1, 128), fmt, tensors, None)
+    groups = 128 // 64
+    assert cpu.cache_bytes() - before == 2 * 64 * groups * 4  # fp32 scale and scale*zero; the codes are a view

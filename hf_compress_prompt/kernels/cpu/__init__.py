@@ -35,6 +35,7 @@ __all__ = [
     "available",
     "bitmask_int4_linear",
     "build",
+    "cache_bytes",
     "int4_linear",
     "kernel_name",
     "supports",
@@ -195,6 +196,19 @@ def _cached(tensors: dict[str, torch.Tensor], build_fn) -> tuple:
     prepared = build_fn(tensors)
     _prepared[key] = (weakref.ref(weight, lambda _, k=key: _prepared.pop(k, None)), versions, prepared)
     return prepared
+
+
+def cache_bytes() -> int:
+    """Bytes the kernels hold beyond the stored tensors: load-time layouts and fp32 copies of scales (views of the
+    stored tensors are not counted)."""
+    total = 0
+    for ref, _, prepared in list(_prepared.values()):
+        weight = ref()
+        if weight is None:
+            continue
+        own = weight.untyped_storage().data_ptr()
+        total += sum(t.numel() * t.element_size() for t in prepared if t.untyped_storage().data_ptr() != own)
+    return total
 
 
 def _grid(tensors) -> tuple[torch.Tensor, torch.Tensor]:
