@@ -103,9 +103,7 @@ def int_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None,
     bias: torch.Tensor | None, in_features: int, bits: int, group_size: int,
 ) -> torch.Tensor:
-    fmt = _int_format(weight, scale, g_idx, in_features, bits, group_size)
-    tensors = {"weight": weight}
-    _quant(tensors, scale, zero, g_idx)
+    fmt, tensors, bias = _int_rebuild((weight, scale, zero, g_idx, bias, in_features, bits, group_size))
     return run_kernel("int_linear", x, fmt, tensors, bias)
 
 
@@ -120,9 +118,7 @@ def nm_linear(
     x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
     bias: torch.Tensor | None, in_features: int, n: int, m: int, bits: int, group_size: int,
 ) -> torch.Tensor:
-    fmt = _nm_format(index, in_features, n, m, bits, group_size)
-    tensors = {"weight": weight, "weight_index": index}
-    _quant(tensors, scale, zero)
+    fmt, tensors, bias = _nm_rebuild((weight, index, scale, zero, bias, in_features, n, m, bits, group_size))
     return run_kernel("nm_linear", x, fmt, tensors, bias)
 
 
@@ -137,9 +133,7 @@ def bitmask_linear(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
     bias: torch.Tensor | None, in_features: int, nnz: int, bits: int, group_size: int,
 ) -> torch.Tensor:
-    fmt = _bitmask_format(mask, in_features, nnz, bits, group_size)
-    tensors = {"weight": weight, "weight_mask": mask}
-    _quant(tensors, scale, zero)
+    fmt, tensors, bias = _bitmask_rebuild((weight, mask, scale, zero, bias, in_features, nnz, bits, group_size))
     return run_kernel("bitmask_linear", x, fmt, tensors, bias)
 
 

@@ -73,8 +73,7 @@ static void gemm_scalar(const uint8_t *w, const float *scale, const float *zs, i
  * are broadcast to both 256-bit halves straight from memory (a load, no shuffle port), and only the upper half's
  * 16-bit words are shifted right by 4 before the mask. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
-static inline __m512i unpack_block(const uint8_t *src, __m256i low4) {
-    (void)low4;
+static inline __m512i unpack_block(const uint8_t *src) {
     const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)src));
     const __m512i shifted = _mm512_mask_srli_epi16(both, (__mmask32)0xFFFF0000u, both, 4);
     return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
@@ -86,7 +85,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void gemv_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
                       const int8_t *xq, const float *sx, const float *xs, float *y, int64_t r0, int64_t r1) {
     const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size, row = K / 2;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     int64_t o = r0;
     for (; o + 3 < r1; o += 4) {
         const uint8_t *w0 = w + o * row;
@@ -106,10 +104,10 @@ static void gemv_vnni(const uint8_t *w, const float *scale, const float *zs, int
             const int64_t g = b / per_group;
             const float s = sx[b];
             const __m512i z = _mm512_setzero_si512();
-            const __m512i d0 = _mm512_dpbusd_epi32(z, unpack_block(w0 + b * (BLOCK / 2), low4), a);
-            const __m512i d1 = _mm512_dpbusd_epi32(z, unpack_block(w0 + row + b * (BLOCK / 2), low4), a);
-            const __m512i d2 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 2 * row + b * (BLOCK / 2), low4), a);
-            const __m512i d3 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 3 * row + b * (BLOCK / 2), low4), a);
+            const __m512i d0 = _mm512_dpbusd_epi32(z, unpack_block(w0 + b * (BLOCK / 2)), a);
+            const __m512i d1 = _mm512_dpbusd_epi32(z, unpack_block(w0 + row + b * (BLOCK / 2)), a);
+            const __m512i d2 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 2 * row + b * (BLOCK / 2)), a);
+            const __m512i d3 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 3 * row + b * (BLOCK / 2)), a);
             a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s * s0[g]), a0);
             a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s * s0[G + g]), a1);
             a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_set1_ps(s * s0[2 * G + g]), a2);
@@ -131,7 +129,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void gemm_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
                       const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
     const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int64_t o = r0; o < r1; o++) {
         const uint8_t *wr = w + o * (K / 2);
         const float *sr = scale + o * G;
@@ -140,7 +137,7 @@ static void gemm_vnni(const uint8_t *w, const float *scale, const float *zs, int
             __m512 acc[TILE];
             for (int j = 0; j < TILE; j++) acc[j] = _mm512_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
-                const __m512i codes = unpack_block(wr + b * (BLOCK / 2), low4);
+                const __m512i codes = unpack_block(wr + b * (BLOCK / 2));
                 const float sg = sr[b / per_group];
                 for (int j = 0; j < nt; j++) {
                     const int64_t t = t0 + j;
@@ -184,11 +181,11 @@ void hcp_int4_gemm(const uint8_t *w, const float *scale, const float *zs, int64_
  * activations are compressed to the front (VBMI2 vpcompressb) and split [evens | odds] (VBMI vpermb) to line up
  * with the unpacked nibbles. The zero point only applies to kept weights: y -= zs * sx * sum(kept xq). */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt"), always_inline))
-static inline __m512 bitmask_block(const uint8_t *cp, uint64_t m, __m512i a, __m512i even_odd, __m256i low4,
+static inline __m512 bitmask_block(const uint8_t *cp, uint64_t m, __m512i a, __m512i even_odd,
                                    __m512i ones, const float *s_code, const float *s_zero, __m512 s_act, __m512 acc) {
     const __m512i kept = _mm512_maskz_compress_epi8((__mmask64)m, a);       /* kept activations first */
     const __m512i split = _mm512_permutexvar_epi8(even_odd, kept);          /* [evens | odds] */
-    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack_block(cp, low4), split);
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack_block(cp), split);
     const __m512i z = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, kept); /* sum of kept xq */
     /* scale * code-dot - zero*scale * kept-sum, then times the activation scale (broadcasts come from memory) */
     const __m512 v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(*s_code),
@@ -202,7 +199,6 @@ static void bitmask_vnni(const uint8_t *codes, const int64_t *row_off, const uin
                          const float *zs, int64_t N, int64_t K, int64_t group_size, const int8_t *xq, const float *sx,
                          int64_t T, float *y, int64_t r0, int64_t r1) {
     const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m512i ones = _mm512_set1_epi8(1);
     uint8_t order[64];
     for (int i = 0; i < 32; i++) { order[i] = (uint8_t)(2 * i); order[32 + i] = (uint8_t)(2 * i + 1); }
@@ -235,8 +231,8 @@ static void bitmask_vnni(const uint8_t *codes, const int64_t *row_off, const uin
                 const __m512 s_act = _mm512_set1_ps(st[b]);
                 const int64_t g = b / per_group;
                 const uint64_t k0 = m0[b], k1 = m1[b];
-                acc0 = bitmask_block(c0, k0, a, even_odd, low4, ones, s0 + g, z0 + g, s_act, acc0);
-                acc1 = bitmask_block(c1, k1, a, even_odd, low4, ones, s1 + g, z1 + g, s_act, acc1);
+                acc0 = bitmask_block(c0, k0, a, even_odd, ones, s0 + g, z0 + g, s_act, acc0);
+                acc1 = bitmask_block(c1, k1, a, even_odd, ones, s1 + g, z1 + g, s_act, acc1);
                 c0 += (__builtin_popcountll(k0) + 1) / 2;
                 c1 += (__builtin_popcountll(k1) + 1) / 2;
             }
