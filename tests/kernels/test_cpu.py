@@ -92,7 +92,8 @@ def test_weights_prepared_once_and_refreshed_when_changed():
     fmt, tensors = _layer(64, 128, 64)
     x = torch.randn(1, 128)
     before = cpu.int4_linear(x, fmt, tensors, None)
-    assert cpu._prepare(tensors) is cpu._prepare(tensors)
+    plan = cpu._cached(tensors, None)  # built by the call above: no builder needed
+    assert cpu._cached(tensors, None) is plan
     tensors["weight_scale"].mul_(2)  # in-place change bumps the version: re-prepared
     torch.testing.assert_close(cpu.int4_linear(x, fmt, tensors, None), before * 2, rtol=1e-5, atol=1e-5)
 

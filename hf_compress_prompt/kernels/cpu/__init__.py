@@ -118,10 +118,8 @@ def _load() -> ctypes.CDLL | None:
         lib.hcp_prepare_activations.restype = i32
         lib.hcp_finish_output.argtypes = [p, i64, i64, p, p, i32, i64, i64]
         lib.hcp_finish_output.restype = None
-        lib.hcp_int4_linear.argtypes = [p, p, p, i64, i64, i64, p, i32, i64, p, p, p, p, p, p, i32]
-        lib.hcp_int4_linear.restype = i32
-        lib.hcp_sparse_int4_linear.argtypes = [p, p, p, p, p, i64, i64, i64, p, i32, i64, p, p, p, p, p, p, i32]
-        lib.hcp_sparse_int4_linear.restype = i32
+        lib.hcp_plan_linear.argtypes = [p, p, i32, i64, p, p]
+        lib.hcp_plan_linear.restype = i32
         lib.hcp_has_vnni.restype = i32
         lib.hcp_has_vbmi2.restype = i32
         lib.hcp_sparse_bf16_gemm.argtypes = [p, p, p, i64, i64, p, i64, p, i64, i64, i32]
@@ -183,7 +181,7 @@ def supports_int4(fmt: LinearFormat) -> str | None:
 _prepared: dict[int, tuple] = {}
 
 
-def _cached(tensors: dict[str, torch.Tensor], build_fn) -> tuple:
+def _cached(tensors: dict[str, torch.Tensor], build_fn):
     """``build_fn(tensors)``, computed once per weight tensor (and again if any tensor is modified in place)."""
     weight = tensors["weight"]
     key = id(weight)
@@ -207,17 +205,14 @@ def cache_bytes() -> int:
         if weight is None:
             continue
         own = weight.untyped_storage().data_ptr()
-        total += sum(t.numel() * t.element_size() for t in prepared if t.untyped_storage().data_ptr() != own)
+        total += sum(t.numel() * t.element_size() for t in prepared.tensors
+                     if t is not None and t.untyped_storage().data_ptr() != own)
     return total
 
 
 def _grid(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     scale32 = tensors["weight_scale"].float().contiguous()
     return scale32, (scale32 * tensors["weight_zero"].float()).contiguous()
-
-
-def _prepare(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cached(tensors, lambda t: (t["weight"].contiguous().view(torch.uint8), *_grid(t)))
 
 
 def _bitmask_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tuple:
@@ -259,32 +254,6 @@ def _sparse_values_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -
     return values, val_off, masks
 
 
-def sparse_bf16_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
-    """``x @ W.T + bias`` for a pruned (not quantized) layer of a bf16 model, through the C kernel when it applies."""
-    lib = _load()
-    if (lib is None or fmt.bits is not None or x.device.type != "cpu" or x.dtype != torch.bfloat16
-            or supports(fmt, tensors["weight"].dtype) is not None):
-        return reference_linear(x, fmt, tensors, bias)
-    values, val_off, masks = _cached(tensors, lambda t: _sparse_values_layout(fmt, t))
-    K, N = fmt.in_features, fmt.out_features
-    x = x.contiguous()
-    T = x.numel() // K
-    y32 = _buffers(T, K, N, K)[3]
-    _split_rows(lib.hcp_sparse_bf16_gemm, (values.data_ptr(), val_off.data_ptr(), masks.data_ptr(), N, K,
-                                           x.data_ptr(), T, y32.data_ptr()), N, T, K, int(_use_bf16))
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
-    b = None if bias is None else bias.float().contiguous()
-    lib.hcp_finish_output(y32.data_ptr(), T, N, None if b is None else b.data_ptr(), y.data_ptr(), 1, 0, N)
-    return y
-
-
-def sparse_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
-    """The CPU kernel for a sparse layer: int4 values or bf16 values."""
-    if fmt.bits is None:
-        return sparse_bf16_linear(x, fmt, tensors, bias)
-    return bitmask_int4_linear(x, fmt, tensors, bias)
-
-
 def _threads(rows: int, tokens: int, in_features: int) -> int:
     # small work stays on one thread: a busy 2-core box stalls thread hand-offs for milliseconds
     work = rows * in_features * max(tokens, 1)
@@ -302,63 +271,122 @@ _scratch = threading.local()
 
 
 def _buffers(T: int, K: int, N: int, gs: int) -> tuple[torch.Tensor, ...]:
-    """Per-thread scratch for the quantized activations and the fp32 output, reused across calls of one shape."""
+    """Per-thread scratch for the quantized activations and the fp32 output, kept per shape (a decoder's few layer
+    shapes alternate on every token, so one slot would be reallocated on almost every call)."""
     key = (T, K, N, gs)
     cache = getattr(_scratch, "buffers", None)
-    if cache is None or cache[0] != key:
-        cache = (key, torch.empty(T, K, dtype=torch.int8), torch.empty(T, K // 64), torch.empty(T, K // gs),
-                 torch.empty(T, N))
-        _scratch.buffers = cache
-    return cache[1:]
+    if cache is None:
+        cache = _scratch.buffers = {}
+    entry = cache.get(key)
+    if entry is None:
+        if len(cache) >= 16:  # prefill lengths vary: keep the set small
+            cache.clear()
+        entry = cache[key] = (torch.empty(T, K, dtype=torch.int8), torch.empty(T, K // 64), torch.empty(T, K // gs),
+                              torch.empty(T, N))
+    return entry
 
 
-def _drive(lib, fused, gemm, weights: tuple, x: torch.Tensor, fmt: LinearFormat, bias: torch.Tensor | None,
-           permute: int, flag: int) -> torch.Tensor:
-    """Activations -> int8 (in C, from fp32 or bf16), the GEMM, bias and output cast (in C): one C call on one
-    thread, or the GEMM's rows split across the pool for large layers."""
-    K, N, gs = fmt.in_features, fmt.out_features, fmt.effective_group_size
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        x = x.float()
-    x = x.contiguous()
-    T = x.numel() // K
-    bf16 = int(x.dtype == torch.bfloat16)
-    xq, sx, xs, y32 = _buffers(T, K, N, gs)
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
-    b = None if bias is None else bias.float().contiguous()
-    b_ptr = None if b is None else b.data_ptr()
-    if _threads(N, T, K) == 1:
-        if fused(*weights, N, K, gs, x.data_ptr(), bf16, T, y.data_ptr(), b_ptr, xq.data_ptr(), sx.data_ptr(),
-                 xs.data_ptr(), y32.data_ptr(), flag):
-            raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
+class _Plan(ctypes.Structure):
+    """A layer as the C kernels see it (``hcp_plan`` in int4_gemm.c): built once per layer at first use."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("group_size", ctypes.c_int64),
+                ("simd", ctypes.c_int64), ("w", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+                ("masks", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zs", ctypes.c_void_p)]
+
+
+_DENSE, _SPARSE_INT4, _SPARSE_BF16 = 0, 1, 2
+
+
+class LayerPlan:
+    """The kernel's tensors for one layer (kept alive here) and the ``hcp_plan`` pointing at them."""
+
+    def __init__(self, kind: int, fmt: LinearFormat, tensors: tuple[torch.Tensor, ...], simd: bool):
+        self.kind, self.tensors = kind, tensors
+        self.N, self.K, self.group_size = fmt.out_features, fmt.in_features, fmt.effective_group_size
+        ptr = [None if t is None else t.data_ptr() for t in tensors]
+        if kind == _DENSE:
+            w, off, masks, scale, zs = ptr[0], None, None, ptr[1], ptr[2]
+        elif kind == _SPARSE_INT4:
+            w, off, masks, scale, zs = ptr
+        else:
+            w, off, masks, scale, zs = ptr[0], ptr[1], ptr[2], None, None
+        self.plan = _Plan(kind, self.N, self.K, self.group_size, int(simd), w, off, masks, scale, zs)
+        self.address = ctypes.addressof(self.plan)
+        # the row-split path (large layers on more than one thread): the per-row GEMM and its weight arguments
+        self.weights = tuple(p for p in (w, off, masks, scale, zs) if p is not None)
+
+    def __call__(self, lib, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        x = x.contiguous()
+        K, N = self.K, self.N
+        T = x.numel() // K
+        bf16 = int(x.dtype == torch.bfloat16)
+        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+        b = None if bias is None else bias.float().contiguous()  # a name keeps a converted copy alive
+        b_ptr = None if b is None else b.data_ptr()
+        if _threads(N, T, K) == 1 or self.kind == _SPARSE_BF16 and not bf16:
+            rc = lib.hcp_plan_linear(self.address, x.data_ptr(), bf16, T, y.data_ptr(), b_ptr)
+            if rc:
+                raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
+            return y
+        xq, sx, xs, y32 = _buffers(T, K, N, self.group_size)
+        if self.kind == _SPARSE_BF16:
+            gemm, args = lib.hcp_sparse_bf16_gemm, (*self.weights, N, K, x.data_ptr(), T, y32.data_ptr())
+        else:
+            if lib.hcp_prepare_activations(x.data_ptr(), bf16, T, K, self.group_size, int(self.kind == _DENSE),
+                                           xq.data_ptr(), sx.data_ptr(), xs.data_ptr()):
+                raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
+            if self.kind == _DENSE:
+                gemm, args = lib.hcp_int4_gemm, (*self.weights, N, K, self.group_size, xq.data_ptr(), sx.data_ptr(),
+                                                 xs.data_ptr(), T, y32.data_ptr())
+            else:
+                gemm, args = lib.hcp_bitmask_int4_gemm, (*self.weights, N, K, self.group_size, xq.data_ptr(),
+                                                         sx.data_ptr(), T, y32.data_ptr())
+        _split_rows(gemm, args, N, T, K, self.plan.simd)
+        lib.hcp_finish_output(y32.data_ptr(), T, N, b_ptr, y.data_ptr(), bf16, 0, N)
         return y
-    if lib.hcp_prepare_activations(x.data_ptr(), bf16, T, K, gs, permute, xq.data_ptr(), sx.data_ptr(), xs.data_ptr()):
-        raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
-    _split_rows(gemm, (*weights, N, K, gs, xq.data_ptr(), sx.data_ptr(), *([xs.data_ptr()] if permute else []), T,
-                       y32.data_ptr()), N, T, K, flag)
-    lib.hcp_finish_output(y32.data_ptr(), T, N, b_ptr, y.data_ptr(), bf16, 0, N)
-    return y
+
+
+def _plan(kind: int, fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan:
+    if kind == _DENSE:
+        return LayerPlan(kind, fmt, (tensors["weight"].contiguous().view(torch.uint8), *_grid(tensors)), _use_vnni)
+    if kind == _SPARSE_INT4:
+        return LayerPlan(kind, fmt, _bitmask_layout(fmt, tensors), _use_vbmi2)
+    return LayerPlan(kind, fmt, _sparse_values_layout(fmt, tensors), _use_bf16)
 
 
 def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
     """``x @ W.T + bias`` for a dense int4 layer, through the C kernel when it applies (else the reference)."""
     lib = _load()
-    if lib is None or supports_int4(fmt) is not None or x.device.type != "cpu":
+    if lib is None or x.device.type != "cpu" or supports_int4(fmt) is not None:
         return reference_linear(x, fmt, tensors, bias)
-    w, scale, zs = _prepare(tensors)
-    return _drive(lib, lib.hcp_int4_linear, lib.hcp_int4_gemm, (w.data_ptr(), scale.data_ptr(), zs.data_ptr()), x,
-                  fmt, bias, 1, int(_use_vnni))
+    return _cached(tensors, lambda t: _plan(_DENSE, fmt, t))(lib, x, bias)
 
 
 def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
     """``x @ W.T + bias`` for a sparse int4 layer (bitmask, e.g. SparseGPT 50% + 4-bit, or N:M), through the C
     kernel when it applies (else the reference)."""
     lib = _load()
-    if lib is None or fmt.kind == "int" or supports(fmt) is not None or x.device.type != "cpu":
+    if lib is None or fmt.kind == "int" or x.device.type != "cpu" or supports(fmt) is not None:
         return reference_linear(x, fmt, tensors, bias)
-    codes, row_off, masks, scale, zs = _cached(tensors, lambda t: _bitmask_layout(fmt, t))
-    weights = (codes.data_ptr(), row_off.data_ptr(), masks.data_ptr(), scale.data_ptr(), zs.data_ptr())
-    return _drive(lib, lib.hcp_sparse_int4_linear, lib.hcp_bitmask_int4_gemm, weights, x, fmt, bias, 0,
-                  int(_use_vbmi2))
+    return _cached(tensors, lambda t: _plan(_SPARSE_INT4, fmt, t))(lib, x, bias)
+
+
+def sparse_bf16_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
+    """``x @ W.T + bias`` for a pruned (not quantized) layer of a bf16 model, through the C kernel when it applies."""
+    lib = _load()
+    if (lib is None or fmt.bits is not None or x.device.type != "cpu" or x.dtype != torch.bfloat16
+            or supports(fmt, tensors["weight"].dtype) is not None):
+        return reference_linear(x, fmt, tensors, bias)
+    return _cached(tensors, lambda t: _plan(_SPARSE_BF16, fmt, t))(lib, x, bias)
+
+
+def sparse_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
+    """The CPU kernel for a sparse layer: int4 values or bf16 values."""
+    if fmt.bits is None:
+        return sparse_bf16_linear(x, fmt, tensors, bias)
+    return bitmask_int4_linear(x, fmt, tensors, bias)
 
 
 def _split_rows(fn, args: tuple, N: int, T: int, K: int, flag: int) -> None:

@@ -402,22 +402,48 @@ void hcp_sparse_bf16_gemm(const uint16_t *values, const int64_t *val_off, const 
         sparse_bf16_scalar(values, val_off, masks, N, K, x, T, y, r0, r1);
 }
 
-/* ---- whole layer in one call (single thread): activations, product, bias, output ------------------------------ */
-int hcp_int4_linear(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                    const void *x, int x_bf16, int64_t T, void *y, const float *bias, int8_t *xq, float *sx, float *xs,
-                    float *y32, int use_simd) {
-    if (hcp_prepare_activations(x, x_bf16, T, K, group_size, 1, xq, sx, xs)) return 1;
-    hcp_int4_gemm(w, scale, zs, N, K, group_size, xq, sx, xs, T, y32, 0, N, use_simd);
-    hcp_finish_output(y32, T, N, bias, y, x_bf16, 0, N);
-    return 0;
-}
+/* ---- a layer's plan: everything but the activations, built once at load time; scratch owned here -------------- */
+typedef struct {
+    int64_t kind; /* 0 = dense int4, 1 = bitmask + int4, 2 = sparse bf16 values */
+    int64_t N, K, group_size, simd;
+    const void *w;          /* int4 codes (kinds 0, 1) or bf16 values (kind 2) */
+    const int64_t *offsets; /* per-row byte (kind 1) or value (kind 2) offsets */
+    const uint64_t *masks;  /* per 64-input block keep masks (kinds 1, 2) */
+    const float *scale, *zs;
+} hcp_plan;
 
-int hcp_sparse_int4_linear(const uint8_t *codes, const int64_t *row_off, const uint64_t *masks, const float *scale,
-                           const float *zs, int64_t N, int64_t K, int64_t group_size, const void *x, int x_bf16,
-                           int64_t T, void *y, const float *bias, int8_t *xq, float *sx, float *xs, float *y32,
-                           int use_simd) {
-    if (hcp_prepare_activations(x, x_bf16, T, K, group_size, 0, xq, sx, xs)) return 1;
-    hcp_bitmask_int4_gemm(codes, row_off, masks, scale, zs, N, K, group_size, xq, sx, T, y32, 0, N, use_simd);
+static _Thread_local void *arena = NULL;
+static _Thread_local size_t arena_size = 0;
+
+#define ALIGN64(n) (((n) + 63) & ~(size_t)63)
+
+/* y (T, N) = x (T, K) W^T (+ bias), x and y float32 or bfloat16 (x_bf16). Returns 0, or 1 when out of memory. */
+int hcp_plan_linear(const hcp_plan *p, const void *x, int x_bf16, int64_t T, void *y, const float *bias) {
+    const int64_t N = p->N, K = p->K, gs = p->group_size;
+    const size_t q_bytes = ALIGN64((size_t)(T * K)), sx_bytes = ALIGN64((size_t)(T * (K / BLOCK)) * sizeof(float));
+    const size_t xs_bytes = ALIGN64((size_t)(T * (K / gs)) * sizeof(float)), y_bytes = (size_t)(T * N) * sizeof(float);
+    const size_t need = q_bytes + sx_bytes + xs_bytes + y_bytes;
+    if (need > arena_size) {
+        free(arena);
+        arena = aligned_alloc(64, ALIGN64(need));
+        arena_size = arena ? ALIGN64(need) : 0;
+        if (!arena) return 1;
+    }
+    int8_t *xq = (int8_t *)arena;
+    float *sx = (float *)((char *)arena + q_bytes), *xs = (float *)((char *)sx + sx_bytes);
+    float *y32 = (float *)((char *)xs + xs_bytes);
+    if (p->kind == 2) {
+        if (!x_bf16) return 2;
+        hcp_sparse_bf16_gemm((const uint16_t *)p->w, p->offsets, p->masks, N, K, (const uint16_t *)x, T, y32, 0, N,
+                             (int)p->simd);
+    } else {
+        if (hcp_prepare_activations(x, x_bf16, T, K, gs, p->kind == 0, xq, sx, xs)) return 1;
+        if (p->kind == 0)
+            hcp_int4_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, 0, N, (int)p->simd);
+        else
+            hcp_bitmask_int4_gemm((const uint8_t *)p->w, p->offsets, p->masks, p->scale, p->zs, N, K, gs, xq, sx, T,
+                                  y32, 0, N, (int)p->simd);
+    }
     hcp_finish_output(y32, T, N, bias, y, x_bf16, 0, N);
     return 0;
 }
