@@ -7,8 +7,11 @@ hooks on every linear layer splits a decode step into time inside linear layers 
 overhead: attention, norms, sampling, Python). Resident memory = bytes of the loaded tensors.
 
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
-the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`), activations in bf16.
-The tied 49152 x 576 embedding / LM head stays bf16 in every setting but fp32.
+the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`). The tied 49152 x 576
+embedding / LM head stays bf16 unless the setting quantizes the head too ("+ 4-bit head": `lm_head=True`, the head
+untied and RTN 4-bit g64, the embedding kept). "fp32 act.": the model is compressed in bf16, then everything that is
+not packed (embedding, norms, attention, activations) runs in fp32, as `from_pretrained(..., dtype=torch.float32)`
+gives; on this CPU bf16 attention (SDPA) is several times slower than fp32 at one query token.
 
     python bench/decode.py --threads 1
     python bench/decode.py --settings "dense bf16" "packed 4-bit g64" --batch 1 --new-tokens 32
@@ -31,11 +34,18 @@ from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, c
 from hf_compress_prompt.kernels import cpu, layer_status, status  # noqa: E402
 from hf_compress_prompt.nn import PackedLinear  # noqa: E402
 
+_Q4 = RTNConfig(bits=4, group_size=64)
+_Q4_HEAD = RTNConfig(bits=4, group_size=64, lm_head=True)
+_HALF = MagnitudeConfig(sparsity=0.5)
+# name -> (dtype the model is compressed in, recipe, dtype it runs in: activations, norms, attention, embedding)
 SETTINGS = {
-    "dense fp32": (torch.float32, []),
-    "dense bf16": (torch.bfloat16, []),
-    "packed 4-bit g64": (torch.bfloat16, [RTNConfig(bits=4, group_size=64)]),
-    "packed 50% + 4-bit g64": (torch.bfloat16, [MagnitudeConfig(sparsity=0.5), RTNConfig(bits=4, group_size=64)]),
+    "dense fp32": (torch.float32, [], torch.float32),
+    "dense bf16": (torch.bfloat16, [], torch.bfloat16),
+    "packed 4-bit g64": (torch.bfloat16, [_Q4], torch.bfloat16),
+    "packed 4-bit g64 + 4-bit head": (torch.bfloat16, [_Q4_HEAD], torch.bfloat16),
+    "packed 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_Q4_HEAD], torch.float32),
+    "packed 50% + 4-bit g64": (torch.bfloat16, [_HALF, _Q4], torch.bfloat16),
+    "packed 50% + 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_HALF, _Q4_HEAD], torch.float32),
 }
 
 
@@ -97,6 +107,23 @@ def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int) -> dict:
             "linear_share_of_generate": timer.seconds / hooked}
 
 
+def attention_microbench(kv_length: int = 256, reps: int = 7, calls: int = 200) -> dict:
+    """Median microseconds of one decode-step SDPA call at SmolLM2's shape (9 query heads, 3 KV heads, head dim 64),
+    bf16 against fp32: why the "fp32 act." settings exist."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        q = torch.randn(1, 9, 1, 64, dtype=dtype)
+        k, v = (torch.randn(1, 3, kv_length, 64, dtype=dtype) for _ in range(2))
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(calls):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            times.append((time.perf_counter() - start) / calls * 1e6)
+        out[str(dtype).split(".")[1]] = statistics.median(times)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
@@ -111,19 +138,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info()
+    sdpa = attention_microbench()
+    print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
     records = []
     for name in args.settings:
-        dtype, steps = SETTINGS[name]
+        dtype, steps, run_dtype = SETTINGS[name]
         model, tokenizer = load_model_and_tokenizer()
         model = model.to(dtype)
         if steps:
             compress_(model, Recipe(steps), progress=False)
+        model = model.to(run_dtype)  # what from_pretrained(..., dtype=run_dtype) gives: packed codes stay as stored
         kernels = sorted(set(layer_status(model).values()))
         stream = eval_tokens("wikitext2", tokenizer, "test")[0]
         for batch in args.batch:
             n = args.prompt_tokens
             prompt = torch.stack([stream[i * n: (i + 1) * n] for i in range(batch)])  # (batch, n)
-            record = {"setting": name, "batch": batch, "dtype": str(dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
+            record = {"setting": name, "batch": batch, "dtype": str(run_dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
                       "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps)}
             record["kernel_cache_MB"] = cpu.cache_bytes() / 1e6 if steps else 0.0
             records.append(record)
@@ -149,10 +179,12 @@ def main(argv: list[str] | None = None) -> None:
         "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead). Resident MB: "
         "the model's parameters and buffers; kernel cache MB: what the CPU kernels add at load time (fp32 copies of "
         "the scales, and for sparse layers the repacked per-block layout), on top. Kernels used by packed layers: "
-        "see the JSON ('kernels')."
+        "see the JSON ('kernels'). One SDPA call at a decode step (9 query heads, 3 KV heads, 256 keys), median of 7 x "
+        f"200 calls in this run: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us (x 30 layers per token)."
     )
     settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "reps": args.reps, "threads": args.threads, "kernel_status": status()}
+                "new_tokens": args.new_tokens, "reps": args.reps, "threads": args.threads, "kernel_status": status(),
+                "sdpa_decode_step_us": sdpa}
     path = write_results(f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
                          settings=settings, machine=machine, table=markdown_table(header, rows), records=records,
                          notes=notes)

@@ -1,5 +1,6 @@
 """What the CPU kernels' int8 activations (W4A8) cost in quality: WikiText-2 perplexity of packed SmolLM2-135M
-models computed with the exact reference ops and with the C kernels, same weights, same windows.
+models computed with the exact reference ops and with the C kernels, same weights, same windows; and what
+quantizing the output head too (`lm_head=True`, which the decode benchmark uses) costs.
 Writes docs/results/kernel_accuracy.{md,json}.
 
     python bench/kernel_accuracy.py --windows 8
@@ -22,6 +23,7 @@ from hf_compress_prompt.kernels import layer_status, reference_only  # noqa: E40
 
 SETTINGS = {
     "RTN 4-bit g64": [RTNConfig(bits=4, group_size=64)],
+    "RTN 4-bit g64 + 4-bit head": [RTNConfig(bits=4, group_size=64, lm_head=True)],
     "magnitude 2:4 + RTN 4-bit g64": [MagnitudeConfig(sparsity="2:4"), RTNConfig(bits=4, group_size=64)],
     "SparseGPT 50% + 4-bit g64 (joint)": [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
 }

@@ -111,6 +111,9 @@ class RTNConfig(CompressionConfig):
     bits: int = field(default=4, metadata={"help": "bits per weight: 2, 3, 4 or 8"})
     group_size: int = field(default=-1, metadata={"help": "input columns per group; -1 = per output channel"})
     symmetric: bool = field(default=False, metadata={"help": "symmetric grid (zero point in the middle)"})
+    lm_head: bool = field(default=False, metadata={
+        "help": "also round-to-nearest quantize the output head (LM head) at the same bits and group size; a head "
+                "tied to the input embedding is untied first (the embedding stays in floating point)"})
 
     def __post_init__(self):
         _check_bits(self.bits)
@@ -129,6 +132,9 @@ class GPTQConfig(CompressionConfig):
     damp: float = field(default=0.01, metadata={"help": "damping as a fraction of the mean Hessian diagonal"})
     block_size: int = field(default=128, metadata={"help": "columns per lazy-update block"})
     true_sequential: bool = field(default=True, metadata={"help": "quantize a block's linears in forward order"})
+    lm_head: bool = field(default=False, metadata={
+        "help": "also round-to-nearest quantize the output head (LM head) at the same bits and group size; a head "
+                "tied to the input embedding is untied first (the embedding stays in floating point)"})
 
     def __post_init__(self):
         _check_bits(self.bits)
