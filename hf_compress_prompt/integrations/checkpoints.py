@@ -3,10 +3,12 @@ GPTQ checkpoints (``quant_method: "gptq"``) without GPTQModel."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -15,26 +17,21 @@ from .._logging import get_logger
 from ..errors import MissingResourceError
 from .transformers_quantizer import QUANT_METHOD, CompressedConfig
 
-__all__ = ["save_pretrained", "from_pretrained"]
+__all__ = ["atomic_directory", "save_pretrained", "from_pretrained"]
 
 logger = get_logger(__name__)
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, tokenizer=None, *,
-                    extra_files: dict[str, str] | None = None, **kwargs) -> Path:
-    """``model.save_pretrained`` (safetensors only), the tokenizer and ``extra_files`` (name -> text), written to a
-    temporary folder beside ``save_directory`` and renamed into place, so an interrupted save never leaves a
-    folder that loads."""
+@contextlib.contextmanager
+def atomic_directory(save_directory: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder beside ``save_directory`` to write into, then renames it into place (replacing
+    an older folder of that name); on any error the temporary folder is removed and the target left untouched.
+    An interrupted save never leaves a folder that loads half-written."""
     target = Path(save_directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    kwargs.pop("safe_serialization", None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        yield tmp
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "previous")
@@ -45,7 +42,21 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, tokeniz
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, tokenizer=None, *,
+                    extra_files: dict[str, str] | None = None, **kwargs) -> Path:
+    """``model.save_pretrained`` (safetensors only), the tokenizer, ``extra_files`` (name -> text) (and, through
+    ``model.save_pretrained``, an attached recovery prompt in ``recovery_prompt/``), written atomically
+    (:func:`atomic_directory`)."""
+    kwargs.pop("safe_serialization", None)
+    with atomic_directory(save_directory) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(save_directory).resolve()
 
 
 def _read_config(path: Path) -> dict:
@@ -60,7 +71,8 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, model_c
 
     A folder saved by this package loads as well with plain ``AutoModelForCausalLM.from_pretrained`` once
     ``hf_compress_prompt`` is imported; this function additionally routes GPTQ checkpoints
-    (``quant_method: "gptq"``) to this package's CPU-capable runtime modules instead of GPTQModel.
+    (``quant_method: "gptq"``) to this package's CPU-capable runtime modules instead of GPTQModel, and attaches a
+    saved recovery prompt to models without packed layers too (e.g. only layers dropped).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,4 +87,10 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, model_c
             logger.info("loading GPTQ checkpoint %s into hf_compress_prompt modules", path)
         elif quant and quant.get("quant_method") not in (None, QUANT_METHOD):
             logger.info("%s uses quant_method %r; loading it with transformers as is", path, quant.get("quant_method"))
-    return model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    model = model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    from ..recovery.io import PROMPT_SUBFOLDER
+    from ..recovery.runtime import attach_recovery_prompt, recovery_prompt_of
+
+    if path.is_dir() and (path / PROMPT_SUBFOLDER).is_dir() and recovery_prompt_of(model) is None:
+        attach_recovery_prompt(model, path / PROMPT_SUBFOLDER)
+    return model

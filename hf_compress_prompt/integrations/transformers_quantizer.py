@@ -7,6 +7,8 @@ Both are registered with transformers when ``hf_compress_prompt`` is imported (:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -132,6 +134,15 @@ def _check_tensors(expected: dict[str, tuple[tuple[int, ...], str | None]], foun
             raise CheckpointError(f"tensor {name!r} in {info['file']} has dtype {info['dtype']}, the format needs {dtype}")
 
 
+def _attach_saved_prompt(model, directory: Path | None) -> None:
+    """Attaches the recovery prompt saved beside the weights (``recovery_prompt/``), if there is one."""
+    from ..recovery.io import PROMPT_SUBFOLDER
+    from ..recovery.runtime import attach_recovery_prompt
+
+    if directory is not None and (directory / PROMPT_SUBFOLDER).is_dir():
+        attach_recovery_prompt(model, directory / PROMPT_SUBFOLDER)
+
+
 class CompressedHfQuantizer(HfQuantizer):
     """Loads checkpoints of :class:`CompressedConfig` (and GPTQ checkpoints through it)."""
 
@@ -154,6 +165,7 @@ class CompressedHfQuantizer(HfQuantizer):
         config = self.quantization_config
         float_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
         found = checkpoint_tensors(checkpoint_files) if checkpoint_files else None
+        self._checkpoint_dir = Path(checkpoint_files[0]).parent if checkpoint_files else None
         if config.checkpoint_format == "gptq":
             from ..nn.gptq_import import install_gptq_modules
 
@@ -178,6 +190,7 @@ class CompressedHfQuantizer(HfQuantizer):
             self.quantization_config = CompressedConfig(layers={k: f.to_dict() for k, f in layers.items()},
                                                         recipe={"imported_from": {"quant_method": "gptq", **gptq}})
             model.config.quantization_config = self.quantization_config
+        _attach_saved_prompt(model, getattr(self, "_checkpoint_dir", None))
         return model
 
     def _dequantize(self, model, dtype=None):

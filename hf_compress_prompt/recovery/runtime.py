@@ -1,0 +1,267 @@
+"""Running a model with its recovery prompt attached: forward, ``generate`` and ``pipeline`` apply it, and the
+prompt's key/value cache is computed once and reused (prefix caching).
+
+A soft prompt is ``n`` learned input embeddings placed before every sequence. Its keys and values in each layer do
+not depend on what follows (causal attention), so they are computed once per model dtype and device and copied
+into the cache of every call; the tokens of the call then attend to them exactly as they would to the embeddings
+prepended by PEFT's ``PeftModelForCausalLM`` (positions ``0..n-1`` for the prompt, ``n..`` for the tokens). Logits
+come back for the tokens only (PEFT also returns the ``n`` prompt positions), and a loss from ``labels`` scores the
+same ``L - 1`` next tokens as the model without a prompt (PEFT's also scores the first token, predicted from the last
+virtual token), so perplexities with and without the prompt compare like for like.
+
+Attached with :func:`attach_recovery_prompt` (``from_pretrained`` does it for a checkpoint saved with one), it adds
+``model.load_recovery_prompt(path)``, ``model.disable_recovery_prompt()`` and ``model.enable_recovery_prompt()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+
+__all__ = [
+    "RecoveryPrompt",
+    "attach_recovery_prompt",
+    "detach_recovery_prompt",
+    "disable_recovery_prompt",
+    "enable_recovery_prompt",
+    "recovery_prompt_of",
+]
+
+_STATE = "_hcp_recovery"
+
+
+@dataclass
+class RecoveryPrompt:
+    """A trained soft prompt and what it was trained on.
+
+    Attributes:
+        embedding (`torch.Tensor` of shape `(num_virtual_tokens, hidden_size)`): the virtual tokens' embeddings.
+        metadata (`dict`): base model, compression recipe, data, steps, best validation perplexity, vocabulary size.
+    """
+
+    embedding: torch.Tensor
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embedding.shape[0]
+
+
+class _State:
+    """What a model with an attached prompt carries (``model._hcp_recovery``)."""
+
+    def __init__(self, prompt: RecoveryPrompt):
+        self.prompt = prompt
+        self.enabled = True
+        self.bypass = False  # set while the prompt's own cache is computed
+        self.cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # (dtype, device) -> per-layer (k, v)
+        self.hooks: list = []
+        self.original_generate = None
+        self.original_save = None
+
+
+def recovery_prompt_of(model: nn.Module) -> RecoveryPrompt | None:
+    """The prompt attached to ``model`` (enabled or not), else `None`."""
+    state = getattr(model, _STATE, None)
+    return state.prompt if state is not None else None
+
+
+def _check(model: nn.Module, prompt: RecoveryPrompt) -> None:
+    if prompt.embedding.dim() != 2 or prompt.embedding.shape[0] < 1:
+        raise UserInputError(f"a recovery prompt is (num_virtual_tokens, hidden_size); got {tuple(prompt.embedding.shape)}")
+    hidden = model.get_input_embeddings().embedding_dim
+    if prompt.embedding.shape[1] != hidden:
+        raise UserInputError(
+            f"the recovery prompt has hidden size {prompt.embedding.shape[1]}, the model {hidden}: it was trained for "
+            f"another model ({prompt.metadata.get('base_model', 'unknown base model')})"
+        )
+    vocab = prompt.metadata.get("vocab_size")
+    if vocab is not None and vocab != model.config.vocab_size:
+        raise UserInputError(
+            f"the recovery prompt was trained with a vocabulary of {vocab} tokens, the model has "
+            f"{model.config.vocab_size}: a different tokenizer"
+        )
+    if not torch.isfinite(prompt.embedding).all():
+        raise UserInputError("the recovery prompt holds NaN or infinite values")
+
+
+def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | "os.PathLike") -> nn.Module:  # noqa: F821
+    """Makes ``model`` (a causal LM) run with ``prompt`` before every sequence; returns ``model``.
+
+    Replaces a prompt attached earlier. ``prompt`` may be a :class:`RecoveryPrompt` or a folder / Hub repo saved by
+    :func:`~hf_compress_prompt.recovery.save_recovery_prompt` (PEFT prompt-tuning format).
+
+    Raises:
+        UserInputError: hidden size or vocabulary do not match the model, or the prompt is not finite.
+    """
+    if not isinstance(prompt, RecoveryPrompt):
+        from .io import load_recovery_prompt
+
+        prompt = load_recovery_prompt(prompt)
+    _check(model, prompt)
+    state = getattr(model, _STATE, None)
+    if state is not None:
+        state.prompt, state.cache, state.enabled = prompt, {}, True
+        return model
+    state = _State(prompt)
+    setattr(model, _STATE, state)
+    state.hooks.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True))
+    state.original_generate = model.generate
+    model.generate = types.MethodType(_generate, model)
+    state.original_save = model.save_pretrained
+    model.save_pretrained = types.MethodType(_save_pretrained, model)  # push_to_hub saves through it too
+    model.load_recovery_prompt = types.MethodType(attach_recovery_prompt, model)
+    model.disable_recovery_prompt = types.MethodType(disable_recovery_prompt, model)
+    model.enable_recovery_prompt = types.MethodType(enable_recovery_prompt, model)
+    return model
+
+
+def detach_recovery_prompt(model: nn.Module) -> nn.Module:
+    """Removes the prompt, its hooks and the methods :func:`attach_recovery_prompt` added."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        return model
+    for hook in state.hooks:
+        hook.remove()
+    for name in ("generate", "save_pretrained", "load_recovery_prompt", "disable_recovery_prompt", "enable_recovery_prompt"):
+        model.__dict__.pop(name, None)
+    delattr(model, _STATE)
+    return model
+
+
+def disable_recovery_prompt(model: nn.Module) -> nn.Module:
+    """Runs ``model`` without its prompt until :func:`enable_recovery_prompt` (the prompt stays attached)."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise UserInputError("this model has no recovery prompt attached")
+    state.enabled = False
+    return model
+
+
+def enable_recovery_prompt(model: nn.Module) -> nn.Module:
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise UserInputError("this model has no recovery prompt attached")
+    state.enabled = True
+    return model
+
+
+def _active(model: nn.Module) -> _State | None:
+    state = getattr(model, _STATE, None)
+    return state if state is not None and state.enabled and not state.bypass else None
+
+
+# ----- the prompt's key/value cache -----------------------------------------------------------------------------
+def _prompt_kv(model: nn.Module, state: _State) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the prompt's keys and values for batch 1, ``(1, kv_heads, n, head_dim)``: computed once per
+    model dtype and device (the prompt and the frozen weights decide them)."""
+    embed = model.get_input_embeddings().weight
+    key = (embed.dtype, embed.device)
+    kv = state.cache.get(key)
+    if kv is None:
+        prompt = state.prompt.embedding.to(device=embed.device, dtype=embed.dtype).unsqueeze(0)  # (1, n, hidden)
+        state.bypass = True
+        try:
+            with torch.no_grad():
+                out = model(inputs_embeds=prompt, use_cache=True)
+        finally:
+            state.bypass = False
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        state.cache = {key: kv}  # one entry: a dtype or device change rebuilds it
+    return kv
+
+
+def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None):
+    """A cache holding the prompt's keys and values for ``batch`` sequences (``cache`` filled when given)."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(_prompt_kv(model, state)):
+        cache.update(k.expand(batch, -1, -1, -1).clone(), v.expand(batch, -1, -1, -1).clone(), i)  # (B, h, n, d)
+    return cache
+
+
+# ----- forward --------------------------------------------------------------------------------------------------
+def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    if not args:
+        return kwargs
+    names = list(inspect.signature(model.forward).parameters)
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
+    state = _active(model)
+    if state is None:
+        return None
+    kwargs = _as_kwargs(model, args, kwargs)
+    past = kwargs.get("past_key_values")
+    if past is not None and past.get_seq_length() > 0:
+        return None  # a continuation: the prompt is already in the cache
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        return None
+    batch, n = tokens.shape[0], state.prompt.num_virtual_tokens
+    kwargs["past_key_values"] = _prefix_cache(model, state, batch, past)
+    kwargs["use_cache"] = True
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)  # (B, n + L)
+    for name in ("position_ids", "cache_position"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name] + n
+    return (), kwargs
+
+
+# ----- generate -------------------------------------------------------------------------------------------------
+def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
+    state = _active(model)
+    original = getattr(model, _STATE).original_generate
+    if state is None:
+        return original(inputs, **kwargs)
+    ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    if ids is None or kwargs.get("inputs_embeds") is not None:
+        raise UserInputError("generate with a recovery prompt takes input_ids (inputs_embeds are not supported)")
+    if kwargs.get("past_key_values") is not None:
+        raise UserInputError("generate with a recovery prompt builds its own cache; do not pass past_key_values")
+    if kwargs.get("cache_implementation") not in (None, "dynamic"):
+        raise UserInputError("generate with a recovery prompt uses a dynamic cache (the prompt's keys and values are "
+                             f"copied into it); cache_implementation={kwargs['cache_implementation']!r} is not supported")
+    batch, n = ids.shape[0], state.prompt.num_virtual_tokens
+    # The cache already holds n positions: generate skips that many input ids, so n placeholders stand for the
+    # prompt and are cut from the output.
+    placeholder = torch.zeros(batch, n, dtype=ids.dtype, device=ids.device)
+    mask = kwargs.pop("attention_mask", None)
+    if mask is None:
+        mask = torch.ones_like(ids)
+    out = original(
+        torch.cat([placeholder, ids], dim=1),
+        attention_mask=torch.cat([mask.new_ones(batch, n), mask], dim=1),
+        past_key_values=_prefix_cache(model, state, batch),
+        **kwargs,
+    )
+    if isinstance(out, torch.Tensor):
+        return out[:, n:]
+    out.sequences = out.sequences[:, n:]
+    return out
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
+    """``save_pretrained`` that also writes the attached prompt into ``recovery_prompt/``."""
+    from pathlib import Path
+
+    from .io import PROMPT_SUBFOLDER, write_recovery_prompt
+
+    state = getattr(model, _STATE)
+    out = state.original_save(save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        write_recovery_prompt(state.prompt, Path(save_directory) / PROMPT_SUBFOLDER, model)
+    return out

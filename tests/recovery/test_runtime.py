@@ -1,0 +1,208 @@
+"""The attached recovery prompt acts like PEFT's prompt tuning: same logits, same greedy tokens, batched with
+left padding, through save / from_pretrained and pipeline; bad prompts are refused."""
+
+import copy
+
+import pytest
+import torch
+
+import hf_compress_prompt as hcp
+from hf_compress_prompt.compressors import RTNConfig, compress_
+from hf_compress_prompt.errors import UserInputError
+from hf_compress_prompt.recovery import (
+    RecoveryPrompt,
+    attach_recovery_prompt,
+    detach_recovery_prompt,
+    load_recovery_prompt,
+    recovery_prompt_of,
+    save_recovery_prompt,
+)
+
+N = 6
+
+
+def _prompt(hidden=128, n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return RecoveryPrompt(torch.randn(n, hidden, generator=g) * 0.5, {"base_model": "tiny"})
+
+
+def _peft_twin(model, prompt):
+    from peft import PromptTuningConfig, get_peft_model
+
+    twin = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.num_virtual_tokens))
+    with torch.no_grad():
+        twin.prompt_encoder["default"].embedding.weight.copy_(prompt.embedding)
+    return twin.eval()
+
+
+def _ids(batch=2, length=10, seed=1):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=["dense", "packed"])
+def model(request, tiny_llama):
+    if request.param == "packed":
+        compress_(tiny_llama, RTNConfig(bits=4, group_size=64), progress=False)
+    return tiny_llama
+
+
+def test_logits_equal_peft_prompt_tuning(model):
+    prompt = _prompt()
+    twin = _peft_twin(model, prompt)
+    attach_recovery_prompt(model, prompt)
+    ids = _ids()
+    with torch.no_grad(), hcp.kernels.reference_only():
+        ours = model(ids).logits
+        theirs = twin(input_ids=ids).logits[:, N:]
+        ours_masked = model(ids, attention_mask=torch.ones_like(ids)).logits
+    assert ours.shape == (2, 10, model.config.vocab_size)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_masked, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_changes_the_output_and_can_be_disabled(model):
+    ids = _ids()
+    with torch.no_grad():
+        plain = model(ids).logits
+        attach_recovery_prompt(model, _prompt())
+        prompted = model(ids).logits
+        model.disable_recovery_prompt()
+        disabled = model(ids).logits
+        model.enable_recovery_prompt()
+        again = model(ids).logits
+    assert (prompted - plain).abs().max() > 1e-2
+    torch.testing.assert_close(disabled, plain)
+    torch.testing.assert_close(again, prompted)
+    detach_recovery_prompt(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain)
+    assert recovery_prompt_of(model) is None and "generate" not in model.__dict__
+
+
+def test_loss_with_labels_scores_the_same_tokens_as_without_prompt(model):
+    # PEFT also scores the first token from the last virtual token; ours scores the L-1 tokens the model scores
+    # without a prompt, so perplexities compare like for like. With PEFT's first label masked they agree.
+    prompt = _prompt()
+    twin = _peft_twin(model, prompt)
+    attach_recovery_prompt(model, prompt)
+    ids = _ids()
+    masked = ids.clone()
+    masked[:, 0] = -100
+    with torch.no_grad(), hcp.kernels.reference_only():
+        ours = model(ids, labels=ids).loss
+        torch.testing.assert_close(ours, twin(input_ids=ids, labels=masked).loss, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(ours, twin(input_ids=ids, labels=ids).loss, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_generate_matches_peft_and_continues_from_the_cached_prompt(tiny_llama, sampling):
+    prompt = _prompt()
+    twin = _peft_twin(tiny_llama, prompt)
+    attach_recovery_prompt(tiny_llama, prompt)
+    ids = _ids(batch=1)
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": sampling, "pad_token_id": 0}
+    if sampling:
+        kwargs.update(top_k=5)
+    torch.manual_seed(0)
+    ours = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    torch.manual_seed(0)
+    theirs = twin.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert ours.shape == (1, 18) and torch.equal(ours[:, :10], ids)
+    assert torch.equal(ours[:, -8:], theirs[:, -8:])
+
+
+def test_batched_generate_with_left_padding_equals_one_by_one(tiny_llama):
+    attach_recovery_prompt(tiny_llama, _prompt())
+    a, b = _ids(1, 10, seed=2), _ids(1, 6, seed=3)
+    pad = 0
+    batch = torch.cat([a, torch.cat([torch.full((1, 4), pad), b], 1)])
+    mask = torch.cat([torch.ones(1, 10, dtype=torch.long), torch.cat([torch.zeros(1, 4), torch.ones(1, 6)], 1).long()])
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": pad}
+    together = tiny_llama.generate(batch, attention_mask=mask, **kwargs)
+    alone_a = tiny_llama.generate(a, attention_mask=torch.ones_like(a), **kwargs)
+    alone_b = tiny_llama.generate(b, attention_mask=torch.ones_like(b), **kwargs)
+    assert torch.equal(together[0, -6:], alone_a[0, -6:])
+    assert torch.equal(together[1, -6:], alone_b[0, -6:])
+
+
+def test_prompt_cache_is_computed_once(tiny_llama, monkeypatch):
+    attach_recovery_prompt(tiny_llama, _prompt())
+    from hf_compress_prompt.recovery import runtime
+
+    ids = _ids(batch=1)
+    tiny_llama.generate(ids, max_new_tokens=2, pad_token_id=0)
+    state = getattr(tiny_llama, runtime._STATE)
+    cached = next(iter(state.cache.values()))
+    tiny_llama.generate(ids, max_new_tokens=2, pad_token_id=0)
+    assert next(iter(state.cache.values())) is cached
+    tiny_llama.to(torch.bfloat16)  # a dtype change rebuilds it
+    with torch.no_grad():
+        tiny_llama(ids)
+    assert next(iter(state.cache))[0] == torch.bfloat16
+
+
+def test_pipeline_applies_the_prompt(tiny_llama, byte_tokenizer):
+    from transformers import pipeline
+
+    text = "the cat sat"
+    pipe = pipeline("text-generation", model=tiny_llama, tokenizer=byte_tokenizer, device="cpu")
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "return_tensors": True}
+    plain = pipe(text, **kwargs)[0]["generated_token_ids"]
+    attach_recovery_prompt(tiny_llama, _prompt(seed=5))
+    prompted = pipe(text, **kwargs)[0]["generated_token_ids"]
+    ids = byte_tokenizer(text, return_tensors="pt").input_ids
+    direct = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=byte_tokenizer.pad_token_id)
+    assert list(prompted) == direct[0].tolist() and list(prompted) != list(plain)
+
+
+def test_saved_with_the_model_and_attached_by_from_pretrained(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    compress_(tiny_llama, RTNConfig(bits=4, group_size=64), progress=False)
+    attach_recovery_prompt(tiny_llama, _prompt())
+    hcp.save_pretrained(tiny_llama, tmp_path / "m")
+    assert (tmp_path / "m" / "recovery_prompt" / "adapter_model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert recovery_prompt_of(loaded) is not None
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, tiny_llama(ids).logits)
+    out = loaded.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 14)
+
+
+def test_dense_model_with_prompt_round_trips_through_hcp_from_pretrained(tiny_llama, tmp_path):
+    attach_recovery_prompt(tiny_llama, _prompt())
+    tiny_llama.save_pretrained(tmp_path / "m")  # the model's own save_pretrained writes the prompt too
+    loaded = hcp.from_pretrained(tmp_path / "m")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, tiny_llama(ids).logits)
+
+
+def test_peft_loads_a_saved_prompt(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    prompt = _prompt()
+    save_recovery_prompt(prompt, tmp_path / "p", tiny_llama)
+    twin = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "p").eval()
+    torch.testing.assert_close(twin.prompt_encoder["default"].embedding.weight.detach(), prompt.embedding)
+    reread = load_recovery_prompt(tmp_path / "p")
+    assert torch.equal(reread.embedding, prompt.embedding) and reread.metadata["vocab_size"] == tiny_llama.config.vocab_size
+
+
+def test_bad_prompts_are_refused(tiny_llama, tmp_path):
+    with pytest.raises(UserInputError, match="hidden size 64"):
+        attach_recovery_prompt(tiny_llama, _prompt(hidden=64))
+    with pytest.raises(UserInputError, match="vocabulary"):
+        attach_recovery_prompt(tiny_llama, RecoveryPrompt(torch.zeros(N, 128), {"vocab_size": 999}))
+    with pytest.raises(UserInputError, match="NaN"):
+        attach_recovery_prompt(tiny_llama, RecoveryPrompt(torch.full((N, 128), float("nan"))))
+    save_recovery_prompt(_prompt(), tmp_path / "p", tiny_llama)
+    (tmp_path / "p" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserInputError, match="corrupted"):
+        load_recovery_prompt(tmp_path / "p")
+    with pytest.raises(hcp.MissingResourceError):
+        load_recovery_prompt(tmp_path / "nowhere")
+    assert recovery_prompt_of(tiny_llama) is None  # nothing half-attached
