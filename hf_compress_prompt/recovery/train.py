@@ -1,0 +1,262 @@
+"""Training a recovery prompt: PEFT prompt tuning on a frozen (compressed) causal LM with ``transformers.Trainer``.
+
+The recipe of "Soft Prompt Recovers Compressed LLMs, Transferably" where it fits a CPU: AdamW (lr 1e-3, weight decay
+1e-5), batch 4, warm-up then linear decay, gradient clipping at 1.0, validation perplexity every ``eval_steps``
+and the best-validation prompt kept (:class:`~hf_compress_prompt.integrations.trainer_callbacks.BestPromptCallback`).
+Every weight of the model stays frozen; only the ``num_virtual_tokens x hidden`` prompt trains.
+
+Users with their own ``Trainer`` set-up use :func:`prompt_tuning_model`, :class:`~.data.PromptTuningCollator` and
+the callback directly; :func:`recover` wires them together.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .._logging import get_logger
+from ..errors import UserInputError
+from .runtime import RecoveryPrompt
+
+__all__ = ["PromptInit", "RecoveryConfig", "RecoveryResult", "prompt_tuning_model", "recover"]
+
+logger = get_logger(__name__)
+
+
+class PromptInit(str, enum.Enum):
+    """How the virtual tokens start: ``VOCAB`` copies the embeddings of the first ``n`` vocabulary entries (the
+    paper's code), ``TEXT`` those of a text's tokens (repeated to length), ``SAMPLE_VOCAB`` those of random
+    vocabulary entries, ``RANDOM`` PEFT's random initialisation."""
+
+    VOCAB = "VOCAB"
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+@dataclass
+class RecoveryConfig:
+    """Settings of :func:`recover`."""
+
+    num_virtual_tokens: int = field(default=100, metadata={"help": "virtual tokens in the prompt"})
+    init: PromptInit = field(default=PromptInit.VOCAB, metadata={"help": "VOCAB, TEXT, SAMPLE_VOCAB or RANDOM"})
+    init_text: str | None = field(default=None, metadata={"help": "the text for init=TEXT"})
+    dataset: str = field(default="c4", metadata={"help": "registered corpus to train on (hf_compress_prompt.list_corpora())"})
+    seqlen: int = field(default=512, metadata={"help": "tokens per training window"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=4, metadata={"help": "windows per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-5, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warm-up (then linear decay)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    eval_steps: int = field(default=25, metadata={"help": "validate every this many steps"})
+    eval_windows: int = field(default=8, metadata={"help": "validation windows (held-out documents)"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (fp32 prompt and optimizer state)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
+
+    def __post_init__(self):
+        self.init = PromptInit(self.init)
+        for name in ("num_virtual_tokens", "seqlen", "batch_size", "eval_steps", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps < 1:
+            raise UserInputError(f"max_steps={self.max_steps}: training needs at least one step")
+        if self.init is PromptInit.TEXT and not self.init_text:
+            raise UserInputError("init=TEXT needs init_text")
+        if not 0 <= self.warmup_ratio < 1 or self.learning_rate <= 0:
+            raise UserInputError(f"warmup_ratio={self.warmup_ratio}, learning_rate={self.learning_rate} out of range")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "init": self.init.value}
+
+
+@dataclass
+class RecoveryResult:
+    """What :func:`recover` returns: the trained prompt (best validation), the validation history and timings."""
+
+    prompt: RecoveryPrompt
+    best_perplexity: float
+    best_step: int
+    history: list[dict]
+    seconds: float
+    seconds_per_step: float
+    trainable_parameters: int
+    peak_rss_mb: float | None = None
+
+
+def _initial_prompt(model: nn.Module, config: RecoveryConfig, tokenizer) -> torch.Tensor | None:
+    embed = model.get_input_embeddings().weight  # (vocab, hidden)
+    n = config.num_virtual_tokens
+    if config.init is PromptInit.VOCAB:
+        if n > embed.shape[0]:
+            raise UserInputError(f"num_virtual_tokens={n} exceeds the vocabulary ({embed.shape[0]})")
+        ids = torch.arange(n)
+    elif config.init is PromptInit.SAMPLE_VOCAB:
+        ids = torch.randint(0, embed.shape[0], (n,), generator=torch.Generator().manual_seed(config.seed))
+    elif config.init is PromptInit.TEXT:
+        if tokenizer is None:
+            raise UserInputError("init=TEXT needs the tokenizer")
+        text_ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if not text_ids:
+            raise UserInputError(f"init_text={config.init_text!r} has no tokens")
+        ids = torch.tensor((text_ids * math.ceil(n / len(text_ids)))[:n])
+    else:
+        return None
+    return embed.detach()[ids.to(embed.device)].float().cpu()  # (n, hidden)
+
+
+def prompt_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, tokenizer=None):
+    """``model`` wrapped as a PEFT prompt-tuning model (task CAUSAL_LM) with the prompt initialised per
+    ``config.init``; every weight of ``model`` is frozen."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    config = config or RecoveryConfig()
+    torch.manual_seed(config.seed)
+    initial = _initial_prompt(model, config, tokenizer)
+    peft_config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens,
+                                     prompt_tuning_init="RANDOM")
+    peft_model = get_peft_model(model, peft_config)
+    if initial is not None:
+        with torch.no_grad():
+            peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.copy_(initial)
+    return peft_model
+
+
+def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int) -> dict:
+    from ..compressors import RECIPE_CONFIG_KEY
+
+    return {
+        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "compression_recipe": getattr(model.config, RECIPE_CONFIG_KEY, None),
+        "training": config.to_dict(),
+        "steps": steps,
+        "best_step": callback.best_step,
+        "best_validation_perplexity": callback.best_perplexity,
+        "validation": f"{config.eval_windows} x {config.seqlen} tokens of held-out {config.dataset} documents",
+        "vocab_size": model.config.vocab_size,
+        "hidden_size": model.get_input_embeddings().embedding_dim,
+    }
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        return None
+
+
+def recover(
+    model: nn.Module,
+    tokenizer,
+    config: RecoveryConfig | None = None,
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    output_dir: str | os.PathLike | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    callbacks: list | None = None,
+    training_args: dict | None = None,
+    attach: bool = True,
+    **overrides,
+) -> RecoveryResult:
+    """Trains a soft prompt that recovers ``model``'s quality (all weights frozen) and returns it.
+
+    Args:
+        model (`PreTrainedModel`): the compressed (or any) causal LM; packed layers pass gradients to their input.
+        tokenizer: the model's tokenizer (training windows, TEXT initialisation).
+        config (`RecoveryConfig`, *optional*): settings; keyword ``overrides`` replace single fields
+            (``recover(model, tok, max_steps=50)``).
+        train_dataset, eval_dataset (*optional*): datasets of ``{"input_ids": ...}`` examples; default: windows of
+            ``config.dataset``, validation from held-out documents.
+        output_dir (*optional*): the Trainer's folder (checkpoints every ``eval_steps``); a temporary one if `None`.
+        resume_from_checkpoint (*optional*): passed to ``Trainer.train``.
+        callbacks (*optional*): more ``TrainerCallback``s.
+        training_args (`dict`, *optional*): extra ``TrainingArguments`` (e.g. DeepSpeed / FSDP settings).
+        attach (`bool`, defaults to `True`): attach the trained prompt to ``model``
+            (:func:`~hf_compress_prompt.recovery.attach_recovery_prompt`).
+
+    Returns:
+        `RecoveryResult` with the best-validation prompt.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    from ..integrations.trainer_callbacks import BestPromptCallback
+    from .data import PromptTuningCollator, TokenWindows, token_windows
+    from .runtime import attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
+
+    config = config or RecoveryConfig()
+    if overrides:
+        unknown = set(overrides) - set(RecoveryConfig.__dataclass_fields__)
+        if unknown:
+            raise UserInputError(f"unknown recovery settings {sorted(unknown)}; see RecoveryConfig")
+        config = RecoveryConfig(**{**config.to_dict(), **overrides})
+    if train_dataset is None:
+        train_dataset = TokenWindows(token_windows(config.dataset, tokenizer, config.seqlen, part="train"))
+    if eval_dataset is None:
+        eval_dataset = TokenWindows(token_windows(config.dataset, tokenizer, config.seqlen, part="valid",
+                                                  max_windows=config.eval_windows))
+    if len(train_dataset) == 0 or len(eval_dataset) == 0:
+        raise UserInputError("the training and validation datasets must not be empty")
+
+    previous = recovery_prompt_of(model)
+    if previous is not None:
+        detach_recovery_prompt(model)  # train on the bare model; a new prompt replaces the old one
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    peft_model = prompt_tuning_model(model, config, tokenizer)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    callback = BestPromptCallback()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    with tempfile.TemporaryDirectory(prefix="hcp-recover-") as scratch:
+        args = TrainingArguments(
+            output_dir=str(output_dir or scratch),
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            lr_scheduler_type="linear",
+            warmup_steps=int(round(config.warmup_ratio * config.max_steps)),
+            max_grad_norm=config.max_grad_norm,
+            eval_strategy="steps",
+            eval_steps=config.eval_steps,
+            save_strategy="steps" if output_dir is not None else "no",
+            save_steps=config.eval_steps,
+            logging_steps=max(1, min(config.eval_steps, 10)),
+            bf16=config.bf16,
+            use_cpu=not torch.cuda.is_available(),
+            seed=config.seed,
+            data_seed=config.seed,
+            remove_unused_columns=False,
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            **(training_args or {}),
+        )
+        trainer = Trainer(model=peft_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          data_collator=PromptTuningCollator(pad), callbacks=[callback, *(callbacks or [])])
+        start = time.perf_counter()
+        try:
+            output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        finally:
+            base = peft_model.get_base_model()
+            for name, p in base.named_parameters():
+                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        seconds = time.perf_counter() - start
+    embedding = peft_model.get_prompt_embedding_to_save(peft_model.active_adapter).detach().float().cpu()  # (n, hidden)
+    prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step))
+    if attach:
+        attach_recovery_prompt(base, prompt)
+    elif previous is not None:
+        attach_recovery_prompt(base, previous)
+    steps_run = max(1, output.global_step)
+    return RecoveryResult(prompt, callback.best_perplexity, callback.best_step, callback.history, seconds,
+                          output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb())
