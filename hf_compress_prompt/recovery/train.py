@@ -25,9 +25,20 @@ from .._logging import get_logger
 from ..errors import UserInputError
 from .runtime import RecoveryPrompt
 
-__all__ = ["PromptInit", "RecoveryConfig", "RecoveryResult", "prompt_tuning_model", "recover"]
+__all__ = ["PromptInit", "RecoveryConfig", "RecoveryMethod", "RecoveryResult", "lora_model", "prompt_tuning_model", "recover"]
 
 logger = get_logger(__name__)
+
+
+class RecoveryMethod(str, enum.Enum):
+    """``PROMPT``: soft prompt (the paper's method, weights frozen); ``LORA``: PEFT LoRA beside every block linear
+    (packed layers keep their codes and mask, :mod:`~hf_compress_prompt.integrations.peft_lora`); ``FULL``:
+    continued pretraining of all remaining weights (LayerChop's recovery for layer-dropped models; dense weights
+    only, and it does not keep a pruning mask)."""
+
+    PROMPT = "PROMPT"
+    LORA = "LORA"
+    FULL = "FULL"
 
 
 class PromptInit(str, enum.Enum):
@@ -45,6 +56,7 @@ class PromptInit(str, enum.Enum):
 class RecoveryConfig:
     """Settings of :func:`recover`."""
 
+    method: RecoveryMethod = field(default=RecoveryMethod.PROMPT, metadata={"help": "PROMPT, LORA or FULL"})
     num_virtual_tokens: int = field(default=100, metadata={"help": "virtual tokens in the prompt"})
     init: PromptInit = field(default=PromptInit.VOCAB, metadata={"help": "VOCAB, TEXT, SAMPLE_VOCAB or RANDOM"})
     init_text: str | None = field(default=None, metadata={"help": "the text for init=TEXT"})
@@ -60,9 +72,12 @@ class RecoveryConfig:
     eval_windows: int = field(default=8, metadata={"help": "validation windows (held-out documents)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (fp32 prompt and optimizer state)"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (method=LORA)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (method=LORA)"})
 
     def __post_init__(self):
         self.init = PromptInit(self.init)
+        self.method = RecoveryMethod(self.method)
         for name in ("num_virtual_tokens", "seqlen", "batch_size", "eval_steps", "eval_windows"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
@@ -74,14 +89,16 @@ class RecoveryConfig:
             raise UserInputError(f"warmup_ratio={self.warmup_ratio}, learning_rate={self.learning_rate} out of range")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "init": self.init.value}
+        return {**asdict(self), "init": self.init.value, "method": self.method.value}
 
 
 @dataclass
 class RecoveryResult:
-    """What :func:`recover` returns: the trained prompt (best validation), the validation history and timings."""
+    """What :func:`recover` returns: the trained prompt (best validation; `None` for LORA / FULL), the trained
+    module (the PEFT model for PROMPT / LORA, the model itself for FULL), the validation history and timings."""
 
-    prompt: RecoveryPrompt
+    prompt: RecoveryPrompt | None
+    trained: nn.Module
     best_perplexity: float
     best_step: int
     history: list[dict]
@@ -127,6 +144,34 @@ def prompt_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, 
         with torch.no_grad():
             peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.copy_(initial)
     return peft_model
+
+
+def lora_model(model: nn.Module, config: RecoveryConfig | None = None):
+    """``model`` wrapped as a PEFT LoRA model on every decoder-block linear (packed ones too)."""
+    from peft import get_peft_model
+
+    from ..compressors.blocks import find_decoder_layers, find_linear_layers
+    from ..integrations.peft_lora import lora_config_for
+    from ..nn import PackedLinear
+
+    config = config or RecoveryConfig(method=RecoveryMethod.LORA)
+    _, layers = find_decoder_layers(model)
+    targets = sorted({name.split(".")[-1] for block in layers for name, m in block.named_modules()
+                      if isinstance(m, PackedLinear) or name in find_linear_layers(block)})
+    torch.manual_seed(config.seed)
+    return get_peft_model(model, lora_config_for(model, r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                 lora_dropout=0.0, target_modules=targets))
+
+
+def _full_model(model: nn.Module) -> nn.Module:
+    from ..nn import PackedLinear
+
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        raise UserInputError("method=FULL trains the weights themselves and this model holds packed (quantized / "
+                             "sparse) layers; use PROMPT or LORA, or a dense model (e.g. layers dropped only)")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int) -> dict:
@@ -189,7 +234,7 @@ def recover(
     """
     from transformers import Trainer, TrainingArguments
 
-    from ..integrations.trainer_callbacks import BestPromptCallback
+    from ..integrations.trainer_callbacks import BestValidationCallback
     from .data import PromptTuningCollator, TokenWindows, token_windows
     from .runtime import attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
 
@@ -211,9 +256,14 @@ def recover(
     if previous is not None:
         detach_recovery_prompt(model)  # train on the bare model; a new prompt replaces the old one
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    peft_model = prompt_tuning_model(model, config, tokenizer)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    callback = BestPromptCallback()
+    if config.method is RecoveryMethod.PROMPT:
+        trained = prompt_tuning_model(model, config, tokenizer)
+    elif config.method is RecoveryMethod.LORA:
+        trained = lora_model(model, config)
+    else:
+        trained = _full_model(model)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    callback = BestValidationCallback()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     with tempfile.TemporaryDirectory(prefix="hcp-recover-") as scratch:
         args = TrainingArguments(
@@ -241,22 +291,28 @@ def recover(
             dataloader_num_workers=0,
             **(training_args or {}),
         )
-        trainer = Trainer(model=peft_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        trainer = Trainer(model=trained, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=PromptTuningCollator(pad), callbacks=[callback, *(callbacks or [])])
         start = time.perf_counter()
         try:
             output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         finally:
-            base = peft_model.get_base_model()
-            for name, p in base.named_parameters():
-                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            if config.method is not RecoveryMethod.FULL:
+                for name, p in model.named_parameters():
+                    if name in requires_grad:
+                        p.requires_grad_(requires_grad[name])
         seconds = time.perf_counter() - start
-    embedding = peft_model.get_prompt_embedding_to_save(peft_model.active_adapter).detach().float().cpu()  # (n, hidden)
-    prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step))
-    if attach:
-        attach_recovery_prompt(base, prompt)
-    elif previous is not None:
-        attach_recovery_prompt(base, previous)
     steps_run = max(1, output.global_step)
-    return RecoveryResult(prompt, callback.best_perplexity, callback.best_step, callback.history, seconds,
+    prompt = None
+    if config.method is RecoveryMethod.PROMPT:
+        base = trained.get_base_model()
+        embedding = trained.get_prompt_embedding_to_save(trained.active_adapter).detach().float().cpu()  # (n, hidden)
+        prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step))
+        if attach:
+            attach_recovery_prompt(base, prompt)
+        elif previous is not None:
+            attach_recovery_prompt(base, previous)
+    elif previous is not None:
+        attach_recovery_prompt(model, previous)
+    return RecoveryResult(prompt, trained, callback.best_perplexity, callback.best_step, callback.history, seconds,
                           output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb())

@@ -56,20 +56,23 @@ def test_prompt_training_lowers_validation_loss_and_freezes_weights(llama, byte_
 
 
 def test_best_prompt_is_kept_not_the_last(llama, byte_tokenizer):
-    tiny_llama = llama
-    # a learning rate far too high makes later prompts worse; the callback must hand back the best one
-    result = recover(tiny_llama, byte_tokenizer, train_dataset=TokenWindows(_windows()), eval_dataset=TokenWindows(_windows(4)),
-                     **{**FAST, "learning_rate": 30.0, "max_steps": 12, "eval_steps": 2, "warmup_ratio": 0.0})
-    from hf_compress_prompt.recovery import detach_recovery_prompt
+    from transformers import TrainerCallback
 
-    detach_recovery_prompt(tiny_llama)
-    peft_model = prompt_tuning_model(tiny_llama, RecoveryConfig(num_virtual_tokens=4, init="RANDOM"))
-    with torch.no_grad():
-        peft_model.prompt_encoder["default"].embedding.weight.copy_(result.prompt.embedding)
-        batch = PromptTuningCollator(0)([{"input_ids": w} for w in _windows(4)])
-        loss = float(peft_model(**batch).loss)
-    assert math.isclose(loss, min(h["eval_loss"] for h in result.history), rel_tol=1e-4)
-    assert result.best_step == min(result.history, key=lambda h: h["eval_loss"])["step"]
+    class Spoil(TrainerCallback):  # remembers the prompt at step 4, then wrecks it: later evaluations get worse
+        seen = None
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            weight = model.prompt_encoder["default"].embedding.weight
+            if state.global_step == 4:
+                Spoil.seen = weight.detach().clone()
+            if state.global_step == 5:
+                with torch.no_grad():
+                    weight.mul_(50.0)
+
+    result = recover(llama, byte_tokenizer, train_dataset=TokenWindows(_windows()), eval_dataset=TokenWindows(_windows(4)),
+                     callbacks=[Spoil()], **{**FAST, "max_steps": 8, "eval_steps": 4})
+    assert result.best_step == 4 and result.history[1]["eval_loss"] > result.history[0]["eval_loss"]
+    torch.testing.assert_close(result.prompt.embedding, Spoil.seen)
 
 
 def test_packed_model_trains_through_its_kernels(llama, byte_tokenizer):
@@ -93,7 +96,7 @@ def test_training_resumes_from_a_checkpoint(llama, byte_tokenizer, tmp_path):
     data = {"train_dataset": TokenWindows(_windows()), "eval_dataset": TokenWindows(_windows(4))}
     twin = copy.deepcopy(llama)
     full = recover(llama, byte_tokenizer, max_steps=8, output_dir=tmp_path / "a", **data, **FAST)
-    assert (tmp_path / "a" / "checkpoint-4" / "best_prompt.safetensors").is_file()
+    assert (tmp_path / "a" / "checkpoint-4" / "best_trainable.safetensors").is_file()
     recover(twin, byte_tokenizer, max_steps=8, output_dir=tmp_path / "b", callbacks=[Interrupt()], **data, **FAST)
     resumed = recover(twin, byte_tokenizer, max_steps=8, output_dir=tmp_path / "b",
                       resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"), **data, **FAST)
@@ -149,6 +152,37 @@ def test_bad_settings_fail_before_training(tiny_llama, byte_tokenizer, bad, matc
                 **{**FAST, "max_steps": 4, **bad})
     assert recovery_prompt_of(tiny_llama) is None
     assert all(torch.equal(v, tiny_llama.state_dict()[k]) for k, v in before.items())
+
+
+def test_lora_baseline_trains_beside_packed_layers_without_touching_them(llama, byte_tokenizer):
+    from hf_compress_prompt.integrations.peft_lora import PackedLoraLinear
+    from hf_compress_prompt.nn import PackedLinear
+
+    compress_(llama, RTNConfig(bits=4, group_size=64), progress=False)
+    packed = {k: v.clone() for k, v in llama.state_dict().items()}
+    result = recover(llama, byte_tokenizer, method="LORA", max_steps=8, train_dataset=TokenWindows(_windows()),
+                     eval_dataset=TokenWindows(_windows(4)), **{**FAST, "learning_rate": 1e-2})
+    layers = [m for m in result.trained.modules() if isinstance(m, PackedLoraLinear)]
+    assert len(layers) == 14 and all(isinstance(m.base_layer, PackedLinear) for m in layers)
+    assert result.trainable_parameters == sum(8 * (m.in_features + m.out_features) for m in layers)
+    assert result.prompt is None
+    assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"]
+    after = result.trained.get_base_model().state_dict()
+    assert all(torch.equal(v, after[k.replace("_proj.", "_proj.base_layer.")] if k not in after else after[k])
+               for k, v in packed.items())
+    with pytest.raises(NotImplementedError, match="cannot merge"):
+        result.trained.merge_and_unload()
+
+
+def test_full_finetuning_moves_the_weights_and_refuses_packed_models(llama, byte_tokenizer):
+    before = llama.model.layers[0].mlp.up_proj.weight.detach().clone()
+    result = recover(llama, byte_tokenizer, method="FULL", max_steps=4, train_dataset=TokenWindows(_windows()),
+                     eval_dataset=TokenWindows(_windows(4)), **{**FAST, "learning_rate": 1e-3})
+    assert result.trainable_parameters == sum(p.numel() for p in llama.parameters())
+    assert not torch.equal(llama.model.layers[0].mlp.up_proj.weight, before)
+    compress_(llama, RTNConfig(bits=4, group_size=64), progress=False)
+    with pytest.raises(UserInputError, match="packed"):
+        recover(llama, byte_tokenizer, method="FULL", max_steps=2, train_dataset=TokenWindows(_windows()), **FAST)
 
 
 def test_empty_dataset_is_refused(tiny_llama, byte_tokenizer):
