@@ -115,7 +115,8 @@ def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | "os.
     state.original_generate = model.generate
     model.generate = types.MethodType(_generate, model)
     state.original_save = model.save_pretrained
-    model.save_pretrained = types.MethodType(_save_pretrained, model)  # push_to_hub saves through it too
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    model.push_to_hub = types.MethodType(_push_to_hub, model)
     model.load_recovery_prompt = types.MethodType(attach_recovery_prompt, model)
     model.disable_recovery_prompt = types.MethodType(disable_recovery_prompt, model)
     model.enable_recovery_prompt = types.MethodType(enable_recovery_prompt, model)
@@ -129,7 +130,7 @@ def detach_recovery_prompt(model: nn.Module) -> nn.Module:
         return model
     for hook in state.hooks:
         hook.remove()
-    for name in ("generate", "save_pretrained", "load_recovery_prompt", "disable_recovery_prompt", "enable_recovery_prompt"):
+    for name in ("generate", "save_pretrained", "push_to_hub", "load_recovery_prompt", "disable_recovery_prompt", "enable_recovery_prompt"):
         model.__dict__.pop(name, None)
     delattr(model, _STATE)
     return model
@@ -265,3 +266,16 @@ def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
     if kwargs.get("is_main_process", True):
         write_recovery_prompt(state.prompt, Path(save_directory) / PROMPT_SUBFOLDER, model)
     return out
+
+
+def _push_to_hub(model: nn.Module, repo_id: str, *, tokenizer=None, results: dict | None = None, token: str | None = None,
+                 private: bool | None = None, commit_message: str | None = None, **unsupported):
+    """``push_to_hub`` that uploads the model, its recovery prompt and this package's model card in one commit
+    (:func:`~hf_compress_prompt.integrations.hub.push_compressed_model`)."""
+    from ..integrations.hub import push_compressed_model
+
+    if unsupported:
+        raise UserInputError(f"push_to_hub of a model with a recovery prompt does not take {sorted(unsupported)}; "
+                             "it takes tokenizer, results, token, private and commit_message")
+    return push_compressed_model(model, repo_id, tokenizer, results=results, token=token, private=private,
+                                 commit_message=commit_message or "Upload compressed model with recovery prompt")
