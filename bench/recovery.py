@@ -29,7 +29,7 @@ from common import RESULTS_DIR, machine_info, markdown_table, write_results
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, LayerDropConfig, Recipe, SparseGPTConfig, compress_
 from hf_compress_prompt.recovery import attach_recovery_prompt, detach_recovery_prompt
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
-from hf_compress_prompt.recovery.transfer import evaluate_transfer, gap_closed
+from hf_compress_prompt.recovery.transfer import gap_closed
 
 SETTINGS = {  # the (a), (b), (c)
     "sparsegpt-50%+w4-g64": [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
