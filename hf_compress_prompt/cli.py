@@ -21,9 +21,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_IMPLEMENTED, EXIT_INTERRUPTED = 0, 
 
 # Commands with a place in the interface whose work lands in a later issue.
 _PLANNED = {
-    "recover": ("train a soft-prompt recovery adapter on a compressed model", 6),
     "evaluate-tasks": ("knowledge-intensive evaluation (LLM-KICK: factoid QA, MMLU, retrieval QA, summarization)", 7),
-    "push": ("push a compressed model and its recovery prompt to the Hub with a model card", 6),
 }
 
 _EPILOG = """\
@@ -119,6 +117,54 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seqlen", type=int, help="calibration window length (default: 512; the papers use 2048)")
     co.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    rc = commands.add_parser(
+        "recover", help="train a soft-prompt recovery adapter on a compressed model and save it with the model",
+        description="Trains a PEFT prompt-tuning adapter (every weight frozen) on generic text with transformers' "
+        "Trainer, keeps the best-validation prompt, and saves the model with the prompt in recovery_prompt/ "
+        "(from_pretrained attaches it). --method LORA / FULL run the baselines instead.",
+        epilog=_EPILOG + "\nexample:\n  hf-compress-prompt recover --model out/gptq3 --steps 60 --output out/gptq3-recovered",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(rc)
+    rc.add_argument("--output", required=True, help="folder for the model with its prompt (LORA: the adapter)")
+    rc.add_argument("--method", default="PROMPT", choices=["PROMPT", "LORA", "FULL"], help="default: PROMPT")
+    rc.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
+    rc.add_argument("--tokens", type=int, default=100, help="virtual tokens (default: 100)")
+    rc.add_argument("--init", default="VOCAB", choices=["VOCAB", "TEXT", "SAMPLE_VOCAB", "RANDOM"], help="default: VOCAB")
+    rc.add_argument("--init-text", default=None, help="text for --init TEXT")
+    rc.add_argument("--dataset", default="c4", help="training corpus (default: c4)")
+    rc.add_argument("--seqlen", type=int, default=512, help="tokens per training window (default: 512)")
+    rc.add_argument("--batch-size", type=int, default=4, help="windows per step (default: 4)")
+    rc.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    rc.add_argument("--eval-steps", type=int, default=25, help="validate every N steps (default: 25)")
+    rc.add_argument("--eval-windows", type=int, default=8, help="validation windows (default: 8)")
+    rc.add_argument("--checkpoints", default=None, help="Trainer folder for resumable checkpoints (default: none)")
+    rc.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --checkpoints")
+
+    tr = commands.add_parser(
+        "transfer", help="perplexity of each model without and with each recovery prompt (transfer matrix)",
+        description="Scores every (model, dataset) without a prompt and with every prompt; prints the matrix.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument("--prompts", nargs="+", required=True, help="prompt folders (or compressed-model folders with one)")
+    tr.add_argument("--models", nargs="+", required=True, help="compressed model folders")
+    tr.add_argument("--datasets", nargs="+", default=["wikitext2"], help="evaluation corpora (default: wikitext2)")
+    _add_ppl_args(tr, 4)
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tr.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the cells as JSON")
+
+    pu = commands.add_parser(
+        "push", help="push a compressed model (with its recovery prompt) or a prompt alone to the Hub, with a card",
+        description="Uploads in one commit with a model card rendered from hub_cards/ (HF_ENDPOINT is honoured).",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pu.add_argument("repo_id", help="namespace/name on the Hub")
+    which = pu.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a compressed model folder (its recovery_prompt/ goes along)")
+    which.add_argument("--prompt", help="a recovery prompt folder")
+    pu.add_argument("--results", default=None, help="JSON file or string: {dataset: perplexity} for the card")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
 
     for name, (summary, issue) in _PLANNED.items():
         commands.add_parser(name, help=f"{summary} [not implemented yet: issue {issue}]", description=summary)
@@ -229,6 +275,82 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prompt_dir(path: str) -> Path:
+    from .recovery import PROMPT_SUBFOLDER
+
+    folder = Path(path)
+    return folder / PROMPT_SUBFOLDER if (folder / PROMPT_SUBFOLDER).is_dir() else folder
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from .integrations.checkpoints import save_pretrained
+    from .models import load_model_and_tokenizer
+    from .recovery.train import RecoveryConfig, recover
+
+    config = RecoveryConfig(  # bad settings fail before the model loads
+        method=args.method, num_virtual_tokens=args.tokens, init=args.init, init_text=args.init_text,
+        dataset=args.dataset, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.lr, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
+    )
+    if args.resume and not args.checkpoints:
+        raise UserInputError("--resume needs --checkpoints (the folder the interrupted run wrote)")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    result = recover(model, tokenizer, config, output_dir=args.checkpoints, resume_from_checkpoint=args.resume or None)
+    for h in result.history:
+        print(f"step {h['step']}: validation perplexity {h['perplexity']:.3f}")
+    print(f"best: step {result.best_step}, validation perplexity {result.best_perplexity:.3f}; "
+          f"{result.trainable_parameters} trainable parameters, {result.seconds_per_step:.2f} s/step")
+    if config.method.value == "LORA":
+        result.trained.save_pretrained(args.output)
+        print(f"saved the LoRA adapter to {args.output}")
+    else:
+        save_pretrained(model, args.output, tokenizer)
+        print(f"saved to {args.output}" + (" (recovery prompt in recovery_prompt/)" if result.prompt else ""))
+    return EXIT_OK
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from . import eval_tokens
+    from .models import load_model_and_tokenizer
+    from .recovery import load_recovery_prompt
+    from .recovery.transfer import evaluate_transfer
+
+    prompts = {p: load_recovery_prompt(_prompt_dir(p)) for p in args.prompts}
+    models, tokenizer = {}, None
+    for m in args.models:
+        models[m], tokenizer = load_model_and_tokenizer(m)
+    datasets = {d: eval_tokens(d, tokenizer, "test") for d in args.datasets}
+    matrix = evaluate_transfer(prompts, models, datasets, seqlen=args.seqlen, max_windows=args.windows)
+    print(matrix.to_markdown())
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(matrix.to_records(), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .integrations.hub import push_compressed_model, push_recovery_prompt
+
+    results = None
+    if args.results:
+        text = Path(args.results).read_text() if Path(args.results).is_file() else args.results
+        try:
+            results = {str(k): float(v) for k, v in json.loads(text).items()}
+        except (ValueError, AttributeError):
+            raise UserInputError(f"--results {args.results!r} is not a JSON object of dataset -> perplexity") from None
+    if args.prompt:
+        from .recovery import load_recovery_prompt
+
+        url = push_recovery_prompt(load_recovery_prompt(_prompt_dir(args.prompt)), args.repo_id, results=results,
+                                   private=args.private or None)
+    else:
+        from .models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        url = push_compressed_model(model, args.repo_id, tokenizer, results=results, private=args.private or None)
+    print(f"pushed: {url}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -243,12 +365,21 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        return {"eval": _cmd_eval, "demo": _cmd_demo, "compress": _cmd_compress}[args.command](args)
+        commands = {"eval": _cmd_eval, "demo": _cmd_demo, "compress": _cmd_compress, "recover": _cmd_recover,
+                    "transfer": _cmd_transfer, "push": _cmd_push}
+        return commands[args.command](args)
     except UserInputError as exc:
         print(f"hf-compress-prompt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except RuntimeError as exc:
+        from .integrations.hub import HubUploadError
+
+        if not isinstance(exc, HubUploadError):
+            raise
+        print(f"hf-compress-prompt {args.command}: error: {exc}".replace("\n", " "), file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

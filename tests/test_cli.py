@@ -15,7 +15,7 @@ def test_help_lists_every_command():
     assert "exit status" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["recover", "evaluate-tasks", "push"])
+@pytest.mark.parametrize("command", ["evaluate-tasks"])
 def test_planned_commands_say_so_and_exit_3(command, capsys):
     assert main([command]) == EXIT_NOT_IMPLEMENTED
     assert "not implemented yet" in capsys.readouterr().err
@@ -112,3 +112,28 @@ def test_eval_reads_a_packed_folder(tiny_llama_dir, data_dir, tmp_path, capsys):
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     assert main(["eval", "--model", str(out), "--datasets", "wikitext2", "--seqlen", "16"]) == EXIT_OK
     assert "wikitext2" in capsys.readouterr().out
+
+
+def test_recover_trains_saves_and_transfer_scores_it(tiny_llama_dir, data_dir, tmp_path, capsys):
+    from hf_compress_prompt import from_pretrained
+    from hf_compress_prompt.recovery import recovery_prompt_of
+
+    out = tmp_path / "recovered"
+    code = main(["recover", "--model", str(tiny_llama_dir), "--output", str(out), "--steps", "2", "--tokens", "2",
+                 "--seqlen", "4", "--batch-size", "2", "--eval-steps", "1", "--eval-windows", "1"])
+    assert code == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "step 1: validation perplexity" in printed and "best: step" in printed
+    assert (out / "recovery_prompt" / "adapter_model.safetensors").is_file()
+    assert recovery_prompt_of(from_pretrained(out)).num_virtual_tokens == 2
+    table = tmp_path / "transfer.json"
+    code = main(["transfer", "--prompts", str(out), "--models", str(tiny_llama_dir), "--datasets", "wikitext2",
+                 "--seqlen", "16", "--windows", "2", "--json", str(table)])
+    assert code == EXIT_OK
+    cells = json.loads(table.read_text())
+    assert len(cells) == 1 and cells[0]["with"] != cells[0]["without"]
+
+
+def test_recover_bad_settings_exit_2_before_loading(tmp_path, capsys):
+    assert main(["recover", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o"), "--steps", "0"]) == EXIT_USAGE
+    assert "max_steps=0" in capsys.readouterr().err
