@@ -33,6 +33,7 @@ from common import machine_info, markdown_table, write_results  # noqa: E402
 from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
 from hf_compress_prompt.kernels import cpu, layer_status, status  # noqa: E402
 from hf_compress_prompt.nn import PackedLinear  # noqa: E402
+from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt  # noqa: E402
 
 _Q4 = RTNConfig(bits=4, group_size=64)
 _Q4_HEAD = RTNConfig(bits=4, group_size=64, lm_head=True)
@@ -47,6 +48,7 @@ SETTINGS = {
     "packed 50% + 4-bit g64": (torch.bfloat16, [_HALF, _Q4], torch.bfloat16),
     "packed 50% + 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_HALF, _Q4_HEAD], torch.float32),
 }
+PROMPT_SUFFIX = " + 100-token recovery prompt"  # any setting + this: a prompt attached (its values do not matter)
 
 
 def _resident(model) -> int:
@@ -129,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"any of: {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
+                        help=f"any of: {', '.join(SETTINGS)}; any of them + {PROMPT_SUFFIX.strip()!r}")
+    parser.add_argument("--output", default=None, help="results name (default: decode_<threads>t)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -142,12 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
     records = []
     for name in args.settings:
-        dtype, steps, run_dtype = SETTINGS[name]
+        base_name = name.removesuffix(PROMPT_SUFFIX)
+        dtype, steps, run_dtype = SETTINGS[base_name]
         model, tokenizer = load_model_and_tokenizer()
         model = model.to(dtype)
         if steps:
             compress_(model, Recipe(steps), progress=False)
         model = model.to(run_dtype)  # what from_pretrained(..., dtype=run_dtype) gives: packed codes stay as stored
+        if name.endswith(PROMPT_SUFFIX):
+            hidden = model.config.hidden_size
+            soft = RecoveryPrompt(torch.randn(100, hidden, generator=torch.Generator().manual_seed(0)) * 0.02)
+            attach_recovery_prompt(model, soft)
         kernels = sorted(set(layer_status(model).values()))
         stream = eval_tokens("wikitext2", tokenizer, "test")[0]
         for batch in args.batch:
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens, "reps": args.reps, "threads": args.threads, "kernel_status": status(),
                 "sdpa_decode_step_us": sdpa}
-    path = write_results(f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
+    path = write_results(args.output or f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
                          settings=settings, machine=machine, table=markdown_table(header, rows), records=records,
                          notes=notes)
     print(f"wrote {path}")

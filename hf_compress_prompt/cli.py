@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(demo)
     _add_ppl_args(demo, 4)
-    demo.add_argument("--fp32", action="store_true", help="also score in fp32 (slower; the default is bf16 autocast only)")
+    demo.add_argument("--fp32", action="store_true", help="also score the dense model in fp32 (the default is bf16 autocast)")
+    demo.add_argument("--recipe", default="gptq-w3-g64", help="gptq-w3-g64 (default), sparsegpt-50%%+w4-g64, rtn-w4-g64, "
+                      "or none (dense model only)")
+    demo.add_argument("--steps", type=int, default=40, help="prompt-training steps (default: 40)")
+    demo.add_argument("--output", default=None, help="also keep the packed model with its prompt in this folder")
 
     co = commands.add_parser(
         "compress", help="compress a model with one method or a recipe file, and save it",
@@ -210,13 +214,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    recipe = None if args.recipe == "none" else args.recipe
     result = run_demo(
-        args.model, windows=args.windows, seqlen=args.seqlen, modes=("fp32", "bf16") if args.fp32 else ("bf16",),
-        progress=not args.no_progress,
+        args.model, windows=args.windows, seqlen=args.seqlen, modes=("bf16", "fp32") if args.fp32 else ("bf16",),
+        recipe=recipe, steps=args.steps, output=args.output, progress=not args.no_progress,
     )
     print(f"model: {result.model} (loaded in {result.load_seconds:.1f} s)")
+    if recipe:
+        print(f"compressed: {recipe} in {result.compress_seconds:.0f} s; recovery prompt: {result.train_steps} steps "
+              f"in {result.train_seconds:.0f} s")
     print(_table([_row(d, m, r) for d, m, r in result.rows]))
-    print(f"\ngenerate (greedy): {result.prompt!r} -> {result.completion!r}")
+    print(f"\ngenerate (greedy), dense: {result.prompt!r} -> {result.completion!r}")
+    if result.reloaded_completion is not None:
+        where = f" (saved in {result.saved_to})" if result.saved_to else ""
+        print(f"generate (greedy), packed model + prompt reloaded with from_pretrained{where}: "
+              f"{result.prompt!r} -> {result.reloaded_completion!r}")
+        print(f"kernels: {', '.join(result.kernels)}")
     return EXIT_OK
 
 

@@ -1,7 +1,10 @@
-"""The main job on the embedded default: load SmolLM2-135M-Instruct, measure perplexity, generate a line.
+"""The main job on the embedded default: compress SmolLM2-135M-Instruct, train a short recovery prompt, and show
+perplexity dense / compressed / recovered; then save the packed model with its prompt, load it back with
+``AutoModelForCausalLM.from_pretrained`` and generate.
 
-Until compression and recovery land (issues 3 and 6), the demo evaluates the default dense model; those issues
-extend it with compressed and recovered rows in the same table.
+Compression and prompt training run on the fake-quantized weights (``pack=False``: the same numbers as the packed
+layers' exact reference ops, and fast matmuls for the long windows); the model is packed before saving, and the
+reloaded model generates through the packed layers' CPU kernels.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import torch
 
 from ._logging import get_logger
 from .data import eval_tokens, load_rows
-from .errors import MissingResourceError
+from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
+from .compressors import CalibrationConfig, GPTQConfig, Recipe, RTNConfig, SparseGPTConfig
 from .models import load_model_and_tokenizer
 
 __all__ = ["DemoResult", "demo_datasets", "run_demo"]
@@ -24,13 +28,29 @@ logger = get_logger(__name__)
 DEMO_PROMPT = "The capital of France is"
 
 
+DEMO_RECIPE = "gptq-w3-g64"
+RECIPES = {  # name -> (steps, what it is)
+    "gptq-w3-g64": ("GPTQ 3-bit, groups of 64", lambda: [GPTQConfig(bits=3, group_size=64)]),
+    "sparsegpt-50%+w4-g64": ("SparseGPT 50% + 4-bit g64 (joint), about 8x smaller linears",
+                             lambda: [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)]),
+    "rtn-w4-g64": ("round-to-nearest 4-bit, groups of 64 (no calibration)", lambda: [RTNConfig(bits=4, group_size=64)]),
+}
+
+
 @dataclass
 class DemoResult:
     model: str
     load_seconds: float
-    rows: list[tuple[str, str, PerplexityResult]]  # (dataset, mode, result)
+    rows: list[tuple[str, str, PerplexityResult]]  # (dataset, "dense" / "compressed" / "recovered" or a mode, result)
     prompt: str
-    completion: str
+    completion: str  # the dense model's
+    recipe: str | None = None
+    compress_seconds: float = 0.0
+    train_seconds: float = 0.0
+    train_steps: int = 0
+    saved_to: str | None = None
+    reloaded_completion: str | None = None  # the saved compressed model + prompt, loaded back with from_pretrained
+    kernels: list[str] | None = None
 
 
 def demo_datasets() -> list[str]:
@@ -46,6 +66,13 @@ def demo_datasets() -> list[str]:
     return available or ["wiki_sample"]
 
 
+def _complete(lm, tokenizer, text: str) -> str:
+    inputs = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = lm.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def run_demo(
     model: str | None = None,
     *,
@@ -53,6 +80,12 @@ def run_demo(
     windows: int = 4,
     seqlen: int = 2048,
     modes: tuple[str, ...] = ("bf16",),
+    recipe: str | None = DEMO_RECIPE,
+    steps: int = 40,
+    num_virtual_tokens: int = 100,
+    train_seqlen: int = 256,
+    nsamples: int = 32,
+    output: str | None = None,
     progress: bool = True,
 ) -> DemoResult:
     """Runs the demo and returns its figures.
@@ -62,22 +95,59 @@ def run_demo(
         datasets (`list[str]`, *optional*): defaults to :func:`demo_datasets`.
         windows (`int`, *optional*, defaults to 4): windows of ``seqlen`` tokens per dataset.
         seqlen (`int`, *optional*, defaults to 2048): window length.
-        modes (`tuple[str, ...]`, *optional*, defaults to `("bf16",)`): any of ``"fp32"`` and ``"bf16"`` (autocast).
+        modes (`tuple[str, ...]`, *optional*, defaults to `("bf16",)`): any of ``"fp32"`` and ``"bf16"`` (autocast)
+            for the dense rows; the compressed and recovered rows use the first.
+        recipe (`str`, *optional*, defaults to ``"gptq-w3-g64"``): one of :data:`RECIPES`; `None` scores the dense
+            model only.
+        steps (`int`, *optional*, defaults to 40): prompt-training steps (batch 4 x ``train_seqlen`` C4 tokens).
+        num_virtual_tokens (`int`, *optional*, defaults to 100), train_seqlen (`int`, defaults to 256),
+        nsamples (`int`, defaults to 32): prompt length, training window, calibration windows (x 512 tokens).
+        output (`str`, *optional*): where to save the packed model with its prompt (a temporary folder if `None`).
     """
+    import tempfile
+
     start = time.perf_counter()
     lm, tokenizer = load_model_and_tokenizer(model)
     load_seconds = time.perf_counter() - start
-    rows = []
-    for name in datasets or demo_datasets():
-        ids = eval_tokens(name, tokenizer, "test")
-        for mode in modes:
-            result = perplexity(
-                lm, ids, seqlen=seqlen, max_windows=windows, autocast_bf16=mode == "bf16", progress=progress,
-                desc=f"{name} {mode}",
-            )
-            rows.append((name, mode, result))
-    inputs = tokenizer(DEMO_PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        out = lm.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return DemoResult(model or "SmolLM2-135M-Instruct (embedded)", load_seconds, rows, DEMO_PROMPT, completion)
+    names = datasets or demo_datasets()
+    streams = {name: eval_tokens(name, tokenizer, "test") for name in names}
+
+    def score(label: str, mode: str) -> None:
+        for name, ids in streams.items():
+            result = perplexity(lm, ids, seqlen=seqlen, max_windows=windows, autocast_bf16=mode == "bf16",
+                                progress=progress, desc=f"{name} {label}")
+            rows.append((name, label, result))
+
+    rows: list = []
+    for mode in modes:  # without a recipe the rows are labelled by mode, as the dense-only demo did
+        score(mode if not recipe else "dense" if len(modes) == 1 else f"dense {mode}", mode)
+    completion = _complete(lm, tokenizer, DEMO_PROMPT)
+    result = DemoResult(model or "SmolLM2-135M-Instruct (embedded)", load_seconds, rows, DEMO_PROMPT, completion)
+    if not recipe:
+        return result
+    if recipe not in RECIPES:
+        raise UserInputError(f"recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    from .compressors import compress_
+    from .compressors.pack import pack_model
+    from .integrations.checkpoints import from_pretrained, save_pretrained
+    from .kernels import layer_status
+    from .recovery.train import RecoveryConfig, recover
+
+    mode = modes[0]
+    start = time.perf_counter()
+    compressed = compress_(lm, Recipe(RECIPES[recipe][1](), CalibrationConfig(nsamples=nsamples)), tokenizer=tokenizer,
+                           pack=False, progress=progress)
+    result.recipe, result.compress_seconds = recipe, time.perf_counter() - start
+    score("compressed", mode)
+    trained = recover(lm, tokenizer, RecoveryConfig(num_virtual_tokens=num_virtual_tokens, seqlen=train_seqlen,
+                                                     max_steps=steps, eval_steps=max(1, steps // 2), eval_windows=4))
+    result.train_seconds, result.train_steps = trained.seconds, steps
+    score("recovered", mode)  # the prompt is attached
+    pack_model(lm, compressed)  # the packed runtime layers, keeping the attached prompt
+    with tempfile.TemporaryDirectory(prefix="hcp-demo-") as tmp:
+        folder = save_pretrained(lm, output or f"{tmp}/model", tokenizer)
+        reloaded = from_pretrained(folder)  # transformers' loader, through the registered quantization method
+        result.saved_to = str(folder) if output else None
+        result.kernels = sorted(set(layer_status(reloaded).values()))
+        result.reloaded_completion = _complete(reloaded, tokenizer, DEMO_PROMPT)
+    return result

@@ -16,7 +16,19 @@ def test_demo_falls_back_to_the_wikipedia_sample_offline(monkeypatch, tmp_path):
 
 def test_demo_scores_and_generates(tiny_llama_dir):
     pytest.importorskip("gensim", reason="the wiki_sample corpus ships inside gensim")
-    result = run_demo(str(tiny_llama_dir), datasets=["wiki_sample"], windows=2, seqlen=32, modes=("fp32", "bf16"), progress=False)
+    result = run_demo(str(tiny_llama_dir), datasets=["wiki_sample"], windows=2, seqlen=32, modes=("fp32", "bf16"),
+                      recipe=None, progress=False)
     assert [(d, m) for d, m, _ in result.rows] == [("wiki_sample", "fp32"), ("wiki_sample", "bf16")]
     assert all(r.windows == 2 and r.perplexity > 1 for _, _, r in result.rows)
     assert isinstance(result.completion, str) and result.completion
+
+
+def test_demo_compresses_recovers_saves_reloads_and_generates(tiny_llama_dir, data_dir, tmp_path):
+    result = run_demo(str(tiny_llama_dir), datasets=["wikitext2"], windows=2, seqlen=32, recipe="rtn-w4-g64",
+                      steps=2, num_virtual_tokens=2, train_seqlen=4, nsamples=2, output=str(tmp_path / "out"),
+                      progress=False)
+    assert [label for _, label, _ in result.rows] == ["dense", "compressed", "recovered"]
+    dense, compressed, recovered = (r.perplexity for _, _, r in result.rows)
+    assert compressed != dense and recovered != compressed
+    assert (tmp_path / "out" / "recovery_prompt" / "adapter_config.json").is_file()
+    assert result.reloaded_completion is not None and result.kernels
