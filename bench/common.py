@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sys
 import platform
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def write_results(name: str, *, title: str, settings: dict, machine: dict, table
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     settings_md = "\n".join(f"- {k}: `{v}`" for k, v in settings.items())
     machine_md = "\n".join(f"- {k}: `{v}`" for k, v in machine.items())
-    text = f"# {title}\n\nMeasured {when} by `bench/{name}.py`.\n\n{table}\n\n{notes}\n\n## Settings\n{settings_md}\n\n## Machine\n{machine_md}\n"
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else f"{name}.py"
+    text = f"# {title}\n\nMeasured {when} by `bench/{script}`.\n\n{table}\n\n{notes}\n\n## Settings\n{settings_md}\n\n## Machine\n{machine_md}\n"
     path = RESULTS_DIR / f"{name}.md"
     path.write_text(text)
     return path

@@ -9,7 +9,7 @@ overhead: attention, norms, sampling, Python). Resident memory = bytes of the lo
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
 the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`). The tied 49152 x 576
 embedding / LM head stays bf16 unless the setting quantizes the head too ("+ 4-bit head": `lm_head=True`, the head
-untied and RTN 4-bit g64, the embedding kept). "fp32 act.": the model is compressed in bf16, then everything that is
+untied and RTN 4-bit g64, the embedding kept; "+ 8-bit head": `lm_head_bits=8`, the int8 kernel). "fp32 act.": the model is compressed in bf16, then everything that is
 not packed (embedding, norms, attention, activations) runs in fp32, as `from_pretrained(..., dtype=torch.float32)`
 gives; on this CPU bf16 attention (SDPA) is several times slower than fp32 at one query token.
 
@@ -37,6 +37,7 @@ from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt  
 
 _Q4 = RTNConfig(bits=4, group_size=64)
 _Q4_HEAD = RTNConfig(bits=4, group_size=64, lm_head=True)
+_Q4_HEAD8 = RTNConfig(bits=4, group_size=64, lm_head=True, lm_head_bits=8)
 _HALF = MagnitudeConfig(sparsity=0.5)
 # name -> (dtype the model is compressed in, recipe, dtype it runs in: activations, norms, attention, embedding)
 SETTINGS = {
@@ -45,6 +46,7 @@ SETTINGS = {
     "packed 4-bit g64": (torch.bfloat16, [_Q4], torch.bfloat16),
     "packed 4-bit g64 + 4-bit head": (torch.bfloat16, [_Q4_HEAD], torch.bfloat16),
     "packed 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_Q4_HEAD], torch.float32),
+    "packed 4-bit g64 + 8-bit head, fp32 act.": (torch.bfloat16, [_Q4_HEAD8], torch.float32),
     "packed 50% + 4-bit g64": (torch.bfloat16, [_HALF, _Q4], torch.bfloat16),
     "packed 50% + 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_HALF, _Q4_HEAD], torch.float32),
 }

@@ -24,6 +24,7 @@ from hf_compress_prompt.kernels import layer_status, reference_only  # noqa: E40
 SETTINGS = {
     "RTN 4-bit g64": [RTNConfig(bits=4, group_size=64)],
     "RTN 4-bit g64 + 4-bit head": [RTNConfig(bits=4, group_size=64, lm_head=True)],
+    "RTN 4-bit g64 + 8-bit head": [RTNConfig(bits=4, group_size=64, lm_head=True, lm_head_bits=8)],
     "magnitude 2:4 + RTN 4-bit g64": [MagnitudeConfig(sparsity="2:4"), RTNConfig(bits=4, group_size=64)],
     "SparseGPT 50% + 4-bit g64 (joint)": [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
 }
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--output", default="kernel_accuracy", help="results name (default: kernel_accuracy)")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows for SparseGPT (x 512 tokens)")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         "where they are fast."
     )
     settings = {"settings": args.settings, "windows": args.windows, "threads": args.threads, "nsamples": args.nsamples}
-    path = write_results("kernel_accuracy", title="Perplexity with the CPU kernels vs the exact reference ops",
+    path = write_results(args.output, title="Perplexity with the CPU kernels vs the exact reference ops",
                          settings=settings, machine=machine, table=markdown_table(header, rows), records=records,
                          notes=notes)
     print(f"wrote {path}")

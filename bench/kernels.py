@@ -97,7 +97,7 @@ def run_shape(name: str, out: int, inp: int, gs: int, token_counts: list[int], a
     }
     if cpu.available():
         half = out * inp // 2  # kept weights at 50%
-        impls["ours int4 (C, W4A8)"] = (ours, lambda t: cpu.int4_linear(xbf, fmt, t, None), fmt.nbytes(torch.bfloat16))
+        impls["ours int4 (C, W4A8)"] = (ours, lambda t: cpu.int_linear(xbf, fmt, t, None), fmt.nbytes(torch.bfloat16))
         impls["ours 50% bitmask + int4 (C, W4A8)"] = (
             ours_sparse_int4, lambda p: cpu.sparse_linear(xbf, p[0], p[1], None),
             half // 2 + out * inp // 8 + groups * out * 5)  # codes + mask + fp32 scale and zero*scale

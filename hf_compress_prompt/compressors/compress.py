@@ -114,7 +114,7 @@ def _quantize_head(model, step, state, report) -> None:
     """Round-to-nearest on the output head (``lm_head=True``): it reads as many bytes per token as a third of the
     SmolLM2 blocks together, so a 4-bit model that leaves it in 16 bits spends much of each decode step there."""
     name, head = untie_output_head(model)
-    qw = rtn_quantize(head.weight.data.float(), step.bits, step.group_size, step.symmetric)
+    qw = rtn_quantize(head.weight.data.float(), step.lm_head_bits or step.bits, step.group_size, step.symmetric)
     _quantized(state, name, head, qw, report)
 
 

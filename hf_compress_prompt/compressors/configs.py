@@ -112,12 +112,15 @@ class RTNConfig(CompressionConfig):
     group_size: int = field(default=-1, metadata={"help": "input columns per group; -1 = per output channel"})
     symmetric: bool = field(default=False, metadata={"help": "symmetric grid (zero point in the middle)"})
     lm_head: bool = field(default=False, metadata={
-        "help": "also round-to-nearest quantize the output head (LM head) at the same bits and group size; a head "
-                "tied to the input embedding is untied first (the embedding stays in floating point)"})
+        "help": "also round-to-nearest quantize the output head (LM head) with the same group size; a head tied to "
+                "the input embedding is untied first (the embedding stays in floating point)"})
+    lm_head_bits: int | None = field(default=None, metadata={
+        "help": "bits for the output head (lm_head=True); default: the step's bits. 8 keeps the head almost exact"})
 
     def __post_init__(self):
         _check_bits(self.bits)
         _check_group(self.group_size)
+        _check_bits(self.lm_head_bits, allow_none=True)
 
 
 @dataclass
@@ -133,12 +136,15 @@ class GPTQConfig(CompressionConfig):
     block_size: int = field(default=128, metadata={"help": "columns per lazy-update block"})
     true_sequential: bool = field(default=True, metadata={"help": "quantize a block's linears in forward order"})
     lm_head: bool = field(default=False, metadata={
-        "help": "also round-to-nearest quantize the output head (LM head) at the same bits and group size; a head "
-                "tied to the input embedding is untied first (the embedding stays in floating point)"})
+        "help": "also round-to-nearest quantize the output head (LM head) with the same group size; a head tied to "
+                "the input embedding is untied first (the embedding stays in floating point)"})
+    lm_head_bits: int | None = field(default=None, metadata={
+        "help": "bits for the output head (lm_head=True); default: the step's bits. 8 keeps the head almost exact"})
 
     def __post_init__(self):
         _check_bits(self.bits)
         _check_group(self.group_size)
+        _check_bits(self.lm_head_bits, allow_none=True)
         _check_fraction("damp", self.damp, 0, 10)
 
 

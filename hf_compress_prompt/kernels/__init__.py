@@ -24,14 +24,15 @@ def _cpu_description(kind: str):
         if reason is not None:
             return f"reference (pure PyTorch): {reason}"
         if kind == "int":
-            return f"{_cpu.kernel_name(kind)} for int4 with group size a multiple of 64; reference otherwise"
+            return (f"{_cpu.kernel_name(kind)} for int4, {_cpu.kernel_name(kind, 8)} for int8, group size a multiple "
+                    "of 64; reference otherwise")
         return (f"{_cpu.kernel_name(kind)} for int4 values (group size a multiple of 64); "
                 f"{_cpu.kernel_name(kind, None)} for bf16 values; reference otherwise")
 
     return describe
 
 
-register_kernel("int_linear", "cpu", _cpu.int4_linear, _cpu_description("int"))
+register_kernel("int_linear", "cpu", _cpu.int_linear, _cpu_description("int"))
 
 from . import triton as _triton  # noqa: E402
 

@@ -71,3 +71,11 @@ def test_bad_head_group_size_is_refused_before_any_work():
     with pytest.raises(UserInputError, match="group"):
         compress_(model, RTNConfig(bits=4, group_size=96, lm_head=True), progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_head_can_take_other_bits_than_the_blocks():
+    model = _tied_llama()
+    result = compress_(model, RTNConfig(bits=4, group_size=64, lm_head=True, lm_head_bits=8), progress=False)
+    assert result.quantized["lm_head"].bits == 8
+    assert result.quantized["model.layers.0.self_attn.q_proj"].bits == 4
+    assert model.lm_head.fmt.bits == 8

@@ -17,11 +17,11 @@ SHAPES = [  # (out, in, group_size)
 ]
 
 
-def _layer(out, inp, group_size, symmetric=False, seed=0):
+def _layer(out, inp, group_size, symmetric=False, seed=0, bits=4):
     torch.manual_seed(seed)
     W = torch.randn(out, inp) * 0.05
-    qw = rtn_quantize(W, 4, group_size, symmetric)
-    fmt = LinearFormat(inp, out, bits=4, group_size=group_size, symmetric=symmetric)
+    qw = rtn_quantize(W, bits, group_size, symmetric)
+    fmt = LinearFormat(inp, out, bits=bits, group_size=group_size, symmetric=symmetric)
     return fmt, pack_linear(fmt, W, codes=qw.codes, scale=qw.scale, zero=qw.zero)
 
 
@@ -35,14 +35,35 @@ def test_matches_reference_with_bf16_activations(shape, tokens):
     fmt, tensors = _layer(*shape)
     x = torch.randn(tokens, fmt.in_features).bfloat16()
     ref = reference_linear(x.float(), fmt, tensors, None)
-    assert _rel_err(cpu.int4_linear(x, fmt, tensors, None), ref) <= 1e-2
+    assert _rel_err(cpu.int_linear(x, fmt, tensors, None), ref) <= 1e-2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("simd", [True, False])
+def test_int8_matches_reference(shape, tokens, simd, monkeypatch):
+    monkeypatch.setattr(cpu, "_use_vnni", simd and cpu._use_vnni)
+    fmt, tensors = _layer(*shape, bits=8)
+    x = torch.randn(tokens, fmt.in_features).bfloat16()
+    ref = reference_linear(x.float(), fmt, tensors, None)
+    assert _rel_err(cpu.int_linear(x, fmt, tensors, None), ref) <= 1e-2
+    assert cpu.supports_dense(fmt) is None
+
+
+def test_int8_rows_split_across_threads_match_one_thread(monkeypatch):
+    fmt, tensors = _layer(1536, 576, 64, bits=8)
+    x = torch.randn(3, 576)
+    monkeypatch.setattr(cpu, "_threads", lambda *a: 1)
+    one = cpu.int_linear(x, fmt, tensors, None)
+    monkeypatch.setattr(cpu, "_threads", lambda *a: 2)
+    assert torch.equal(cpu.int_linear(x, fmt, tensors, None), one)
 
 
 def test_embedding_sized_layer_and_bias_and_3d_input():
     fmt, tensors = _layer(49152, 576, 64, symmetric=True)
     bias = torch.randn(49152)
     x = torch.randn(2, 3, 576).bfloat16()
-    y = cpu.int4_linear(x, fmt, tensors, bias)
+    y = cpu.int_linear(x, fmt, tensors, bias)
     assert y.shape == (2, 3, 49152) and y.dtype == torch.bfloat16
     assert _rel_err(y, reference_linear(x.float(), fmt, tensors, bias)) <= 1e-2
 
@@ -76,26 +97,26 @@ def test_portable_path_matches_too(monkeypatch):
     monkeypatch.setattr(cpu, "_use_vnni", False)
     fmt, tensors = _layer(64, 576, 64)
     x = torch.randn(5, 576)
-    assert _rel_err(cpu.int4_linear(x, fmt, tensors, None), reference_linear(x, fmt, tensors, None)) <= 1e-2
+    assert _rel_err(cpu.int_linear(x, fmt, tensors, None), reference_linear(x, fmt, tensors, None)) <= 1e-2
 
 
 def test_two_threads_give_the_same_result(monkeypatch):
     fmt, tensors = _layer(4096, 576, 64)
     x = torch.randn(4, 576)
     monkeypatch.setattr(cpu, "_threads", lambda *a: 1)
-    one = cpu.int4_linear(x, fmt, tensors, None)
+    one = cpu.int_linear(x, fmt, tensors, None)
     monkeypatch.setattr(cpu, "_threads", lambda *a: 2)
-    assert torch.equal(cpu.int4_linear(x, fmt, tensors, None), one)
+    assert torch.equal(cpu.int_linear(x, fmt, tensors, None), one)
 
 
 def test_weights_prepared_once_and_refreshed_when_changed():
     fmt, tensors = _layer(64, 128, 64)
     x = torch.randn(1, 128)
-    before = cpu.int4_linear(x, fmt, tensors, None)
+    before = cpu.int_linear(x, fmt, tensors, None)
     plan = cpu._cached(tensors, None)  # built by the call above: no builder needed
     assert cpu._cached(tensors, None) is plan
     tensors["weight_scale"].mul_(2)  # in-place change bumps the version: re-prepared
-    torch.testing.assert_close(cpu.int4_linear(x, fmt, tensors, None), before * 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.int_linear(x, fmt, tensors, None), before * 2, rtol=1e-5, atol=1e-5)
 
 
 def test_ops_route_through_the_kernel_and_status_says_so():
@@ -139,6 +160,6 @@ def test_sparse_bf16_values_match_reference(sparsity, shape, tokens, simd, monke
 def test_cache_bytes_counts_copies_not_views():
     fmt, tensors = _layer(64, 128, 64)
     before = cpu.cache_bytes()
-    cpu.int4_linear(torch.randn(1, 128), fmt, tensors, None)
+    cpu.int_linear(torch.randn(1, 128), fmt, tensors, None)
     groups = 128 // 64
     assert cpu.cache_bytes() - before == 2 * 64 * groups * 4  # fp32 scale and scale*zero; the codes are a view

@@ -36,10 +36,10 @@ __all__ = [
     "bitmask_int4_linear",
     "build",
     "cache_bytes",
-    "int4_linear",
+    "int_linear",
     "kernel_name",
     "supports",
-    "supports_int4",
+    "supports_dense",
     "unavailable_reason",
 ]
 
@@ -112,6 +112,8 @@ def _load() -> ctypes.CDLL | None:
         lib.hcp_quantize_activations.restype = None
         lib.hcp_int4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
         lib.hcp_int4_gemm.restype = None
+        lib.hcp_int8_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
+        lib.hcp_int8_gemm.restype = None
         lib.hcp_bitmask_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, i64, p, i64, i64, i32]
         lib.hcp_bitmask_int4_gemm.restype = None
         lib.hcp_prepare_activations.argtypes = [p, i32, i64, i64, i64, i32, p, p, p]
@@ -150,7 +152,9 @@ def kernel_name(kind: str = "int", bits: int | None = 4) -> str:
     if kind in ("bitmask", "nm"):
         return ("C bitmask + int4 x int8, AVX-512 VNNI + VBMI2" if _use_vbmi2
                 else "C bitmask + int4 x int8, portable (no AVX-512 VBMI2 on this CPU)")
-    return "C int4 x int8, AVX-512 VNNI" if _use_vnni else "C int4 x int8, portable (no AVX-512 VNNI on this CPU)"
+    width = "int8" if bits == 8 else "int4"
+    return (f"C {width} x int8, AVX-512 VNNI" if _use_vnni
+            else f"C {width} x int8, portable (no AVX-512 VNNI on this CPU)")
 
 
 def supports(fmt: LinearFormat, dtype: torch.dtype | None = None) -> str | None:
@@ -161,8 +165,8 @@ def supports(fmt: LinearFormat, dtype: torch.dtype | None = None) -> str | None:
         if dtype is not None and dtype != torch.bfloat16:
             return f"sparse {dtype} values: the CPU kernel covers bf16 values (a bf16 model)"
         return None
-    if fmt.bits != 4:
-        return f"{fmt.describe()}: the CPU kernels cover int4 (dense, bitmask or N:M sparse) only"
+    if fmt.bits not in (4, 8) or (fmt.bits == 8 and fmt.kind != "int"):
+        return f"{fmt.describe()}: the CPU kernels cover int4 (dense, bitmask or N:M sparse) and dense int8"
     if fmt.g_idx:
         return "explicit g_idx (act-order without static groups)"
     if fmt.in_features % 64 or fmt.effective_group_size % 64:
@@ -170,10 +174,10 @@ def supports(fmt: LinearFormat, dtype: torch.dtype | None = None) -> str | None:
     return None
 
 
-def supports_int4(fmt: LinearFormat) -> str | None:
-    """``None`` when the dense int4 kernel serves ``fmt``, else why not."""
+def supports_dense(fmt: LinearFormat) -> str | None:
+    """``None`` when the dense int4 / int8 kernel serves ``fmt``, else why not."""
     if fmt.kind != "int":
-        return f"{fmt.describe()}: not a dense int4 layer"
+        return f"{fmt.describe()}: not a dense integer layer"
     return supports(fmt)
 
 
@@ -294,7 +298,7 @@ class _Plan(ctypes.Structure):
                 ("masks", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zs", ctypes.c_void_p)]
 
 
-_DENSE, _SPARSE_INT4, _SPARSE_BF16 = 0, 1, 2
+_DENSE, _SPARSE_INT4, _SPARSE_BF16, _DENSE8 = 0, 1, 2, 3
 
 
 class LayerPlan:
@@ -304,7 +308,7 @@ class LayerPlan:
         self.kind, self.tensors = kind, tensors
         self.N, self.K, self.group_size = fmt.out_features, fmt.in_features, fmt.effective_group_size
         ptr = [None if t is None else t.data_ptr() for t in tensors]
-        if kind == _DENSE:
+        if kind in (_DENSE, _DENSE8):
             w, off, masks, scale, zs = ptr[0], None, None, ptr[1], ptr[2]
         elif kind == _SPARSE_INT4:
             w, off, masks, scale, zs = ptr
@@ -337,8 +341,9 @@ class LayerPlan:
             if lib.hcp_prepare_activations(x.data_ptr(), bf16, T, K, self.group_size, int(self.kind == _DENSE),
                                            xq.data_ptr(), sx.data_ptr(), xs.data_ptr()):
                 raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
-            if self.kind == _DENSE:
-                gemm, args = lib.hcp_int4_gemm, (*self.weights, N, K, self.group_size, xq.data_ptr(), sx.data_ptr(),
+            if self.kind in (_DENSE, _DENSE8):
+                gemm = lib.hcp_int4_gemm if self.kind == _DENSE else lib.hcp_int8_gemm
+                args = (*self.weights, N, K, self.group_size, xq.data_ptr(), sx.data_ptr(),
                                                  xs.data_ptr(), T, y32.data_ptr())
             else:
                 gemm, args = lib.hcp_bitmask_int4_gemm, (*self.weights, N, K, self.group_size, xq.data_ptr(),
@@ -349,19 +354,21 @@ class LayerPlan:
 
 
 def _plan(kind: int, fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan:
-    if kind == _DENSE:
+    if kind in (_DENSE, _DENSE8):
         return LayerPlan(kind, fmt, (tensors["weight"].contiguous().view(torch.uint8), *_grid(tensors)), _use_vnni)
     if kind == _SPARSE_INT4:
         return LayerPlan(kind, fmt, _bitmask_layout(fmt, tensors), _use_vbmi2)
     return LayerPlan(kind, fmt, _sparse_values_layout(fmt, tensors), _use_bf16)
 
 
-def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
-    """``x @ W.T + bias`` for a dense int4 layer, through the C kernel when it applies (else the reference)."""
+def int_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    """``x @ W.T + bias`` for a dense int4 or int8 layer, through the C kernel when it applies (else the
+    reference)."""
     lib = _load()
-    if lib is None or x.device.type != "cpu" or supports_int4(fmt) is not None:
+    if lib is None or x.device.type != "cpu" or supports_dense(fmt) is not None:
         return reference_linear(x, fmt, tensors, bias)
-    return _cached(tensors, lambda t: _plan(_DENSE, fmt, t))(lib, x, bias)
+    kind = _DENSE if fmt.bits == 4 else _DENSE8
+    return _cached(tensors, lambda t: _plan(kind, fmt, t))(lib, x, bias)
 
 
 def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):

@@ -174,6 +174,105 @@ void hcp_int4_gemm(const uint8_t *w, const float *scale, const float *zs, int64_
         gemm_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
 }
 
+/* ---- dense int8 codes (8-bit layers, e.g. an 8-bit LM head) ----------------------------------------------------
+ * Row o holds K bytes, byte k the code of input k (the 8-bit bit stream of the stored format); activations in
+ * natural order. One dpbusd per 64-input block and row, no unpacking. */
+static void gemm8_scalar(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                         const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
+    for (int64_t o = r0; o < r1; o++)
+        for (int64_t t = 0; t < T; t++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *wb = w + o * K + b * BLOCK;
+                const int8_t *qb = xq + t * K + b * BLOCK;
+                int32_t dot = 0;
+                for (int i = 0; i < BLOCK; i++) dot += wb[i] * qb[i];
+                acc += scale[o * G + b / per_group] * sx[t * nb + b] * (float)dot;
+            }
+            for (int64_t g = 0; g < G; g++) acc -= zs[o * G + g] * xs[t * G + g];
+            y[t * N + o] = acc;
+        }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void gemm8_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                       const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
+    int64_t o = r0;
+    if (T == 1) { /* four rows at a time, independent chains sharing each activation load */
+        for (; o + 3 < r1; o += 4) {
+            const uint8_t *w0 = w + o * K;
+            const float *s0 = scale + o * G;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+            const int prefetch = o + 7 < r1;
+            for (int64_t b = 0; b < nb; b++) {
+                if (prefetch) {
+                    const uint8_t *p = w0 + 4 * K + b * BLOCK;
+                    _mm_prefetch((const char *)p, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + K), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + 2 * K), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + 3 * K), _MM_HINT_T0);
+                }
+                const __m512i a = _mm512_loadu_si512((const void *)(xq + b * BLOCK));
+                const int64_t g = b / per_group;
+                const float s = sx[b];
+                const __m512i z = _mm512_setzero_si512();
+                const __m512i d0 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + b * BLOCK)), a);
+                const __m512i d1 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + K + b * BLOCK)), a);
+                const __m512i d2 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + 2 * K + b * BLOCK)), a);
+                const __m512i d3 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + 3 * K + b * BLOCK)), a);
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s * s0[g]), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s * s0[G + g]), a1);
+                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_set1_ps(s * s0[2 * G + g]), a2);
+                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d3), _mm512_set1_ps(s * s0[3 * G + g]), a3);
+            }
+            float v[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                          _mm512_reduce_add_ps(a3)};
+            for (int r = 0; r < 4; r++) {
+                for (int64_t g = 0; g < G; g++) v[r] -= zs[(o + r) * G + g] * xs[g];
+                y[o + r] = v[r];
+            }
+        }
+        if (o < r1) gemm8_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, 1, y, o, r1);
+        return;
+    }
+    for (; o < r1; o++) { /* one row at a time, a tile of tokens in registers */
+        const uint8_t *wr = w + o * K;
+        const float *sr = scale + o * G;
+        for (int64_t t0 = 0; t0 < T; t0 += TILE) {
+            const int64_t nt = T - t0 < TILE ? T - t0 : TILE;
+            __m512 acc[TILE];
+            for (int j = 0; j < TILE; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const __m512i codes = _mm512_loadu_si512((const void *)(wr + b * BLOCK));
+                const float sg = sr[b / per_group];
+                for (int j = 0; j < nt; j++) {
+                    const int64_t t = t0 + j;
+                    const __m512i a = _mm512_loadu_si512((const void *)(xq + t * K + b * BLOCK));
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, a);
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sg * sx[t * nb + b]), acc[j]);
+                }
+            }
+            for (int j = 0; j < nt; j++) {
+                const int64_t t = t0 + j;
+                float v = _mm512_reduce_add_ps(acc[j]);
+                for (int64_t g = 0; g < G; g++) v -= zs[o * G + g] * xs[t * G + g];
+                y[t * N + o] = v;
+            }
+        }
+    }
+}
+
+void hcp_int8_gemm(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
+                   const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1,
+                   int use_vnni) {
+    if (use_vnni)
+        gemm8_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
+    else
+        gemm8_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
+}
+
 /* ---- unstructured bitmask + int4 ------------------------------------------------------------------------------
  * Kernel layout (built at load time from the stored format): for row o, block b (64 inputs), a 64-bit keep mask
  * masks[o, b] and the block's n = popcount kept codes nibble-packed from a byte boundary (byte k: codes 2k | 2k+1),
@@ -404,9 +503,9 @@ void hcp_sparse_bf16_gemm(const uint16_t *values, const int64_t *val_off, const 
 
 /* ---- a layer's plan: everything but the activations, built once at load time; scratch owned here -------------- */
 typedef struct {
-    int64_t kind; /* 0 = dense int4, 1 = bitmask + int4, 2 = sparse bf16 values */
+    int64_t kind; /* 0 = dense int4, 1 = bitmask + int4, 2 = sparse bf16 values, 3 = dense int8 */
     int64_t N, K, group_size, simd;
-    const void *w;          /* int4 codes (kinds 0, 1) or bf16 values (kind 2) */
+    const void *w;          /* int4 codes (kinds 0, 1), bf16 values (kind 2) or int8 codes (kind 3) */
     const int64_t *offsets; /* per-row byte (kind 1) or value (kind 2) offsets */
     const uint64_t *masks;  /* per 64-input block keep masks (kinds 1, 2) */
     const float *scale, *zs;
@@ -440,6 +539,8 @@ int hcp_plan_linear(const hcp_plan *p, const void *x, int x_bf16, int64_t T, voi
         if (hcp_prepare_activations(x, x_bf16, T, K, gs, p->kind == 0, xq, sx, xs)) return 1;
         if (p->kind == 0)
             hcp_int4_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, 0, N, (int)p->simd);
+        else if (p->kind == 3)
+            hcp_int8_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, 0, N, (int)p->simd);
         else
             hcp_bitmask_int4_gemm((const uint8_t *)p->w, p->offsets, p->masks, p->scale, p->zs, N, K, gs, xq, sx, T,
                                   y32, 0, N, (int)p->simd);
