@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
+    parser.add_argument("--no-dense-prompt", action="store_true",
+                        help="skip the prompt trained on the dense model (applied to every compressed setting)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info()
@@ -97,9 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}
     dense = _perplexities(model, ids, args)
     _log(f"dense: {dense}")
-    del model
     train_config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
                                   batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows)
+    dense_prompt = None
+    if not args.no_dense_prompt:  # a prompt trained on the uncompressed model: does it help compressed ones?
+        result = recover(model, tokenizer, train_config)
+        dense_prompt = {"prompt": result.prompt, "with_prompt": _perplexities(model, ids, args),
+                        "seconds": result.seconds, "best_c4_validation_perplexity": result.best_perplexity}
+        _log(f"dense + own prompt: {dense_prompt['with_prompt']}")
+    del model
 
     models, prompts, records = {}, {}, {}
     for name in args.settings:
@@ -144,6 +152,21 @@ def main(argv: list[str] | None = None) -> None:
             "peak_rss_mb": result.peak_rss_mb,
         }
         del model, result
+
+    dense_prompt_rows = []
+    if dense_prompt is not None:
+        for m, model in models.items():
+            attach_recovery_prompt(model, dense_prompt["prompt"])
+            values = _perplexities(model, ids, args)
+            detach_recovery_prompt(model)
+            records[m]["dense_prompt"] = values
+            _log(f"dense prompt -> {m}: {values}")
+            for d in DATASETS:
+                own_gain = records[m]["compressed"][d] - records[m]["recovered"][d]
+                gain = records[m]["compressed"][d] - values[d]
+                dense_prompt_rows.append([m, d, f"{records[m]['compressed'][d]:.2f}", f"{values[d]:.2f}",
+                                          f"{records[m]['recovered'][d]:.2f}",
+                                          f"{100 * gain / own_gain:.0f}%" if own_gain > 0 else "-"])
 
     transfer = None
     if len(models) > 1:
@@ -191,6 +214,12 @@ def main(argv: list[str] | None = None) -> None:
                  "drop as a share of the target's own prompt's drop):\n\n"
         table += markdown_table(["prompt trained on", "applied to", "dataset", "no prompt", "transferred prompt",
                                  "own prompt", "gain kept"], tr_rows)
+    if dense_prompt is not None:
+        table += ("\n\nA prompt trained on the dense model (same recipe; dense " +
+                  ", ".join(f"{d} {dense[d]:.2f} -> {dense_prompt['with_prompt'][d]:.2f}" for d in DATASETS) +
+                  " with it) applied to the compressed models:\n\n")
+        table += markdown_table(["applied to", "dataset", "no prompt", "dense-trained prompt", "own prompt",
+                                 "gain vs own prompt"], dense_prompt_rows)
     png = RESULTS_DIR / "recovery.png"
     _plot(records, dense, png)
     total = time.perf_counter() - start_all
@@ -207,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     settings = {k: v for k, v in vars(args).items()}
     payload_records = [{"setting": n, **r} for n, r in records.items()]
-    payload_records.append({"dense": dense, "transfer": transfer})
+    payload_records.append({"dense": dense, "transfer": transfer, "dense_prompt": None if dense_prompt is None else {
+        k: v for k, v in dense_prompt.items() if k != "prompt"}})
     path = write_results("recovery", title="Soft-prompt recovery of compressed SmolLM2-135M-Instruct",
                          settings=settings, machine=machine, table=table, records=payload_records, notes=notes)
     print(f"wrote {path} and {png}")
