@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
             for d in DATASETS:
                 own_gain = records[m]["compressed"][d] - records[m]["recovered"][d]
                 gain = records[m]["compressed"][d] - values[d]
-                keeps = gain / own_gain if own_gain > 0 else float("nan")
+                keeps = f"{100 * gain / own_gain:.0f}%" if own_gain > 0 else "- (own prompt did not help)"
                 tr_rows.append([p, m, d, f"{records[m]['compressed'][d]:.2f}", f"{values[d]:.2f}",
-                                f"{records[m]['recovered'][d]:.2f}", f"{100 * keeps:.0f}%"])
+                                f"{records[m]['recovered'][d]:.2f}", keeps])
         table += "\n\nTransfer: a prompt trained on one setting, applied to another (gain kept = its perplexity " \
                  "drop as a share of the target's own prompt's drop):\n\n"
         table += markdown_table(["prompt trained on", "applied to", "dataset", "no prompt", "transferred prompt",
