@@ -50,15 +50,6 @@ def test_int8_matches_reference(shape, tokens, simd, monkeypatch):
     assert cpu.supports_dense(fmt) is None
 
 
-def test_int8_rows_split_across_threads_match_one_thread(monkeypatch):
-    fmt, tensors = _layer(1536, 576, 64, bits=8)
-    x = torch.randn(3, 576)
-    monkeypatch.setattr(cpu, "_threads", lambda *a: 1)
-    one = cpu.int_linear(x, fmt, tensors, None)
-    monkeypatch.setattr(cpu, "_threads", lambda *a: 2)
-    assert torch.equal(cpu.int_linear(x, fmt, tensors, None), one)
-
-
 def test_embedding_sized_layer_and_bias_and_3d_input():
     fmt, tensors = _layer(49152, 576, 64, symmetric=True)
     bias = torch.randn(49152)
@@ -100,13 +91,38 @@ def test_portable_path_matches_too(monkeypatch):
     assert _rel_err(cpu.int_linear(x, fmt, tensors, None), reference_linear(x, fmt, tensors, None)) <= 1e-2
 
 
-def test_two_threads_give_the_same_result(monkeypatch):
-    fmt, tensors = _layer(4096, 576, 64)
+def _run_with_threads(fn, threads: int, openmp: bool, monkeypatch):
+    """``fn()`` with the rows split over ``threads``: torch's OpenMP team inside C, or the Python pool."""
+    monkeypatch.setattr(cpu, "_use_openmp", openmp and cpu._use_openmp)
+    monkeypatch.setattr(cpu, "_threads", lambda *a: threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+@pytest.mark.parametrize("kind", ["int4", "int8", "bitmask", "2:4"])
+def test_two_threads_give_the_same_result(monkeypatch, openmp, kind):
+    if kind in ("int4", "int8"):
+        fmt, tensors = _layer(4096, 576, 64, bits=8 if kind == "int8" else 4)
+    else:
+        fmt, tensors = _bitmask_layer(4096, 576, 64, sparsity="bitmask" if kind == "bitmask" else kind)
     x = torch.randn(4, 576)
-    monkeypatch.setattr(cpu, "_threads", lambda *a: 1)
-    one = cpu.int_linear(x, fmt, tensors, None)
-    monkeypatch.setattr(cpu, "_threads", lambda *a: 2)
-    assert torch.equal(cpu.int_linear(x, fmt, tensors, None), one)
+    run = (lambda: cpu.int_linear(x, fmt, tensors, None)) if fmt.kind == "int" else \
+        (lambda: cpu.bitmask_int4_linear(x, fmt, tensors, None))
+    one = _run_with_threads(run, 1, openmp, monkeypatch)
+    assert torch.equal(_run_with_threads(run, 2, openmp, monkeypatch), one)
+
+
+def test_the_kernels_share_torchs_openmp_runtime():
+    if not cpu._use_openmp:
+        pytest.skip("the CPU kernels were built without OpenMP here")
+    maps = open("/proc/self/maps").read()
+    runtimes = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes  # one OpenMP runtime in the process: torch's
 
 
 def test_weights_prepared_once_and_refreshed_when_changed():

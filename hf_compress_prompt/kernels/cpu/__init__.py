@@ -54,6 +54,7 @@ _reason: str | None = None
 _use_vnni = False
 _use_vbmi2 = False
 _use_bf16 = False
+_use_openmp = False  # rows split over torch's OpenMP team inside C (else over a Python thread pool)
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -66,23 +67,18 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build() -> Path:
-    """Compiles the kernels (once per source and compiler; cached) and returns the shared library's path."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
+def _build_with(cc: str, version: list[str], flags: list[str]) -> Path:
     digest = hashlib.sha256()
     for source in _SOURCES:
         digest.update(source.read_bytes())
-    digest.update(" ".join([cc, *version, *_FLAGS, sys.platform]).encode())
+    digest.update(" ".join([cc, *version, *flags, sys.platform]).encode())
     target = _cache_dir() / digest.hexdigest()[:16] / "libhcp_cpu.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *_FLAGS, "-o", str(out), *map(str, _SOURCES), "-lm"], capture_output=True,
+        proc = subprocess.run([cc, *flags, "-o", str(out), *map(str, _SOURCES), "-lm"], capture_output=True,
                               text=True, check=False)
         if proc.returncode:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
@@ -91,8 +87,25 @@ def build() -> Path:
     return target
 
 
+def build() -> Path:
+    """Compiles the kernels (once per source and compiler; cached) and returns the shared library's path.
+
+    With OpenMP when the compiler has it: the library then shares torch's OpenMP runtime (libgomp is loaded once
+    per process), so large layers split their rows over torch's own thread team; without it, rows are split over
+    a small Python thread pool instead."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
+    try:
+        return _build_with(cc, version, [*_FLAGS, "-fopenmp"])
+    except RuntimeError as exc:
+        logger.info("building the CPU kernels with OpenMP failed (%s); building without", exc)
+        return _build_with(cc, version, _FLAGS)
+
+
 def _load() -> ctypes.CDLL | None:
-    global _lib, _reason, _use_vnni, _use_vbmi2, _use_bf16
+    global _lib, _reason, _use_vnni, _use_vbmi2, _use_bf16, _use_openmp
     if _lib is not None or _reason is not None:
         return _lib
     with _lock:
@@ -127,6 +140,8 @@ def _load() -> ctypes.CDLL | None:
         lib.hcp_sparse_bf16_gemm.argtypes = [p, p, p, i64, i64, p, i64, p, i64, i64, i32]
         lib.hcp_sparse_bf16_gemm.restype = None
         lib.hcp_has_bf16.restype = i32
+        lib.hcp_has_openmp.restype = i32
+        _use_openmp = bool(lib.hcp_has_openmp())
         _use_bf16 = bool(lib.hcp_has_bf16())
         _use_vnni = bool(lib.hcp_has_vnni())
         _use_vbmi2 = bool(lib.hcp_has_vbmi2())
@@ -329,7 +344,7 @@ class LayerPlan:
         y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
         b = None if bias is None else bias.float().contiguous()  # a name keeps a converted copy alive
         b_ptr = None if b is None else b.data_ptr()
-        if _threads(N, T, K) == 1 or self.kind == _SPARSE_BF16 and not bf16:
+        if _use_openmp or _threads(N, T, K) == 1 or self.kind == _SPARSE_BF16 and not bf16:
             rc = lib.hcp_plan_linear(self.address, x.data_ptr(), bf16, T, y.data_ptr(), b_ptr)
             if rc:
                 raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")

@@ -14,6 +14,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define BLOCK 64
 
@@ -516,7 +519,44 @@ static _Thread_local size_t arena_size = 0;
 
 #define ALIGN64(n) (((n) + 63) & ~(size_t)63)
 
-/* y (T, N) = x (T, K) W^T (+ bias), x and y float32 or bfloat16 (x_bf16). Returns 0, or 1 when out of memory. */
+/* Rows [r0, r1) of the product for the plan's kind (activations already prepared unless kind 2). */
+static void plan_rows(const hcp_plan *p, const void *x, const int8_t *xq, const float *sx, const float *xs, int64_t T,
+                      float *y32, int64_t r0, int64_t r1) {
+    const int64_t N = p->N, K = p->K, gs = p->group_size;
+    const int simd = (int)p->simd;
+    switch (p->kind) {
+    case 0: hcp_int4_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, r0, r1, simd); break;
+    case 1: hcp_bitmask_int4_gemm((const uint8_t *)p->w, p->offsets, p->masks, p->scale, p->zs, N, K, gs, xq, sx, T,
+                                  y32, r0, r1, simd); break;
+    case 2: hcp_sparse_bf16_gemm((const uint16_t *)p->w, p->offsets, p->masks, N, K, (const uint16_t *)x, T, y32, r0,
+                                 r1, simd); break;
+    default: hcp_int8_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, r0, r1, simd); break;
+    }
+}
+
+int hcp_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Threads for one layer: small work stays on the calling thread (a hand-off costs more than it saves, and on a
+ * busy 2-core box it can stall for milliseconds); larger work uses the OpenMP team, which is torch's own
+ * (libgomp is loaded once per process) so its size follows torch.set_num_threads. */
+static int plan_threads(const hcp_plan *p, int64_t T) {
+#ifdef _OPENMP
+    const int64_t work = p->N * p->K * (T > 0 ? T : 1);
+    return work >= 2000000 ? omp_get_max_threads() : 1;
+#else
+    (void)p; (void)T;
+    return 1;
+#endif
+}
+
+/* y (T, N) = x (T, K) W^T (+ bias), x and y float32 or bfloat16 (x_bf16). Returns 0, 1 when out of memory, 2 for
+ * float32 activations into a bf16-values layer. */
 int hcp_plan_linear(const hcp_plan *p, const void *x, int x_bf16, int64_t T, void *y, const float *bias) {
     const int64_t N = p->N, K = p->K, gs = p->group_size;
     const size_t q_bytes = ALIGN64((size_t)(T * K)), sx_bytes = ALIGN64((size_t)(T * (K / BLOCK)) * sizeof(float));
@@ -533,17 +573,22 @@ int hcp_plan_linear(const hcp_plan *p, const void *x, int x_bf16, int64_t T, voi
     float *y32 = (float *)((char *)xs + xs_bytes);
     if (p->kind == 2) {
         if (!x_bf16) return 2;
-        hcp_sparse_bf16_gemm((const uint16_t *)p->w, p->offsets, p->masks, N, K, (const uint16_t *)x, T, y32, 0, N,
-                             (int)p->simd);
+    } else if (hcp_prepare_activations(x, x_bf16, T, K, gs, p->kind == 0, xq, sx, xs)) {
+        return 1;
+    }
+    const int threads = plan_threads(p, T);
+    if (threads <= 1) {
+        plan_rows(p, x, xq, sx, xs, T, y32, 0, N);
     } else {
-        if (hcp_prepare_activations(x, x_bf16, T, K, gs, p->kind == 0, xq, sx, xs)) return 1;
-        if (p->kind == 0)
-            hcp_int4_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, 0, N, (int)p->simd);
-        else if (p->kind == 3)
-            hcp_int8_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, 0, N, (int)p->simd);
-        else
-            hcp_bitmask_int4_gemm((const uint8_t *)p->w, p->offsets, p->masks, p->scale, p->zs, N, K, gs, xq, sx, T,
-                                  y32, 0, N, (int)p->simd);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+        {
+            const int n = omp_get_num_threads(), id = omp_get_thread_num();
+            const int64_t step = ((N + n - 1) / n + 3) & ~(int64_t)3; /* whole groups of four rows */
+            const int64_t r0 = id * step, r1 = r0 + step < N ? r0 + step : N;
+            if (r0 < r1) plan_rows(p, x, xq, sx, xs, T, y32, r0, r1);
+        }
+#endif
     }
     hcp_finish_output(y32, T, N, bias, y, x_bf16, 0, N);
     return 0;
