@@ -137,8 +137,9 @@ def _check_tensors(expected: dict[str, tuple[tuple[int, ...], str | None]], foun
 def _attach_saved_prompt(model, directory: Path | None) -> None:
     """Attaches the recovery prompt saved beside the weights (``recovery_prompt/``), if there is one."""
     from ..recovery.io import PROMPT_SUBFOLDER
-    from ..recovery.runtime import attach_recovery_prompt
+    from ..recovery.runtime import add_recovery_methods, attach_recovery_prompt
 
+    add_recovery_methods(model)
     if directory is not None and (directory / PROMPT_SUBFOLDER).is_dir():
         attach_recovery_prompt(model, directory / PROMPT_SUBFOLDER)
 

@@ -5,6 +5,7 @@ once)."""
 from .io import PROMPT_SUBFOLDER, load_recovery_prompt, save_recovery_prompt
 from .runtime import (
     RecoveryPrompt,
+    add_recovery_methods,
     attach_recovery_prompt,
     detach_recovery_prompt,
     disable_recovery_prompt,
@@ -15,6 +16,7 @@ from .runtime import (
 __all__ = [
     "PROMPT_SUBFOLDER",
     "RecoveryPrompt",
+    "add_recovery_methods",
     "attach_recovery_prompt",
     "detach_recovery_prompt",
     "disable_recovery_prompt",

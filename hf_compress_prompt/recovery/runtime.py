@@ -26,6 +26,7 @@ from ..errors import UserInputError
 
 __all__ = [
     "RecoveryPrompt",
+    "add_recovery_methods",
     "attach_recovery_prompt",
     "detach_recovery_prompt",
     "disable_recovery_prompt",
@@ -120,6 +121,14 @@ def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | "os.
     model.load_recovery_prompt = types.MethodType(attach_recovery_prompt, model)
     model.disable_recovery_prompt = types.MethodType(disable_recovery_prompt, model)
     model.enable_recovery_prompt = types.MethodType(enable_recovery_prompt, model)
+    return model
+
+
+def add_recovery_methods(model: nn.Module) -> nn.Module:
+    """Gives ``model`` a ``load_recovery_prompt(path_or_repo)`` method (models loaded through this package's
+    quantization method have it even before a prompt is attached)."""
+    if "load_recovery_prompt" not in model.__dict__:
+        model.load_recovery_prompt = types.MethodType(attach_recovery_prompt, model)
     return model
 
 

@@ -206,3 +206,15 @@ def test_bad_prompts_are_refused(tiny_llama, tmp_path):
     with pytest.raises(hcp.MissingResourceError):
         load_recovery_prompt(tmp_path / "nowhere")
     assert recovery_prompt_of(tiny_llama) is None  # nothing half-attached
+
+
+def test_a_loaded_compressed_model_can_load_a_prompt_later(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    compress_(tiny_llama, RTNConfig(bits=4, group_size=64), progress=False)
+    hcp.save_pretrained(tiny_llama, tmp_path / "m")
+    save_recovery_prompt(_prompt(), tmp_path / "p", tiny_llama)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert recovery_prompt_of(loaded) is None
+    loaded.load_recovery_prompt(str(tmp_path / "p"))
+    assert recovery_prompt_of(loaded).num_virtual_tokens == N
