@@ -9,13 +9,14 @@ WikiText-2 and PTB perplexity (first --windows windows of 2048 tokens, bf16 auto
 a prompt, with the setting's own prompt, and with the other settings' prompts (transfer); C4 -> WikiText-2 / PTB
 is itself a transfer across datasets. LoRA (rank 8 on every block linear) gets the same steps on setting (a).
 
-    python bench/recovery.py                      # the full run reported in docs/results (about 50 minutes)
+    python bench/recovery.py                      # the full run reported in docs/results (about an hour)
     python bench/recovery.py --steps 4 --windows 1 --settings gptq-w3-g64   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         compress_s = time.perf_counter() - start
         compressed = _perplexities(model, ids, args)
         _log(f"{name}: compressed in {compress_s:.0f} s: {compressed}")
+        if name == args.settings[0] and not args.no_lora:
+            lora_twin = copy.deepcopy(model)  # LoRA gets the same compressed weights, without compressing again
         result = recover(model, tokenizer, train_config)
         recovered = _perplexities(model, ids, args)  # the prompt is attached
         _log(f"{name}: prompt trained in {result.seconds:.0f} s (best C4 validation ppl {result.best_perplexity:.2f} "
@@ -136,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     first = args.settings[0]
     if not args.no_lora:
-        model, _ = load_model_and_tokenizer()
-        compress_(model, Recipe(SETTINGS[first], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
-                  pack=False, progress=False)
+        model = lora_twin
         lora_config = RecoveryConfig(**{**train_config.to_dict(), "method": "LORA", "learning_rate": 2e-4})
         result = recover(model, tokenizer, lora_config)
         lora = _perplexities(result.trained, ids, args)
