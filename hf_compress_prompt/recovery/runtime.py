@@ -139,27 +139,29 @@ def detach_recovery_prompt(model: nn.Module) -> nn.Module:
         return model
     for hook in state.hooks:
         hook.remove()
-    for name in ("generate", "save_pretrained", "push_to_hub", "load_recovery_prompt", "disable_recovery_prompt", "enable_recovery_prompt"):
+    for name in ("generate", "save_pretrained", "push_to_hub", "load_recovery_prompt", "disable_recovery_prompt",
+                 "enable_recovery_prompt"):
         model.__dict__.pop(name, None)
     delattr(model, _STATE)
     return model
 
 
-def disable_recovery_prompt(model: nn.Module) -> nn.Module:
-    """Runs ``model`` without its prompt until :func:`enable_recovery_prompt` (the prompt stays attached)."""
+def _set_enabled(model: nn.Module, enabled: bool) -> nn.Module:
     state = getattr(model, _STATE, None)
     if state is None:
         raise UserInputError("this model has no recovery prompt attached")
-    state.enabled = False
+    state.enabled = enabled
     return model
+
+
+def disable_recovery_prompt(model: nn.Module) -> nn.Module:
+    """Runs ``model`` without its prompt until :func:`enable_recovery_prompt` (the prompt stays attached)."""
+    return _set_enabled(model, False)
 
 
 def enable_recovery_prompt(model: nn.Module) -> nn.Module:
-    state = getattr(model, _STATE, None)
-    if state is None:
-        raise UserInputError("this model has no recovery prompt attached")
-    state.enabled = True
-    return model
+    """Runs ``model`` with its attached prompt again."""
+    return _set_enabled(model, True)
 
 
 def _active(model: nn.Module) -> _State | None:

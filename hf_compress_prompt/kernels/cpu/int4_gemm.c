@@ -48,19 +48,35 @@ void hcp_quantize_activations(const float *x, int64_t T, int64_t K, int64_t grou
     }
 }
 
+/* ---- dense integer codes: int4 and int8 -----------------------------------------------------------------------
+ * One body serves both widths (``bits`` is a compile-time constant in each caller, so it folds away):
+ *   int4: row o holds K/2 bytes, a 64-input block 32 bytes, unpacked to [low nibbles | high nibbles] to meet the
+ *         activations' [evens | odds] order;
+ *   int8: row o holds K bytes, byte k the code of input k (the 8-bit bit stream of the stored format), activations
+ *         in natural order, a block loaded as is. */
+#define ISA_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
+
+static inline int64_t row_bytes(int64_t K, int bits) { return bits == 4 ? K / 2 : K; }
+
 /* ---- portable path ------------------------------------------------------------------------------------------- */
-static void gemm_scalar(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                        const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
+static inline void dense_scalar(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K,
+                                int64_t group_size, const int8_t *xq, const float *sx, const float *xs, int64_t T,
+                                float *y, int64_t r0, int64_t r1, int bits) {
     const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
     for (int64_t o = r0; o < r1; o++) {
-        const uint8_t *wr = w + o * (K / 2);
+        const uint8_t *wr = w + o * row_bytes(K, bits);
         for (int64_t t = 0; t < T; t++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *wb = wr + b * (BLOCK / 2);
                 const int8_t *qb = xq + t * K + b * BLOCK;
                 int32_t dot = 0;
-                for (int i = 0; i < BLOCK / 2; i++) dot += (wb[i] & 15) * qb[i] + (wb[i] >> 4) * qb[BLOCK / 2 + i];
+                if (bits == 4) {
+                    const uint8_t *wb = wr + b * (BLOCK / 2);
+                    for (int i = 0; i < BLOCK / 2; i++) dot += (wb[i] & 15) * qb[i] + (wb[i] >> 4) * qb[BLOCK / 2 + i];
+                } else {
+                    const uint8_t *wb = wr + b * BLOCK;
+                    for (int i = 0; i < BLOCK; i++) dot += wb[i] * qb[i];
+                }
                 acc += scale[o * G + b / per_group] * sx[t * nb + b] * (float)dot;
             }
             for (int64_t g = 0; g < G; g++) acc -= zs[o * G + g] * xs[t * G + g];
@@ -75,29 +91,37 @@ static void gemm_scalar(const uint8_t *w, const float *scale, const float *zs, i
 /* 32 bytes = 64 codes -> [low nibbles (inputs 0, 2, .., 62) | high nibbles (1, 3, .., 63)] as 64 bytes. The bytes
  * are broadcast to both 256-bit halves straight from memory (a load, no shuffle port), and only the upper half's
  * 16-bit words are shifted right by 4 before the mask. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+__attribute__((target(ISA_VNNI), always_inline))
 static inline __m512i unpack_block(const uint8_t *src) {
     const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)src));
     const __m512i shifted = _mm512_mask_srli_epi16(both, (__mmask32)0xFFFF0000u, both, 4);
     return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
 }
 
+/* Block b of a row's codes as 64 unsigned bytes in the activations' order. */
+__attribute__((target(ISA_VNNI), always_inline))
+static inline __m512i block_codes(const uint8_t *row, int64_t b, int bits) {
+    return bits == 4 ? unpack_block(row + b * (BLOCK / 2)) : _mm512_loadu_si512((const void *)(row + b * BLOCK));
+}
+
 /* One token (decoding): four rows at a time, each with its own accumulator (independent dependency chains), sharing
- * every activation load. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-static void gemv_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                      const int8_t *xq, const float *sx, const float *xs, float *y, int64_t r0, int64_t r1) {
-    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size, row = K / 2;
+ * every activation load; the next four rows are prefetched one cache line per 64 bytes of codes. */
+__attribute__((target(ISA_VNNI), always_inline))
+static inline void dense_gemv(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K,
+                              int64_t group_size, const int8_t *xq, const float *sx, const float *xs, float *y,
+                              int64_t r0, int64_t r1, int bits) {
+    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size, row = row_bytes(K, bits);
+    const int64_t block_bytes = bits == 4 ? BLOCK / 2 : BLOCK;
     int64_t o = r0;
     for (; o + 3 < r1; o += 4) {
-        const uint8_t *w0 = w + o * row;
+        const uint8_t *w0 = w + o * row, *w1 = w0 + row, *w2 = w1 + row, *w3 = w2 + row;
         const float *s0 = scale + o * G;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         const uint8_t *next = w0 + 4 * row;  /* the next four rows stream in while these four are used */
         const int prefetch = o + 7 < r1;
         for (int64_t b = 0; b < nb; b++) {
-            if (prefetch && !(b & 1)) {
-                const uint8_t *p = next + b * (BLOCK / 2);
+            if (prefetch && (bits == 8 || !(b & 1))) {
+                const uint8_t *p = next + b * block_bytes;
                 _mm_prefetch((const char *)p, _MM_HINT_T0);
                 _mm_prefetch((const char *)(p + row), _MM_HINT_T0);
                 _mm_prefetch((const char *)(p + 2 * row), _MM_HINT_T0);
@@ -107,10 +131,10 @@ static void gemv_vnni(const uint8_t *w, const float *scale, const float *zs, int
             const int64_t g = b / per_group;
             const float s = sx[b];
             const __m512i z = _mm512_setzero_si512();
-            const __m512i d0 = _mm512_dpbusd_epi32(z, unpack_block(w0 + b * (BLOCK / 2)), a);
-            const __m512i d1 = _mm512_dpbusd_epi32(z, unpack_block(w0 + row + b * (BLOCK / 2)), a);
-            const __m512i d2 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 2 * row + b * (BLOCK / 2)), a);
-            const __m512i d3 = _mm512_dpbusd_epi32(z, unpack_block(w0 + 3 * row + b * (BLOCK / 2)), a);
+            const __m512i d0 = _mm512_dpbusd_epi32(z, block_codes(w0, b, bits), a);
+            const __m512i d1 = _mm512_dpbusd_epi32(z, block_codes(w1, b, bits), a);
+            const __m512i d2 = _mm512_dpbusd_epi32(z, block_codes(w2, b, bits), a);
+            const __m512i d3 = _mm512_dpbusd_epi32(z, block_codes(w3, b, bits), a);
             a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s * s0[g]), a0);
             a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s * s0[G + g]), a1);
             a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_set1_ps(s * s0[2 * G + g]), a2);
@@ -123,24 +147,25 @@ static void gemv_vnni(const uint8_t *w, const float *scale, const float *zs, int
             y[o + r] = v[r];
         }
     }
-    if (o < r1) gemm_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, 1, y, o, r1);
+    if (o < r1) dense_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, 1, y, o, r1, bits);
 }
 
-/* One row at a time: its 64-code blocks are unpacked once and reused for a tile of tokens whose accumulators stay
- * in registers; per block and token one dpbusd (64 products into 16 int32 lanes), one convert, one fma. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-static void gemm_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                      const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
+/* One row at a time: its blocks are unpacked once and reused for a tile of tokens whose accumulators stay in
+ * registers; per block and token one dpbusd (64 products into 16 int32 lanes), one convert, one fma. */
+__attribute__((target(ISA_VNNI), always_inline))
+static inline void dense_gemm(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K,
+                              int64_t group_size, const int8_t *xq, const float *sx, const float *xs, int64_t T,
+                              float *y, int64_t r0, int64_t r1, int bits) {
     const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
     for (int64_t o = r0; o < r1; o++) {
-        const uint8_t *wr = w + o * (K / 2);
+        const uint8_t *wr = w + o * row_bytes(K, bits);
         const float *sr = scale + o * G;
         for (int64_t t0 = 0; t0 < T; t0 += TILE) {
             const int64_t nt = T - t0 < TILE ? T - t0 : TILE;
             __m512 acc[TILE];
             for (int j = 0; j < TILE; j++) acc[j] = _mm512_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
-                const __m512i codes = unpack_block(wr + b * (BLOCK / 2));
+                const __m512i codes = block_codes(wr, b, bits);
                 const float sg = sr[b / per_group];
                 for (int j = 0; j < nt; j++) {
                     const int64_t t = t0 + j;
@@ -159,6 +184,19 @@ static void gemm_vnni(const uint8_t *w, const float *scale, const float *zs, int
     }
 }
 
+#define DENSE_ARGS w, scale, zs, N, K, group_size, xq, sx, xs
+#define DENSE_PARAMS                                                                                                 \
+    const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,                \
+        const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1
+__attribute__((target(ISA_VNNI))) static void int4_vnni(DENSE_PARAMS) {
+    if (T == 1) dense_gemv(DENSE_ARGS, y, r0, r1, 4);
+    else dense_gemm(DENSE_ARGS, T, y, r0, r1, 4);
+}
+__attribute__((target(ISA_VNNI))) static void int8_vnni(DENSE_PARAMS) {
+    if (T == 1) dense_gemv(DENSE_ARGS, y, r0, r1, 8);
+    else dense_gemm(DENSE_ARGS, T, y, r0, r1, 8);
+}
+
 int hcp_has_vnni(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -166,115 +204,17 @@ int hcp_has_vnni(void) {
 }
 
 /* y (T, N) for rows [r0, r1): callers split rows across threads. use_vnni: 1 = AVX-512 VNNI, 0 = portable. */
-void hcp_int4_gemm(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                   const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1,
-                   int use_vnni) {
-    if (use_vnni && T == 1)
-        gemv_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, y, r0, r1);
-    else if (use_vnni)
-        gemm_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
-    else
-        gemm_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
+void hcp_int4_gemm(DENSE_PARAMS, int use_vnni) {
+    if (use_vnni) int4_vnni(DENSE_ARGS, T, y, r0, r1);
+    else dense_scalar(DENSE_ARGS, T, y, r0, r1, 4);
 }
 
-/* ---- dense int8 codes (8-bit layers, e.g. an 8-bit LM head) ----------------------------------------------------
- * Row o holds K bytes, byte k the code of input k (the 8-bit bit stream of the stored format); activations in
- * natural order. One dpbusd per 64-input block and row, no unpacking. */
-static void gemm8_scalar(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                         const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
-    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
-    for (int64_t o = r0; o < r1; o++)
-        for (int64_t t = 0; t < T; t++) {
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *wb = w + o * K + b * BLOCK;
-                const int8_t *qb = xq + t * K + b * BLOCK;
-                int32_t dot = 0;
-                for (int i = 0; i < BLOCK; i++) dot += wb[i] * qb[i];
-                acc += scale[o * G + b / per_group] * sx[t * nb + b] * (float)dot;
-            }
-            for (int64_t g = 0; g < G; g++) acc -= zs[o * G + g] * xs[t * G + g];
-            y[t * N + o] = acc;
-        }
+void hcp_int8_gemm(DENSE_PARAMS, int use_vnni) {
+    if (use_vnni) int8_vnni(DENSE_ARGS, T, y, r0, r1);
+    else dense_scalar(DENSE_ARGS, T, y, r0, r1, 8);
 }
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-static void gemm8_vnni(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                       const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1) {
-    const int64_t nb = K / BLOCK, per_group = group_size / BLOCK, G = K / group_size;
-    int64_t o = r0;
-    if (T == 1) { /* four rows at a time, independent chains sharing each activation load */
-        for (; o + 3 < r1; o += 4) {
-            const uint8_t *w0 = w + o * K;
-            const float *s0 = scale + o * G;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-            const int prefetch = o + 7 < r1;
-            for (int64_t b = 0; b < nb; b++) {
-                if (prefetch) {
-                    const uint8_t *p = w0 + 4 * K + b * BLOCK;
-                    _mm_prefetch((const char *)p, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(p + K), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(p + 2 * K), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(p + 3 * K), _MM_HINT_T0);
-                }
-                const __m512i a = _mm512_loadu_si512((const void *)(xq + b * BLOCK));
-                const int64_t g = b / per_group;
-                const float s = sx[b];
-                const __m512i z = _mm512_setzero_si512();
-                const __m512i d0 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + b * BLOCK)), a);
-                const __m512i d1 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + K + b * BLOCK)), a);
-                const __m512i d2 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + 2 * K + b * BLOCK)), a);
-                const __m512i d3 = _mm512_dpbusd_epi32(z, _mm512_loadu_si512((const void *)(w0 + 3 * K + b * BLOCK)), a);
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s * s0[g]), a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s * s0[G + g]), a1);
-                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_set1_ps(s * s0[2 * G + g]), a2);
-                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d3), _mm512_set1_ps(s * s0[3 * G + g]), a3);
-            }
-            float v[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                          _mm512_reduce_add_ps(a3)};
-            for (int r = 0; r < 4; r++) {
-                for (int64_t g = 0; g < G; g++) v[r] -= zs[(o + r) * G + g] * xs[g];
-                y[o + r] = v[r];
-            }
-        }
-        if (o < r1) gemm8_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, 1, y, o, r1);
-        return;
-    }
-    for (; o < r1; o++) { /* one row at a time, a tile of tokens in registers */
-        const uint8_t *wr = w + o * K;
-        const float *sr = scale + o * G;
-        for (int64_t t0 = 0; t0 < T; t0 += TILE) {
-            const int64_t nt = T - t0 < TILE ? T - t0 : TILE;
-            __m512 acc[TILE];
-            for (int j = 0; j < TILE; j++) acc[j] = _mm512_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                const __m512i codes = _mm512_loadu_si512((const void *)(wr + b * BLOCK));
-                const float sg = sr[b / per_group];
-                for (int j = 0; j < nt; j++) {
-                    const int64_t t = t0 + j;
-                    const __m512i a = _mm512_loadu_si512((const void *)(xq + t * K + b * BLOCK));
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, a);
-                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sg * sx[t * nb + b]), acc[j]);
-                }
-            }
-            for (int j = 0; j < nt; j++) {
-                const int64_t t = t0 + j;
-                float v = _mm512_reduce_add_ps(acc[j]);
-                for (int64_t g = 0; g < G; g++) v -= zs[o * G + g] * xs[t * G + g];
-                y[t * N + o] = v;
-            }
-        }
-    }
-}
-
-void hcp_int8_gemm(const uint8_t *w, const float *scale, const float *zs, int64_t N, int64_t K, int64_t group_size,
-                   const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1,
-                   int use_vnni) {
-    if (use_vnni)
-        gemm8_vnni(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
-    else
-        gemm8_scalar(w, scale, zs, N, K, group_size, xq, sx, xs, T, y, r0, r1);
-}
+#undef DENSE_ARGS
+#undef DENSE_PARAMS
 
 /* ---- unstructured bitmask + int4 ------------------------------------------------------------------------------
  * Kernel layout (built at load time from the stored format): for row o, block b (64 inputs), a 64-bit keep mask
