@@ -74,14 +74,14 @@ def run_shape(name: str, out: int, inp: int, gs: int, token_counts: list[int], a
         codes = torch.randint(0, 16, (out, inp), dtype=torch.uint8)
         scale, zero = torch.rand(out, groups) * 0.01, torch.randint(0, 16, (out, groups)).float()
         tensors = pack_linear(sfmt, torch.empty(out, inp), codes=codes, scale=scale.bfloat16(), zero=zero, pruned=pruned)
-        cpu._cached(tensors, lambda t: cpu._bitmask_layout(sfmt, t))  # the load-time repack, outside the timing
+        cpu.prepare(sfmt, tensors)  # the load-time repack, outside the timing
         return sfmt, tensors
 
     def ours_sparse_bf16(i):
         pruned = torch.rand(out, inp) < 0.5
         sfmt = LinearFormat(inp, out, sparsity="bitmask", nnz=int((~pruned).sum()))
         tensors = pack_linear(sfmt, torch.randn(out, inp).bfloat16().masked_fill(pruned, 0), pruned=pruned)
-        cpu._cached(tensors, lambda t: cpu._sparse_values_layout(sfmt, t))
+        cpu.prepare(sfmt, tensors)
         return sfmt, tensors
 
     def torch_int4(i):

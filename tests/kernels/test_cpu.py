@@ -129,8 +129,8 @@ def test_weights_prepared_once_and_refreshed_when_changed():
     fmt, tensors = _layer(64, 128, 64)
     x = torch.randn(1, 128)
     before = cpu.int_linear(x, fmt, tensors, None)
-    plan = cpu._cached(tensors, None)  # built by the call above: no builder needed
-    assert cpu._cached(tensors, None) is plan
+    plan = cpu.prepare(fmt, tensors)  # built by the call above: the same object comes back
+    assert plan is not None and cpu.prepare(fmt, tensors) is plan
     tensors["weight_scale"].mul_(2)  # in-place change bumps the version: re-prepared
     torch.testing.assert_close(cpu.int_linear(x, fmt, tensors, None), before * 2, rtol=1e-5, atol=1e-5)
 

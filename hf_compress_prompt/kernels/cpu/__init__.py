@@ -38,6 +38,7 @@ __all__ = [
     "cache_bytes",
     "int_linear",
     "kernel_name",
+    "prepare",
     "supports",
     "supports_dense",
     "unavailable_reason",
@@ -374,6 +375,26 @@ def _plan(kind: int, fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> Lay
     if kind == _SPARSE_INT4:
         return LayerPlan(kind, fmt, _bitmask_layout(fmt, tensors), _use_vbmi2)
     return LayerPlan(kind, fmt, _sparse_values_layout(fmt, tensors), _use_bf16)
+
+
+def prepare(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan | None:
+    """Builds (once, cached) the kernel's load-time layout of a layer; `None` when no C kernel serves it."""
+    lib = _load()
+    if lib is None:
+        return None
+    if fmt.kind == "int":
+        if supports_dense(fmt) is not None:
+            return None
+        kind = _DENSE if fmt.bits == 4 else _DENSE8
+    elif fmt.bits is None:
+        if supports(fmt, tensors["weight"].dtype) is not None:
+            return None
+        kind = _SPARSE_BF16
+    else:
+        if supports(fmt) is not None:
+            return None
+        kind = _SPARSE_INT4
+    return _cached(tensors, lambda t: _plan(kind, fmt, t))
 
 
 def int_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
