@@ -163,12 +163,16 @@ def lora_model(model: nn.Module, config: RecoveryConfig | None = None):
                                                  lora_dropout=0.0, target_modules=targets))
 
 
-def _full_model(model: nn.Module) -> nn.Module:
+def _check_full(model: nn.Module) -> None:
     from ..nn import PackedLinear
 
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise UserInputError("method=FULL trains the weights themselves and this model holds packed (quantized / "
                              "sparse) layers; use PROMPT or LORA, or a dense model (e.g. layers dropped only)")
+
+
+def _full_model(model: nn.Module) -> nn.Module:
+    _check_full(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -244,6 +248,8 @@ def recover(
         if unknown:
             raise UserInputError(f"unknown recovery settings {sorted(unknown)}; see RecoveryConfig")
         config = RecoveryConfig(**{**config.to_dict(), **overrides})
+    if config.method is RecoveryMethod.FULL:
+        _check_full(model)  # before any data is read
     if train_dataset is None:
         train_dataset = TokenWindows(token_windows(config.dataset, tokenizer, config.seqlen, part="train"))
     if eval_dataset is None:
