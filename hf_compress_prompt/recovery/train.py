@@ -299,6 +299,10 @@ def recover(
         )
         trainer = Trainer(model=trained, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=PromptTuningCollator(pad), callbacks=[callback, *(callbacks or [])])
+        if (training_args or {}).get("disable_tqdm", True):
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # the history comes back in the result; keep stdout clean
         start = time.perf_counter()
         try:
             output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
