@@ -15,6 +15,7 @@ Attached with :func:`attach_recovery_prompt` (``from_pretrained`` does it for a 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass, field
@@ -201,11 +202,15 @@ def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None):
 
 
 # ----- forward --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
+
+
 def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     if not args:
         return kwargs
-    names = list(inspect.signature(model.forward).parameters)
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(_forward_parameters(type(model)), args)), **kwargs}
 
 
 def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
