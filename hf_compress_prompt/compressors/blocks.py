@@ -89,7 +89,7 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)
 
 
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")
 
 
 class _Captured(Exception):

@@ -185,7 +185,7 @@ def _prompt_kv(model: nn.Module, state: _State) -> list[tuple[torch.Tensor, torc
                 out = model(inputs_embeds=prompt, use_cache=True)
         finally:
             state.bypass = False
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
         state.cache = {key: kv}  # one entry: a dtype or device change rebuilds it
     return kv
 
@@ -207,6 +207,23 @@ def _forward_parameters(cls: type) -> tuple[str, ...]:
     return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward takes its cache by: ``cache`` from transformers 5.24, ``past_key_values``
+    before (the old name still works there, with a deprecation warning)."""
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+
+
+def _output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _given_cache(kwargs: dict):
+    """The cache passed under either name."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     if not args:
         return kwargs
@@ -218,7 +235,7 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     if state is None:
         return None
     kwargs = _as_kwargs(model, args, kwargs)
-    past = kwargs.get("past_key_values")
+    past = _given_cache(kwargs)
     if past is not None and past.get_seq_length() > 0:
         return None  # a continuation: the prompt is already in the cache
     tokens = kwargs.get("input_ids")
@@ -227,7 +244,8 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     if tokens is None:
         return None
     batch, n = tokens.shape[0], state.prompt.num_virtual_tokens
-    kwargs["past_key_values"] = _prefix_cache(model, state, batch, past)
+    kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    kwargs[_cache_kwarg(model)] = _prefix_cache(model, state, batch, past)
     kwargs["use_cache"] = True
     mask = kwargs.get("attention_mask")
     if mask is not None:
@@ -247,8 +265,8 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
     if ids is None or kwargs.get("inputs_embeds") is not None:
         raise UserInputError("generate with a recovery prompt takes input_ids (inputs_embeds are not supported)")
-    if kwargs.get("past_key_values") is not None:
-        raise UserInputError("generate with a recovery prompt builds its own cache; do not pass past_key_values")
+    if _given_cache(kwargs) is not None:
+        raise UserInputError("generate with a recovery prompt builds its own cache; do not pass one")
     if kwargs.get("cache_implementation") not in (None, "dynamic"):
         raise UserInputError("generate with a recovery prompt uses a dynamic cache (the prompt's keys and values are "
                              f"copied into it); cache_implementation={kwargs['cache_implementation']!r} is not supported")
@@ -262,7 +280,7 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     out = original(
         torch.cat([placeholder, ids], dim=1),
         attention_mask=torch.cat([mask.new_ones(batch, n), mask], dim=1),
-        past_key_values=_prefix_cache(model, state, batch),
+        **{_cache_kwarg(model): _prefix_cache(model, state, batch)},
         **kwargs,
     )
     if isinstance(out, torch.Tensor):
