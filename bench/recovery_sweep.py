@@ -1,0 +1,111 @@
+"""How the soft prompt's learning rate and step budget decide what it recovers, on one compressed SmolLM2 model.
+Writes docs/results/recovery_sweep.{md,json}.
+
+The model is compressed once (default: the issue's setting (a), SparseGPT 50% + 4-bit g64, weights kept dense and
+fake-quantized); then one prompt per learning rate is trained from the same initialisation on the same C4 windows,
+and WikiText-2 / PTB perplexity is measured with each. Every prompt sees the same data in the same order (seed 0).
+
+    python bench/recovery_sweep.py                                  # the run reported in docs/results
+    python bench/recovery_sweep.py --lrs 1e-3 3e-2 --steps 4 --windows 1   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table, write_results
+from recovery import SETTINGS
+
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
+from hf_compress_prompt.recovery import detach_recovery_prompt
+from hf_compress_prompt.recovery.train import RecoveryConfig, recover
+from hf_compress_prompt.recovery.transfer import gap_closed
+
+DATASETS = ("wikitext2", "ptb")
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hf_compress_prompt.data import eval_tokens
+    from hf_compress_prompt.evaluation import perplexity
+    from hf_compress_prompt.models import load_model_and_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="sparsegpt-50%+w4-g64", choices=list(SETTINGS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2, 1e-1])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=4, help="WikiText-2 / PTB test windows of 2048 tokens")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="recovery_sweep", help="results name under docs/results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    start_all = time.perf_counter()
+
+    def ppl(model) -> dict[str, float]:
+        return {d: perplexity(model, t, seqlen=2048, max_windows=args.windows, autocast_bf16=True,
+                              progress=False).perplexity for d, t in ids.items()}
+
+    model, tokenizer = load_model_and_tokenizer()
+    ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}
+    dense = ppl(model)
+    compress_(model, Recipe(SETTINGS[args.setting], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
+              pack=False, progress=False)
+    compressed = ppl(model)
+    _log(f"dense {dense}, {args.setting} {compressed}")
+    records = []
+    for lr in args.lrs:
+        config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
+                                batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
+                                learning_rate=lr)
+        result = recover(model, tokenizer, config)
+        recovered = ppl(model)
+        detach_recovery_prompt(model)
+        record = {"learning_rate": lr, "recovered": recovered, "best_step": result.best_step,
+                  "best_c4_validation_perplexity": result.best_perplexity, "history": result.history,
+                  "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
+                  "gap_closed": {d: gap_closed(dense[d], compressed[d], recovered[d]) for d in DATASETS}}
+        records.append(record)
+        _log(f"lr {lr:g}: {recovered} (best C4 valid {result.best_perplexity:.2f} at step {result.best_step}, "
+             f"{result.seconds:.0f} s)")
+
+    rows = []
+    for r in records:
+        curve = ", ".join(f"{h['step']}: {h['perplexity']:.1f}" for h in r["history"])
+        rows.append([f"{r['learning_rate']:g}", curve, r["best_step"]]
+                    + [f"{r['recovered'][d]:.2f} ({100 * r['gap_closed'][d]:.0f}%)" for d in DATASETS]
+                    + [f"{r['seconds_per_step']:.1f}"])
+    table = markdown_table(["learning rate", "C4 validation ppl by step", "best step"]
+                           + [f"{d} + prompt (gap closed)" for d in DATASETS] + ["s / step"], rows)
+    total = time.perf_counter() - start_all
+    notes = (f"Setting {args.setting}: dense " + ", ".join(f"{d} {dense[d]:.2f}" for d in DATASETS)
+             + "; compressed " + ", ".join(f"{d} {compressed[d]:.2f}" for d in DATASETS)
+             + f". Perplexity on the first {args.windows} windows of 2048 tokens (bf16 autocast). Prompts: "
+             f"{args.tokens} virtual tokens from the first {args.tokens} vocabulary embeddings, AdamW (weight decay "
+             f"1e-5), {args.steps} steps x {args.batch} x {args.seqlen} C4 tokens, 10% warm-up then linear decay, "
+             f"clipping 1.0, best of the validations every {args.eval_steps} steps on {args.eval_windows} held-out "
+             f"C4 windows kept; {args.threads} threads. Whole run: {total / 60:.1f} min.")
+    settings = dict(vars(args))
+    path = write_results(args.output, title=f"Prompt learning rate sweep on {args.setting}", settings=settings,
+                         machine=machine, table=table,
+                         records=[{"dense": dense, "compressed": compressed}, *records], notes=notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
