@@ -57,3 +57,13 @@ def shared_data_root() -> Path | None:
 def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:
     """``||W X^T - Q X^T||_F^2``: the layer-wise reconstruction loss GPTQ and SparseGPT minimise."""
     return ((X @ (W - Q).T) ** 2).sum().item()
+
+
+# ----- task data (knowledge-intensive evaluation) -----
+TRIVIA = [("What type of animal is a dik-dik?", "Antelope", ["Antelope", "Antelopes"]),
+          ("Which planet is known as the red planet?", "Mars", ["Mars", "Planet Mars"]),
+          ("What is the capital of France?", "Paris", ["Paris"]),
+          ("Who wrote Hamlet?", "William Shakespeare", ["Shakespeare", "William Shakespeare"])]
+STORY = ("(CNN) -- Maria Lopez opened a bakery in Springfield on Monday.\n\nThe bakery sells bread made by Maria "
+         "Lopez herself, and the mayor of Springfield attended.\n\n@highlight\n\nMaria Lopez opens a bakery in "
+         "Springfield\n\n@highlight\n\nThe mayor came to the opening\n")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from builders import C4_DOCS, PTB_LINES, TINY_MODELS, VOCAB, WIKITEXT_RAW, build_tiny_llama
+from builders import C4_DOCS, PTB_LINES, STORY, TINY_MODELS, TRIVIA, VOCAB, WIKITEXT_RAW, build_tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -71,3 +71,22 @@ def data_dir(tmp_path, monkeypatch):
             f.write(json.dumps({"text": doc, "url": "x"}) + "\n")
     monkeypatch.setenv("HF_COMPRESS_PROMPT_DATA", str(root))
     return root
+
+
+@pytest.fixture
+def task_data_dir(data_dir):
+    """TriviaQA, MMLU (two subjects) and CNN/DailyMail stories laid out like ../shared/data."""
+    (data_dir / "triviaqa").mkdir()
+    with open(data_dir / "triviaqa" / "triviaqa_sm_sub.jsonl", "w") as f:
+        for q, a, aliases in TRIVIA:
+            f.write(json.dumps({"context": f"Question: {q}\nAnswer:", "answer": a, "aliases": aliases}) + "\n")
+    for split, n in (("dev", 5), ("test", 3)):
+        (data_dir / "mmlu" / split).mkdir(parents=True)
+        for subject in ("astronomy", "virology"):
+            rows = [f'"{subject} question {i}?",one,two,three,four,{"ABCD"[i % 4]}' for i in range(n)]
+            (data_dir / "mmlu" / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
+    for size in ("small", "mid", "large"):
+        folder = data_dir / "cnn_dailymail" / "llm-kick-selected" / size
+        folder.mkdir(parents=True)
+        (folder / f"{size}1.story").write_text(STORY.replace("Maria", f"Maria{size.title()}"))
+    return data_dir

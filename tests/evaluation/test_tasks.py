@@ -3,7 +3,6 @@ side-by-side runner with LLM-KICK's "holds" rule; on tiny models and small local
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -15,32 +14,7 @@ from hf_compress_prompt.evaluation.tasks.retrieval_qa import cnn_cloze_questions
 from hf_compress_prompt.evaluation.tasks.scoring import alias_hit, normalize_answer, rouge
 from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt
 
-TRIVIA = [("What type of animal is a dik-dik?", "Antelope", ["Antelope", "Antelopes"]),
-          ("Which planet is known as the red planet?", "Mars", ["Mars", "Planet Mars"]),
-          ("What is the capital of France?", "Paris", ["Paris"]),
-          ("Who wrote Hamlet?", "William Shakespeare", ["Shakespeare", "William Shakespeare"])]
-STORY = ("(CNN) -- Maria Lopez opened a bakery in Springfield on Monday.\n\nThe bakery sells bread made by Maria "
-         "Lopez herself, and the mayor of Springfield attended.\n\n@highlight\n\nMaria Lopez opens a bakery in "
-         "Springfield\n\n@highlight\n\nThe mayor came to the opening\n")
-
-
-@pytest.fixture
-def task_data_dir(data_dir):
-    """TriviaQA, MMLU (two subjects) and CNN/DailyMail stories laid out like ../shared/data."""
-    (data_dir / "triviaqa").mkdir()
-    with open(data_dir / "triviaqa" / "triviaqa_sm_sub.jsonl", "w") as f:
-        for q, a, aliases in TRIVIA:
-            f.write(json.dumps({"context": f"Question: {q}\nAnswer:", "answer": a, "aliases": aliases}) + "\n")
-    for split, n in (("dev", 5), ("test", 3)):
-        (data_dir / "mmlu" / split).mkdir(parents=True)
-        for subject in ("astronomy", "virology"):
-            rows = [f'"{subject} question {i}?",one,two,three,four,{"ABCD"[i % 4]}' for i in range(n)]
-            (data_dir / "mmlu" / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
-    for size in ("small", "mid", "large"):
-        folder = data_dir / "cnn_dailymail" / "llm-kick-selected" / size
-        folder.mkdir(parents=True)
-        (folder / f"{size}1.story").write_text(STORY.replace("Maria", f"Maria{size.title()}"))
-    return data_dir
+from builders import TRIVIA
 
 
 class ScriptedLM(TaskModel):
