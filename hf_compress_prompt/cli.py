@@ -20,9 +20,7 @@ __all__ = ["main", "build_parser"]
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_IMPLEMENTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # Commands with a place in the interface whose work lands in a later issue.
-_PLANNED = {
-    "evaluate-tasks": ("knowledge-intensive evaluation (LLM-KICK: factoid QA, MMLU, retrieval QA, summarization)", 7),
-}
+_PLANNED: dict[str, tuple[str, int]] = {}
 
 _EPILOG = """\
 exit status: 0 success, 2 bad input (one line naming the value and the fix), 3 command not implemented yet,
@@ -169,6 +167,39 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--prompt", help="a recovery prompt folder")
     pu.add_argument("--results", default=None, help="JSON file or string: {dataset: perplexity} for the card")
     pu.add_argument("--private", action="store_true", help="create the repository private")
+
+    et = commands.add_parser(
+        "evaluate-tasks", help="knowledge-intensive tasks (LLM-KICK) on several models side by side",
+        description="Factoid QA, MMLU 0/5-shot, closed/open-book retrieval QA and summarization on each model; a "
+        "model 'holds' a task when within --epsilon (relative) of the reference model. A saved recovery prompt is "
+        "attached on load; NAME=PATH:noprompt scores the same folder without it.",
+        epilog=_EPILOG + "\nexample:\n  hf-compress-prompt evaluate-tasks --models dense=default "
+        "sparse=out/sp-w4:noprompt recovered=out/sp-w4 --limit 50 --output out/kick.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    et.add_argument("--models", nargs="+", default=["dense=default"], metavar="NAME=PATH[:noprompt]",
+                    help="models to compare (default: dense=default, the embedded SmolLM2)")
+    et.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="task names (default: all registered)")
+    et.add_argument("--limit", type=int, default=None, help="first items per task (MMLU: per subject)")
+    et.add_argument("--reference", default="dense", help="the model others are held against (default: dense)")
+    et.add_argument("--epsilon", type=float, default=0.05, help="relative drop still counted as holding (0.05)")
+    et.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    et.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    et.add_argument("--output", default=None, help="write the report as JSON here (input of `report`)")
+    et.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    et.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    rp = commands.add_parser(
+        "report", help="markdown + HTML report with PNG plots from task results and perplexities",
+        description="Reads an evaluate-tasks JSON and/or perplexities (bench/recovery.py's JSON or "
+        "{dense: {...}, settings: {name: {compressed: {...}, recovered: {...}}}}) and writes report.md, "
+        "report.html, tasks.png and perplexity.png.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rp.add_argument("--tasks", default=None, help="evaluate-tasks JSON")
+    rp.add_argument("--perplexity", default=None, help="perplexity JSON")
+    rp.add_argument("--output", required=True, help="folder for the report")
+    rp.add_argument("--title", default="Compressed model report")
 
     for name, (summary, issue) in _PLANNED.items():
         commands.add_parser(name, help=f"{summary} [not implemented yet: issue {issue}]", description=summary)
@@ -364,6 +395,53 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_models(specs: list[str]) -> dict[str, tuple[str | None, bool]]:
+    models = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserInputError(f"--models entry {spec!r} must be NAME=PATH (PATH 'default' for the embedded model)")
+        if name in models:
+            raise UserInputError(f"--models names must be unique; {name!r} appears twice")
+        with_prompt = not path.endswith(":noprompt")
+        path = path.removesuffix(":noprompt")
+        models[name] = (None if path == "default" else path, with_prompt)
+    return models
+
+
+def _cmd_evaluate_tasks(args: argparse.Namespace) -> int:
+    from .evaluation.tasks import evaluate_tasks, get_task, list_tasks
+    from .models import load_model_and_tokenizer
+
+    specs = _parse_models(args.models)
+    tasks = args.tasks or list(list_tasks())
+    for t in tasks:  # unknown names fail before any model loads
+        get_task(t)
+    reference = args.reference if args.reference in specs else None
+    if args.reference != "dense" and reference is None:
+        raise UserInputError(f"--reference {args.reference!r} is not one of the --models names {list(specs)}")
+    models, tokenizer = {}, None
+    for name, (path, with_prompt) in specs.items():
+        models[name], tokenizer = load_model_and_tokenizer(path)
+        if not with_prompt and hasattr(models[name], "disable_recovery_prompt"):
+            models[name].disable_recovery_prompt()
+    report = evaluate_tasks(models, tokenizer, tasks, limit=args.limit, reference=reference, epsilon=args.epsilon,
+                            batch_size=args.batch_size, autocast_bf16=not args.fp32, progress=not args.no_progress)
+    print(report.to_markdown())
+    if args.output:
+        print(f"saved to {report.save(args.output)}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation.report import write_report
+
+    written = write_report(args.output, tasks=args.tasks, perplexities=args.perplexity, title=args.title)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -379,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         commands = {"eval": _cmd_eval, "demo": _cmd_demo, "compress": _cmd_compress, "recover": _cmd_recover,
-                    "transfer": _cmd_transfer, "push": _cmd_push}
+                    "transfer": _cmd_transfer, "push": _cmd_push, "evaluate-tasks": _cmd_evaluate_tasks,
+                    "report": _cmd_report}
         return commands[args.command](args)
     except UserInputError as exc:
         print(f"hf-compress-prompt {args.command}: error: {exc}", file=sys.stderr)

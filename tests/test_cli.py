@@ -4,21 +4,15 @@ import sys
 
 import pytest
 
-from hf_compress_prompt.cli import EXIT_NOT_IMPLEMENTED, EXIT_OK, EXIT_USAGE, main
+from hf_compress_prompt.cli import EXIT_OK, EXIT_USAGE, main
 
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "hf_compress_prompt", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("eval", "demo", "compress", "recover", "evaluate-tasks", "push"):
+    for command in ("eval", "demo", "compress", "recover", "transfer", "push", "evaluate-tasks", "report"):
         assert command in out.stdout
     assert "exit status" in out.stdout
-
-
-@pytest.mark.parametrize("command", ["evaluate-tasks"])
-def test_planned_commands_say_so_and_exit_3(command, capsys):
-    assert main([command]) == EXIT_NOT_IMPLEMENTED
-    assert "not implemented yet" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2():
@@ -137,3 +131,35 @@ def test_recover_trains_saves_and_transfer_scores_it(tiny_llama_dir, data_dir, t
 def test_recover_bad_settings_exit_2_before_loading(tmp_path, capsys):
     assert main(["recover", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o"), "--steps", "0"]) == EXIT_USAGE
     assert "max_steps=0" in capsys.readouterr().err
+
+
+def test_evaluate_tasks_then_report(task_data_dir, tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "kick.json"
+    code = main(["evaluate-tasks", "--models", f"dense={tiny_llama_dir}", f"same={tiny_llama_dir}:noprompt",
+                 "--tasks", "factoid_qa", "mmlu_0shot", "--limit", "2", "--batch-size", "2", "--no-progress",
+                 "--output", str(out)])
+    assert code == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "| factoid_qa (accuracy, n=2) |" in printed and "(holds)" in printed  # the same weights hold every task
+    saved = json.loads(out.read_text())
+    assert saved["holds"] == {"same": {"factoid_qa": True, "mmlu_0shot": True}}
+    ppl = tmp_path / "ppl.json"
+    ppl.write_text(json.dumps({"dense": {"wikitext2": 20.0}, "settings": {
+        "gptq-w3": {"compressed": {"wikitext2": 50.0}, "recovered": {"wikitext2": 40.0}}}}))
+    assert main(["report", "--tasks", str(out), "--perplexity", str(ppl), "--output", str(tmp_path / "rep")]) == EXIT_OK
+    for name in ("report.md", "report.html", "tasks.png", "perplexity.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+    assert (tmp_path / "rep" / "tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| gptq-w3 | 50.00 | 40.00 |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate-tasks", "--tasks", "trivia"], "unknown task 'trivia'"),
+    (["evaluate-tasks", "--models", "dense"], "must be NAME=PATH"),
+    (["evaluate-tasks", "--models", "a=x", "a=y"], "unique"),
+    (["report", "--output", "x"], "needs task results, perplexities or both"),
+])
+def test_evaluate_tasks_and_report_bad_input_is_one_line(argv, message, capsys):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
