@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine_info, markdown_table, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, LayerDropConfig, Recipe, SparseGPTConfig, compress_
-from hf_compress_prompt.recovery import attach_recovery_prompt, detach_recovery_prompt
+from hf_compress_prompt.recovery import attach_recovery_prompt, detach_recovery_prompt, save_recovery_prompt
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 from hf_compress_prompt.recovery.transfer import gap_closed
 
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=100, help="virtual tokens per prompt")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3, help="prompt learning rate (LoRA keeps 2e-4)")
+    parser.add_argument("--save-prompts", default=None, metavar="DIR",
+                        help="also save each trained prompt in DIR/<setting> (bench/llm_kick.py --prompt reads it)")
     parser.add_argument("--eval-steps", type=int, default=20, help="validate every this many steps")
     parser.add_argument("--eval-windows", type=int, default=8, help="C4 validation windows (held-out documents)")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 / PTB test windows of 2048 tokens")
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     dense = _perplexities(model, ids, args)
     _log(f"dense: {dense}")
     train_config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
-                                  batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows)
+                                  batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
+                                  learning_rate=args.lr)
     dense_prompt = None
     if not args.no_dense_prompt:  # a prompt trained on the uncompressed model: does it help compressed ones?
         result = recover(model, tokenizer, train_config)
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"{name}: prompt trained in {result.seconds:.0f} s (best C4 validation ppl {result.best_perplexity:.2f} "
              f"at step {result.best_step}): {recovered}")
         detach_recovery_prompt(model)
+        if args.save_prompts:
+            save_recovery_prompt(result.prompt, Path(args.save_prompts) / name, model)
         models[name], prompts[name] = model, result.prompt
         records[name] = {
             "recipe": [s.to_dict() for s in SETTINGS[name]], "compress_seconds": compress_s,

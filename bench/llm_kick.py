@@ -1,0 +1,131 @@
+"""LLM-KICK's knowledge-intensive tasks on SmolLM2-135M-Instruct: dense vs SparseGPT 50% + 4-bit g64 vs the same
+with its recovery prompt, in one run. Writes docs/results/llm_kick.{md,json} and the report's PNG.
+
+The compressed model is built here (C4 calibration, weights kept dense and fake-quantized: the numbers the packed
+model gives with the exact reference ops). Its prompt is read from --prompt (a folder written by
+``bench/recovery.py --save-prompts``) or trained here (--steps, --lr).
+
+    python bench/llm_kick.py --prompt out/prompts/sparsegpt-50%+w4-g64    # the run reported in docs/results
+    python bench/llm_kick.py --limit 2 --mmlu-limit 1 --steps 2          # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, machine_info, markdown_table, write_results
+from recovery import SETTINGS
+
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
+from hf_compress_prompt.evaluation.report import write_report
+from hf_compress_prompt.evaluation.tasks import evaluate_tasks
+from hf_compress_prompt.recovery import attach_recovery_prompt, load_recovery_prompt
+from hf_compress_prompt.recovery.train import RecoveryConfig, recover
+
+SETTING = "sparsegpt-50%+w4-g64"
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import copy
+
+    from hf_compress_prompt.models import load_model_and_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=100, help="items per task (factoid QA, retrieval QA)")
+    parser.add_argument("--mmlu-limit", type=int, default=5, help="questions per MMLU subject (57 subjects)")
+    parser.add_argument("--stories", type=int, default=10, help="stories per size (small, mid, large)")
+    parser.add_argument("--summary-tokens", type=int, default=128, help="new tokens per summary")
+    parser.add_argument("--prompt", default=None, help="a saved recovery prompt folder for the compressed model")
+    parser.add_argument("--steps", type=int, default=100, help="prompt steps when no --prompt is given")
+    parser.add_argument("--lr", type=float, default=3e-2, help="prompt learning rate when trained here")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="llm_kick", help="results name under docs/results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    start = time.perf_counter()
+
+    dense, tokenizer = load_model_and_tokenizer()
+    compressed = copy.deepcopy(dense)
+    compress_(compressed, Recipe(SETTINGS[SETTING], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
+              pack=False, progress=False)
+    _log("compressed")
+    prompt_info = {}
+    if args.prompt:
+        prompt = load_recovery_prompt(args.prompt)
+        training = prompt.metadata.get("training", {})
+        prompt_info = {"source": args.prompt, "steps": prompt.metadata.get("steps"),
+                       "learning_rate": training.get("learning_rate"), "seqlen": training.get("seqlen"),
+                       "best_c4_validation_perplexity": prompt.metadata.get("best_validation_perplexity")}
+    else:
+        result = recover(compressed, tokenizer, RecoveryConfig(max_steps=args.steps, learning_rate=args.lr, seqlen=256,
+                                                               eval_steps=max(1, args.steps // 4)), attach=False)
+        prompt = result.prompt
+        prompt_info = {"source": "trained here", "steps": args.steps, "learning_rate": args.lr,
+                       "best_c4_validation_perplexity": result.best_perplexity, "seconds": result.seconds}
+    _log(f"prompt: {prompt_info}")
+    recovered = copy.deepcopy(compressed)
+    attach_recovery_prompt(recovered, prompt)
+
+    models = {"dense": dense, SETTING: compressed, f"{SETTING} + prompt": recovered}
+    options = {"summarization": {"max_new_tokens": args.summary_tokens}}
+    report = evaluate_tasks(models, tokenizer, ["factoid_qa", "retrieval_qa"], limit=args.limit,
+                            batch_size=args.batch_size, progress=False)
+    _log("factoid and retrieval QA done")
+    for tasks, limit in ((["mmlu_0shot", "mmlu_5shot"], args.mmlu_limit), (["summarization"], args.stories)):
+        more = evaluate_tasks(models, tokenizer, tasks, limit=limit, batch_size=args.batch_size, progress=False,
+                              task_options=options)
+        for m in models:
+            report.results[m].update(more.results[m])
+        _log(f"{tasks} done")
+    report.settings.update({"limit": args.limit, "mmlu_limit": args.mmlu_limit, "stories_per_size": args.stories,
+                            "summary_tokens": args.summary_tokens, "prompt": prompt_info})
+
+    rows = []
+    tasks = list(report.results["dense"])
+    held = report.holds()
+    for t in tasks:
+        r0 = report.results["dense"][t]
+        for metric in r0.metrics:
+            cells = [f"{100 * report.results[m][t].metrics[metric]:.1f}" for m in models]
+            mark = [("" if m == "dense" or metric != r0.primary else (" holds" if held[m][t] else " drops"))
+                    for m in models]
+            rows.append([t, metric, r0.samples] + [c + k for c, k in zip(cells, mark)])
+    table = markdown_table(["task", "metric (%)", "items"] + list(models), rows)
+    seconds_rows = [[t] + [f"{report.results[m][t].seconds:.0f}" for m in models] for t in tasks]
+    table += "\n\nSeconds per task:\n\n" + markdown_table(["task"] + list(models), seconds_rows)
+    examples = []
+    for m in models:
+        for e in report.results[m]["factoid_qa"].examples[:3]:
+            examples.append(f"- {m}: {e['question']!r} -> {e['output']!r} (gold {e['gold']!r}, hit {e['hit']})")
+    png_dir = RESULTS_DIR / f"{args.output}_report"
+    write_report(png_dir, tasks=report, title="LLM-KICK tasks on SmolLM2-135M-Instruct")
+    total = time.perf_counter() - start
+    notes = (f"![task scores]({args.output}_report/tasks.png)\n\n"
+             f"Items: factoid QA and retrieval QA the first {args.limit} each (TriviaQA sample; retrieval QA is the "
+             f"CNN/DailyMail cloze set, offline), MMLU the first {args.mmlu_limit} test questions of each of the 57 "
+             f"subjects (5-shot: the 5 dev questions), summarization the first {args.stories} stories of each size "
+             f"with {args.summary_tokens} new tokens. Greedy decoding, bf16 autocast, batch {args.batch_size}, "
+             f"{args.threads} threads. 'holds' = primary metric at least 95% of dense (LLM-KICK's epsilon_0, read as "
+             f"relative). Recovery prompt: {prompt_info}. Whole run: {total / 60:.1f} min.\n\nFirst factoid answers:\n\n"
+             + "\n".join(examples))
+    path = write_results(args.output, title="Knowledge-intensive tasks (LLM-KICK) on compressed SmolLM2-135M-Instruct",
+                         settings=dict(vars(args)), machine=machine, table=table, records=[report.to_dict()],
+                         notes=notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
