@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from ...data.corpora import data_root
+from ...data.corpora import _hub_unreachable_reason, data_root
 from ...errors import MissingResourceError, UserInputError
 
 __all__ = ["read_jsonl", "triviaqa", "mmlu", "mmlu_subjects", "cnn_dailymail_stories", "retrieval_qa"]
@@ -22,7 +22,12 @@ def _local(relative: str) -> Path | None:
 
 
 def _hub(path: str, *args, **kwargs):
-    """``datasets.load_dataset`` with a one-line error when the Hub cannot be reached."""
+    """``datasets.load_dataset`` with a one-line error when the Hub cannot be reached (probed once per process, so
+    an offline machine does not sit through ``datasets``' retries)."""
+    reason = _hub_unreachable_reason()
+    if reason:
+        raise MissingResourceError(f"dataset {path!r} is not in the local data root ({data_root()}) and could not be "
+                                   f"read from the Hub ({reason}); set $HF_COMPRESS_PROMPT_DATA to a folder that holds it")
     try:
         from datasets import load_dataset
 
