@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=100, help="items per task (factoid QA, retrieval QA)")
-    parser.add_argument("--mmlu-limit", type=int, default=5, help="questions per MMLU subject (57 subjects)")
+    parser.add_argument("--mmlu-limit", type=int, default=3, help="questions per MMLU subject (57 subjects)")
     parser.add_argument("--stories", type=int, default=10, help="stories per size (small, mid, large)")
     parser.add_argument("--summary-tokens", type=int, default=128, help="new tokens per summary")
     parser.add_argument("--prompt", default=None, help="a saved recovery prompt folder for the compressed model")

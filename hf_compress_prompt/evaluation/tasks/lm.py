@@ -7,6 +7,8 @@ the attached prompt applies itself inside ``forward`` and ``generate``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,22 +135,32 @@ class TaskModel:
                 scores[chunk, j] = logp
         return scores
 
-    def _forward_logprobs(self, rows: list[list[int]]) -> tuple[torch.Tensor, int]:
+    def _forward_logprobs(self, rows: list[list[int]], keep: int) -> tuple[torch.Tensor, int]:
+        """Log-probabilities at the last ``keep`` positions of the left-padded rows: ``(B, keep, V)``; the output
+        head runs on those positions only when the model takes ``logits_to_keep`` (a 49152-word head over every
+        position of a 5-shot prompt costs more than the model body)."""
         ids, mask = self._left_padded(rows)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): models with absolute positions need them
+        extra = {"logits_to_keep": keep} if _takes_logits_to_keep(type(self.model)) else {}
         with self._autocast():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        return torch.log_softmax(logits.float(), dim=-1).cpu(), ids.shape[1]  # (B, T, V)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                **extra).logits[:, -keep:]
+        return torch.log_softmax(logits.float(), dim=-1).cpu(), ids.shape[1]
 
     def _last_logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        logp, _ = self._forward_logprobs(rows)
+        logp, _ = self._forward_logprobs(rows, keep=1)
         return logp[:, -1]  # (B, V): the distribution after each prompt
 
     def _continuation_logprobs(self, rows: list[list[int]], option: list[int]) -> torch.Tensor:
-        logp, width = self._forward_logprobs([r + option for r in rows])  # (B, T, V), prompts left-padded
         k = len(option)
-        predicted = logp[:, width - k - 1:width - 1]  # (B, k, V): the positions that predict the option's tokens
+        logp, _ = self._forward_logprobs([r + option for r in rows], keep=k + 1)  # (B, k + 1, V)
+        predicted = logp[:, :k]  # (B, k, V): the positions that predict the option's tokens
         return predicted.gather(-1, torch.tensor(option).expand(len(rows), k).unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
