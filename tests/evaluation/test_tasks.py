@@ -222,3 +222,17 @@ def test_task_options_are_checked(tiny_llama, byte_tokenizer):
     with pytest.raises(UserInputError, match="has no option 'max_tokens'"):
         evaluate_tasks({"dense": tiny_llama}, byte_tokenizer, ["factoid_qa"],
                        task_options={"factoid_qa": {"max_tokens": 3}})
+
+
+def test_generation_tasks_use_the_chat_template_when_there_is_one(task_data_dir, byte_tokenizer):
+    import copy
+
+    chat = copy.deepcopy(byte_tokenizer)
+    chat.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    seen = []
+    lm = ScriptedLM(chat, lambda p: seen.append(p) or "Paris")
+    get_task("factoid_qa").run(lm, limit=1)
+    assert seen[-1] == "<u>Please give answer to this question: What type of animal is a dik-dik?\nThe answer is </u><a>"
+    lm.chat_template = False
+    get_task("factoid_qa").run(lm, limit=1)
+    assert seen[-1].startswith("Please give answer")

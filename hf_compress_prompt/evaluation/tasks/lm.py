@@ -39,6 +39,9 @@ class TaskModel:
         max_length (`int`, *optional*): longest prompt in tokens; longer prompts keep their last tokens.
             Defaults to the model's ``max_position_embeddings`` less room for the answer.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
+        chat_template (`bool`, *optional*, defaults to `True`): generation tasks wrap their instruction in the
+            tokenizer's chat template when it has one (:meth:`instruction`); an instruct model then answers the
+            question instead of continuing a list. Log-likelihood tasks (MMLU) never do.
     """
 
     model: torch.nn.Module
@@ -47,6 +50,7 @@ class TaskModel:
     autocast_bf16: bool = True
     max_length: int | None = None
     progress: bool = True
+    chat_template: bool = True
 
     def __post_init__(self):
         if self.tokenizer is None:
@@ -55,6 +59,13 @@ class TaskModel:
             raise UserInputError(f"batch_size={self.batch_size} must be at least 1")
         if getattr(self.tokenizer, "pad_token_id", None) is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def instruction(self, text: str) -> str:
+        """``text`` as a user turn of the tokenizer's chat template (when it has one and ``chat_template``)."""
+        if self.chat_template and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return text
 
     # ----- helpers ----------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -164,6 +175,7 @@ def _takes_logits_to_keep(cls: type) -> bool:
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
+    text = text.lstrip() if stop else text  # an answer that starts on a new line is not an empty answer
     cut = len(text)
     for s in stop:
         at = text.find(s)

@@ -71,7 +71,8 @@ def _blank(highlight: str, context: str) -> dict | None:
 @dataclass
 class RetrievalQA(Task):
     """Scores each question twice: ``closed_book_*`` without the passage and ``open_book_*`` with it; the primary
-    metric is the open-book hit rate (the in-context retrieval skill). A hit is a gold answer inside the
+    metric is the open-book hit rate (the in-context retrieval skill). Prompts go through the chat template when
+    the tokenizer has one (``TaskModel.chat_template``). A hit is a gold answer inside the
     normalized output (LLM-KICK also counted the output inside the gold, which lets an empty answer match).
 
     Data: ``path`` (JSON lines ``{"question", "context", "answers"}``), else ``squad/dev.jsonl`` under the data root,
@@ -82,7 +83,7 @@ class RetrievalQA(Task):
 
     source: str = "auto"
     path: str | None = None
-    max_new_tokens: int = 16
+    max_new_tokens: int = 24
     context_chars: int = 3072
 
     def _rows(self) -> tuple[list[dict], str]:
@@ -103,7 +104,8 @@ class RetrievalQA(Task):
         start = time.perf_counter()
         metrics, examples = {}, {}
         for book, template in (("closed_book", CLOSED_BOOK_PROMPT), ("open_book", OPEN_BOOK_PROMPT)):
-            prompts = [template.format(question=r["question"], context=r["context"][:self.context_chars]) for r in rows]
+            prompts = [lm.instruction(template.format(question=r["question"], context=r["context"][:self.context_chars]))
+                       for r in rows]
             outputs = lm.generate(prompts, self.max_new_tokens, stop=("\n",), desc=f"{self.name} ({book})")
             hits = [alias_hit(o, r["answers"]) for o, r in zip(outputs, rows)]
             f1 = [max(token_f1(o, a) for a in r["answers"]) for o, r in zip(outputs, rows)]
@@ -114,4 +116,5 @@ class RetrievalQA(Task):
                  for r, c, o in zip(rows, examples["closed_book"], examples["open_book"])]
         return TaskResult(self.name, metrics, "open_book_hit", len(rows), time.perf_counter() - start,
                           examples=shown, settings={"source": source, "max_new_tokens": self.max_new_tokens,
-                                                    "context_chars": self.context_chars})
+                                                    "context_chars": self.context_chars,
+                                                    "chat_template": lm.instruction("x") != "x"})

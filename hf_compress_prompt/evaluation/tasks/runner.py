@@ -95,6 +95,7 @@ def evaluate_tasks(
     autocast_bf16: bool = True,
     progress: bool = True,
     seed: int = 0,
+    chat_template: bool = True,
     task_options: Mapping[str, dict] | None = None,
 ) -> TaskReport:
     """Runs every task on every model and returns the side-by-side report.
@@ -108,6 +109,7 @@ def evaluate_tasks(
         reference (`str`, *optional*, defaults to ``"dense"``): the model the others are held against (`None`:
             no rule); it must be one of ``models``.
         epsilon (`float`, defaults to 0.05): LLM-KICK's epsilon_0, a relative drop.
+        chat_template (`bool`, defaults to `True`): generation tasks use the tokenizer's chat template if it has one.
         task_options: task name -> attributes to set on it (``{"summarization": {"max_new_tokens": 64}}``).
     """
     if not models:
@@ -128,7 +130,8 @@ def evaluate_tasks(
     results: dict[str, dict[str, TaskResult]] = {}
     start = time.perf_counter()
     for name, model in models.items():
-        lm = TaskModel(model, tokenizer, batch_size=batch_size, autocast_bf16=autocast_bf16, progress=progress)
+        lm = TaskModel(model, tokenizer, batch_size=batch_size, autocast_bf16=autocast_bf16, progress=progress,
+                       chat_template=chat_template)
         was_training = model.training
         model.eval()
         try:
@@ -140,5 +143,5 @@ def evaluate_tasks(
         finally:
             model.train(was_training)
     settings = {"tasks": list(tasks), "limit": limit, "batch_size": batch_size, "autocast_bf16": autocast_bf16,
-                "seed": seed, "seconds": time.perf_counter() - start, "task_options": dict(task_options or {})}
+                "seed": seed, "chat_template": chat_template, "seconds": time.perf_counter() - start, "task_options": dict(task_options or {})}
     return TaskReport(results, reference, epsilon, settings)

@@ -25,20 +25,18 @@ class Summarization(Task):
     """Greedy summaries (LLM-KICK sampled at temperature 0.7 and had GPT-4 judge them against GPT-3.5's
     summaries; here decoding is deterministic and the score is ROUGE against the human highlights, with
     ``judge(article, summary) -> float in [0, 1]`` as an optional extra metric). The instruction goes through the
-    tokenizer's chat template when it has one (LLM-KICK wrapped it in Vicuna's). ``limit`` caps stories per size.
+    tokenizer's chat template when it has one and ``TaskModel.chat_template`` (LLM-KICK wrapped it in Vicuna's).
+    ``limit`` caps stories per size.
     """
 
     sizes: tuple[str, ...] = ("small", "mid", "large")
     max_new_tokens: int = 192
-    chat_template: bool = True
     judge: Callable[[str, str], float] | None = None
 
     def _prompt(self, lm: TaskModel, size: str, article: str) -> str:
         text = SUMMARY_PROMPT.format(kind="story" if size == "small" else "news", article=article)
-        if self.chat_template and getattr(lm.tokenizer, "chat_template", None):
-            return lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                    add_generation_prompt=True)
-        return text + "\n\nSummary:"
+        templated = lm.instruction(text)
+        return templated if templated != text else text + "\n\nSummary:"
 
     def run(self, lm: TaskModel, limit: int | None = None) -> TaskResult:
         stories = [(size, s) for size in self.sizes for s in data.cnn_dailymail_stories(size)[:limit]]
@@ -58,4 +56,5 @@ class Summarization(Task):
                     for (z, s), out in list(zip(stories, summaries))[:3]]
         return TaskResult(self.name, metrics, "rougeL", len(stories), time.perf_counter() - start, groups=groups,
                           examples=examples, settings={"max_new_tokens": self.max_new_tokens,
-                                                       "chat_template": self.chat_template, "sizes": list(self.sizes)})
+                                                       "chat_template": lm.instruction("x") != "x",
+                                                       "sizes": list(self.sizes)})
