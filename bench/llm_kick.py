@@ -6,7 +6,7 @@ model gives with the exact reference ops). Its prompt is read from --prompt (a f
 ``bench/recovery.py --save-prompts``) or trained here (--steps, --lr).
 
     python bench/llm_kick.py --prompt out/prompts/sparsegpt-50%+w4-g64    # the run reported in docs/results
-    python bench/llm_kick.py --limit 2 --mmlu-limit 1 --steps 2          # a smoke run
+    python bench/llm_kick.py --setting rtn-w4-g64 --limit 2 --mmlu-limit 1 --stories 1 --steps 2   # a smoke run
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine_info, markdown_table, write_results
 from recovery import SETTINGS
 
-from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe, RTNConfig, compress_
 from hf_compress_prompt.evaluation.report import write_report
 from hf_compress_prompt.evaluation.tasks import evaluate_tasks
 from hf_compress_prompt.recovery import attach_recovery_prompt, load_recovery_prompt
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 
-SETTING = "sparsegpt-50%+w4-g64"
+CHOICES = {**SETTINGS, "rtn-w4-g64": [RTNConfig(bits=4, group_size=64)]}  # RTN: no calibration, for smoke runs
 
 
 def _log(message: str) -> None:
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="sparsegpt-50%+w4-g64", choices=list(CHOICES))
     parser.add_argument("--limit", type=int, default=100, help="items per task (factoid QA, retrieval QA)")
     parser.add_argument("--mmlu-limit", type=int, default=3, help="questions per MMLU subject (57 subjects)")
     parser.add_argument("--stories", type=int, default=10, help="stories per size (small, mid, large)")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dense, tokenizer = load_model_and_tokenizer()
     compressed = copy.deepcopy(dense)
-    compress_(compressed, Recipe(SETTINGS[SETTING], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
+    compress_(compressed, Recipe(CHOICES[args.setting], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
               pack=False, progress=False)
     _log("compressed")
     prompt_info = {}
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     recovered = copy.deepcopy(compressed)
     attach_recovery_prompt(recovered, prompt)
 
-    models = {"dense": dense, SETTING: compressed, f"{SETTING} + prompt": recovered}
+    models = {"dense": dense, args.setting: compressed, f"{args.setting} + prompt": recovered}
     options = {"summarization": {"max_new_tokens": args.summary_tokens}}
     report = evaluate_tasks(models, tokenizer, ["factoid_qa", "retrieval_qa"], limit=args.limit,
                             batch_size=args.batch_size, progress=False)

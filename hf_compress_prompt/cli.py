@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--dataset", default="c4", help="training corpus (default: c4)")
     rc.add_argument("--seqlen", type=int, default=512, help="tokens per training window (default: 512)")
     rc.add_argument("--batch-size", type=int, default=4, help="windows per step (default: 4)")
-    rc.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    rc.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3, the paper's, for long runs; "
+                    "at tens to hundreds of steps 3e-2 recovers about 3x more, see docs/results/recovery_sweep.md)")
     rc.add_argument("--eval-steps", type=int, default=25, help="validate every N steps (default: 25)")
     rc.add_argument("--eval-windows", type=int, default=8, help="validation windows (default: 8)")
     rc.add_argument("--checkpoints", default=None, help="Trainer folder for resumable checkpoints (default: none)")
