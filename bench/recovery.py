@@ -52,25 +52,11 @@ def _perplexities(model, ids: dict, args) -> dict[str, float]:
 
 
 def _plot(records: dict, dense: dict, path: Path) -> None:
-    import matplotlib
+    from hf_compress_prompt.evaluation.report import plot_perplexities
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(records)
-    fig, axes = plt.subplots(1, len(DATASETS), figsize=(5 * len(DATASETS), 4))
-    for ax, d in zip(axes, DATASETS):
-        x = range(len(names))
-        ax.plot(x, [records[n]["compressed"][d] for n in names], "o-", label="compressed")
-        ax.plot(x, [records[n]["recovered"][d] for n in names], "s-", label="compressed + own prompt")
-        ax.axhline(dense[d], color="grey", ls="--", label="dense")
-        ax.set_xticks(list(x), names, rotation=15, fontsize=8)
-        ax.set_ylabel(f"{d} perplexity")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: soft-prompt recovery (prompts trained on C4)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    settings = {n: {"compressed": r["compressed"], "recovered": r["recovered"]} for n, r in records.items()}
+    plot_perplexities({"dense": dense, "settings": settings}, path,
+                      title="SmolLM2-135M-Instruct: soft-prompt recovery (prompts trained on C4)")
 
 
 def main(argv: list[str] | None = None) -> None:

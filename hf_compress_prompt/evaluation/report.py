@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import MissingResourceError, UserInputError
 from .tasks.runner import TaskReport
 
-__all__ = ["read_perplexities", "write_report"]
+__all__ = ["plot_perplexities", "read_perplexities", "write_report"]
 
 
 def read_perplexities(path: str | Path) -> dict:
@@ -72,7 +72,10 @@ def _task_plot(report: TaskReport, path: Path) -> Path:
     return path
 
 
-def _perplexity_plot(ppl: dict, path: Path) -> Path:
+def plot_perplexities(ppl: dict, path: str | Path, title: str = "Perplexity per compression setting, with and without "
+                      "the recovery prompt") -> Path:
+    """A log-scale plot per dataset of perplexity per setting, compressed and with the prompt, dense as a line
+    (the paper's Figure 3); ``ppl`` as :func:`read_perplexities` returns it."""
     plt = _plt()
     names = list(ppl["settings"])
     datasets = list(ppl["dense"])
@@ -86,11 +89,11 @@ def _perplexity_plot(ppl: dict, path: Path) -> Path:
         ax.set_ylabel(f"{d} perplexity")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.suptitle("Perplexity per compression setting, with and without the recovery prompt")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _perplexity_table(ppl: dict) -> tuple[list[str], list[list[str]]]:
@@ -152,7 +155,7 @@ def write_report(output: str | Path, tasks: TaskReport | str | Path | None = Non
     md = [f"# {title}", ""]
     body = [f"<h1>{html.escape(title)}</h1>"]
     if perplexities is not None:
-        written["perplexity_png"] = _perplexity_plot(perplexities, out / "perplexity.png")
+        written["perplexity_png"] = plot_perplexities(perplexities, out / "perplexity.png")
         header, rows = _perplexity_table(perplexities)
         md += ["## Perplexity", "", "![perplexity per setting](perplexity.png)", "", _markdown(header, rows), ""]
         body += ["<h2>Perplexity</h2>", '<img src="perplexity.png" alt="perplexity per setting">',
