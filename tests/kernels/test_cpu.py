@@ -2,6 +2,10 @@
 the largest output <= 1e-2, over shapes (SmolLM2's 576 / 1536 / 49152, odd row counts), token counts 1-64 and
 group sizes."""
 
+import ast
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -118,10 +122,22 @@ def test_two_threads_give_the_same_result(monkeypatch, openmp, kind):
 
 
 def test_the_kernels_share_torchs_openmp_runtime():
+    # In a fresh process: other packages imported by other tests (scikit-learn through lm-eval) bring their own
+    # libgomp, which says nothing about ours.
+    cpu._load()
     if not cpu._use_openmp:
         pytest.skip("the CPU kernels were built without OpenMP here")
-    maps = open("/proc/self/maps").read()
-    runtimes = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    code = (
+        "import torch\n"
+        "from hf_compress_prompt.kernels import cpu\n"
+        "cpu._load()\n"
+        "assert cpu._use_openmp\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(sorted({line.split()[-1] for line in maps.splitlines() if 'libgomp' in line}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    runtimes = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert len(runtimes) == 1, runtimes  # one OpenMP runtime in the process: torch's
 
 
