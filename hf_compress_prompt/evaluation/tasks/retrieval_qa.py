@@ -86,7 +86,8 @@ class RetrievalQA(Task):
     max_new_tokens: int = 24
     context_chars: int = 3072
 
-    def _rows(self) -> tuple[list[dict], str]:
+    def rows(self) -> tuple[list[dict], str]:
+        """The questions this task would score, and where they came from (``squad``, a path or ``cnn_cloze``)."""
         if self.source not in ("auto", "squad", "cnn_cloze"):
             raise ValueError(f"source={self.source!r} is not one of auto, squad, cnn_cloze")
         if self.source == "cnn_cloze":
@@ -99,7 +100,7 @@ class RetrievalQA(Task):
             return cnn_cloze_questions(self.context_chars), "cnn_cloze"
 
     def run(self, lm: TaskModel, limit: int | None = None) -> TaskResult:
-        rows, source = self._rows()
+        rows, source = self.rows()
         rows = rows[:limit]
         start = time.perf_counter()
         metrics, examples = {}, {}

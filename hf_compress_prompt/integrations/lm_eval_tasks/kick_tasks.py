@@ -49,7 +49,7 @@ def mmlu_5shot(**_) -> DatasetDict:
 
 def _retrieval(template: str) -> DatasetDict:
     task = RetrievalQA()
-    rows, _ = task._rows()
+    rows, _ = task.rows()
     return _test([{"prompt": template.format(question=r["question"], context=r["context"][:task.context_chars]),
                    "answers": r["answers"]} for r in rows])
 
