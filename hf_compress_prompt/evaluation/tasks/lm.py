@@ -1,5 +1,5 @@
 """The two things every knowledge-intensive task asks of a model: greedy continuations of text prompts, and the
-log-probability of a few candidate next tokens. Both batched with left padding and a KV cache, under bf16
+log-likelihood of a few candidate continuations (MMLU's letters). Both batched with left padding and a KV cache, under bf16
 autocast when asked, deterministic (greedy, fixed order), and blind to whether a recovery prompt is attached:
 the attached prompt applies itself inside ``forward`` and ``generate``.
 """
@@ -82,6 +82,8 @@ class TaskModel:
     def _encode(self, texts: Sequence[str], room: int) -> list[list[int]]:
         limit = self._limit(room)
         encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if any(len(ids) == 0 for ids in encoded):
+            raise UserInputError("a prompt is empty after tokenization; every prompt needs at least one token")
         return [ids[-limit:] for ids in encoded]
 
     def _batches(self, encoded: list[list[int]], desc: str):
@@ -108,8 +110,6 @@ class TaskModel:
                  desc: str = "generate") -> list[str]:
         """Greedy continuation of each prompt (at most ``max_new_tokens``), cut at the first of ``stop``."""
         encoded = self._encode(prompts, room=max_new_tokens)
-        if any(len(e) == 0 for e in encoded):
-            raise UserInputError("a prompt is empty after tokenization; every prompt needs at least one token")
         outputs: list[str] = [""] * len(prompts)
         eos = self.tokenizer.eos_token_id
         for chunk in self._batches(encoded, desc):
@@ -129,8 +129,6 @@ class TaskModel:
         (prompt and choice tokenized apart, as lm-evaluation-harness does). When every choice is one token (" A"
         for BPE vocabularies) one forward pass per batch scores them all."""
         encoded = self._encode(prompts, room=8)
-        if any(len(e) == 0 for e in encoded):
-            raise UserInputError("a prompt is empty after tokenization; every prompt needs at least one token")
         options = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
         if any(len(o) == 0 for o in options):
             raise UserInputError(f"a choice among {list(choices)} has no tokens")
