@@ -7,7 +7,8 @@ numbers the packed model gives with the exact reference ops), a prompt of --toke
 C4 windows (documents held out for validation) with every weight frozen, and the best-validation prompt is kept.
 WikiText-2 and PTB perplexity (first --windows windows of 2048 tokens, bf16 autocast) are then measured without
 a prompt, with the setting's own prompt, and with the other settings' prompts (transfer); C4 -> WikiText-2 / PTB
-is itself a transfer across datasets. LoRA (rank 8 on every block linear) gets the same steps on setting (a).
+is itself a transfer across datasets. LoRA (rank 8 on every block linear) gets the same steps on setting (a), and
+continued pretraining of every remaining weight (FULL, LayerChop's recovery) the same steps on setting (c).
 
     python bench/recovery.py                      # the full run reported in docs/results (about an hour)
     python bench/recovery.py --steps 4 --windows 1 --settings gptq-w3-g64   # a smoke run
@@ -38,6 +39,7 @@ SETTINGS = {  # the issue's (a), (b), (c)
     "drop-20%-layers": [LayerDropConfig(fraction=0.2)],
 }
 DATASETS = ("wikitext2", "ptb")
+FULL_SETTING = "drop-20%-layers"  # the only setting whose weights stay dense, so all of them can train
 
 
 def _log(message: str) -> None:
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
+    parser.add_argument("--no-full", action="store_true", help="skip continued pretraining of the layer-dropped model")
+    parser.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of continued pretraining (FULL)")
     parser.add_argument("--no-dense-prompt", action="store_true",
                         help="skip the prompt trained on the dense model (applied to every compressed setting)")
     args = parser.parse_args(argv)
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"{name}: compressed in {compress_s:.0f} s: {compressed}")
         if name == args.settings[0] and not args.no_lora:
             lora_twin = copy.deepcopy(model)  # LoRA gets the same compressed weights, without compressing again
+        if name == FULL_SETTING and not args.no_full:
+            full_twin = copy.deepcopy(model)  # dense weights (layers dropped only): continued pretraining applies
         result = recover(model, tokenizer, train_config)
         recovered = _perplexities(model, ids, args)  # the prompt is attached
         _log(f"{name}: prompt trained in {result.seconds:.0f} s (best C4 validation ppl {result.best_perplexity:.2f} "
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             "prompt": {"trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
                        "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
                        "best_c4_validation_perplexity": result.best_perplexity, "history": result.history,
-                       "peak_rss_mb": result.peak_rss_mb},
+                       "peak_rss_mb": result.peak_rss_mb, "train_memory_mb": result.train_memory_mb},
         }
 
     first = args.settings[0]
@@ -142,9 +148,25 @@ def main(argv: list[str] | None = None) -> None:
             "trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
             "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
             "best_c4_validation_perplexity": result.best_perplexity, "learning_rate": 2e-4, "rank": 8,
-            "peak_rss_mb": result.peak_rss_mb,
+            "peak_rss_mb": result.peak_rss_mb, "train_memory_mb": result.train_memory_mb,
         }
         del model, result
+
+    if FULL_SETTING in records and not args.no_full:
+        model = full_twin
+        full_config = RecoveryConfig(**{**train_config.to_dict(), "method": "FULL", "learning_rate": args.full_lr})
+        result = recover(model, tokenizer, full_config)
+        full = _perplexities(model, ids, args)
+        _log(f"{FULL_SETTING} + FULL: trained in {result.seconds:.0f} s: {full}")
+        records[FULL_SETTING]["full"] = {
+            "perplexity": full, "gap_closed": {d: gap_closed(dense[d], records[FULL_SETTING]["compressed"][d], full[d])
+                                               for d in DATASETS},
+            "trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
+            "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
+            "best_c4_validation_perplexity": result.best_perplexity, "learning_rate": args.full_lr,
+            "peak_rss_mb": result.peak_rss_mb, "train_memory_mb": result.train_memory_mb,
+        }
+        del model, result, full_twin
 
     dense_prompt_rows = []
     if dense_prompt is not None:
@@ -173,26 +195,34 @@ def main(argv: list[str] | None = None) -> None:
             _log(f"transfer {p} -> {m}: {transfer[f'{p} -> {m}']}")
 
     # ---- tables ----
-    header = ["setting", "dataset", "dense", "compressed", "+ own prompt", "gap closed", "+ LoRA (same steps)",
-              "LoRA gap closed"]
+    header = ["setting", "dataset", "dense", "compressed", "+ own prompt", "gap closed",
+              "+ weights trained (same steps)", "its gap closed"]
     rows = []
     for name, r in records.items():
+        baseline, label = (r["lora"], "LoRA r8") if "lora" in r else (r["full"], "FULL") if "full" in r else (None, "")
         for d in DATASETS:
-            lora = r.get("lora")
             rows.append([name, d, f"{dense[d]:.2f}", f"{r['compressed'][d]:.2f}", f"{r['recovered'][d]:.2f}",
-                         f"{100 * r['gap_closed'][d]:.0f}%", f"{lora['perplexity'][d]:.2f}" if lora else "-",
-                         f"{100 * lora['gap_closed'][d]:.0f}%" if lora else "-"])
+                         f"{100 * r['gap_closed'][d]:.0f}%",
+                         f"{label} {baseline['perplexity'][d]:.2f}" if baseline else "-",
+                         f"{100 * baseline['gap_closed'][d]:.0f}%" if baseline else "-"])
     table = markdown_table(header, rows)
-    cost_rows = [[name, "prompt", r["prompt"]["trainable_parameters"], f"{r['prompt']['seconds_per_step']:.1f}",
-                  f"{r['prompt']['seconds']:.0f}", r["prompt"]["best_step"],
-                  f"{r['prompt']['best_c4_validation_perplexity']:.2f}"] for name, r in records.items()]
-    if "lora" in records[first]:
-        lo = records[first]["lora"]
-        cost_rows.append([first, "LoRA r8", lo["trainable_parameters"], f"{lo['seconds_per_step']:.1f}",
-                          f"{lo['seconds']:.0f}", lo["best_step"], f"{lo['best_c4_validation_perplexity']:.2f}"])
-    table += "\n\nTraining cost (C4, " + f"{args.steps} steps x {args.batch} x {args.seqlen} tokens, {args.threads} threads):\n\n"
-    table += markdown_table(["setting", "method", "trainable parameters", "s / step", "train s", "best step",
-                             "best C4 valid ppl"], cost_rows)
+
+    def _cost_row(name: str, method: str, c: dict) -> list:
+        memory = c.get("train_memory_mb")
+        return [name, method, c["trainable_parameters"], f"{c['seconds_per_step']:.1f}", f"{c['seconds']:.0f}",
+                "-" if memory is None else f"{memory:.0f}", c["best_step"], f"{c['best_c4_validation_perplexity']:.2f}"]
+
+    cost_rows = [_cost_row(name, "prompt", r["prompt"]) for name, r in records.items()]
+    for name, r in records.items():
+        if "lora" in r:
+            cost_rows.append(_cost_row(name, "LoRA r8", r["lora"]))
+        if "full" in r:
+            cost_rows.append(_cost_row(name, f"FULL (lr {r['full']['learning_rate']:g})", r["full"]))
+    table += "\n\nTraining cost (C4, " + f"{args.steps} steps x {args.batch} x {args.seqlen} tokens, {args.threads} threads" \
+             "; memory = peak resident memory during training above what the loaded model already held, sampled " \
+             "every 20 ms):\n\n"
+    table += markdown_table(["setting", "method", "trainable parameters", "s / step", "train s", "train memory MB",
+                             "best step", "best C4 valid ppl"], cost_rows)
     if transfer:
         tr_rows = []
         for key, values in transfer.items():

@@ -106,6 +106,7 @@ class RecoveryResult:
     seconds_per_step: float
     trainable_parameters: int
     peak_rss_mb: float | None = None
+    train_memory_mb: float | None = None  # peak resident memory during training minus just before it (this method)
 
 
 def _initial_prompt(model: nn.Module, config: RecoveryConfig, tokenizer) -> torch.Tensor | None:
@@ -192,6 +193,47 @@ def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int) ->
         "vocab_size": model.config.vocab_size,
         "hidden_size": model.get_input_embeddings().embedding_dim,
     }
+
+
+class _RssPeak:
+    """Samples this process's resident memory every ``interval`` seconds in a thread; ``increase_mb`` is the peak
+    seen minus the value at entry: the memory one training run added (weights already loaded excluded), which
+    ``ru_maxrss`` (the process's all-time peak) cannot give per method. Linux only (``/proc``); `None` elsewhere.
+    A spike shorter than the interval can be missed."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.increase_mb = interval, None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> float | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page / 2**20
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss() or 0.0)
+
+    def __enter__(self) -> "_RssPeak":
+        import threading
+
+        self._start = self._rss()
+        self._peak = self._start or 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        if self._start is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss() or 0.0)
+        self.increase_mb = self._peak - self._start
 
 
 def _peak_rss_mb() -> float | None:
@@ -305,7 +347,8 @@ def recover(
             trainer.remove_callback(PrinterCallback)  # the history comes back in the result; keep stdout clean
         start = time.perf_counter()
         try:
-            output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+            with _RssPeak() as memory:
+                output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         finally:
             if config.method is not RecoveryMethod.FULL:
                 for name, p in model.named_parameters():
@@ -325,4 +368,4 @@ def recover(
     elif previous is not None:
         attach_recovery_prompt(model, previous)
     return RecoveryResult(prompt, trained, callback.best_perplexity, callback.best_step, callback.history, seconds,
-                          output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb())
+                          output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb(), memory.increase_mb)

@@ -180,6 +180,7 @@ def test_full_finetuning_moves_the_weights_and_refuses_packed_models(llama, byte
                      eval_dataset=TokenWindows(_windows(4)), **{**FAST, "learning_rate": 1e-3})
     assert result.trainable_parameters == sum(p.numel() for p in llama.parameters())
     assert not torch.equal(llama.model.layers[0].mlp.up_proj.weight, before)
+    assert result.train_memory_mb is None or result.train_memory_mb >= 0
     compress_(llama, RTNConfig(bits=4, group_size=64), progress=False)
     with pytest.raises(UserInputError, match="packed"):
         recover(llama, byte_tokenizer, method="FULL", max_steps=2, train_dataset=TokenWindows(_windows()), **FAST)
@@ -188,3 +189,17 @@ def test_full_finetuning_moves_the_weights_and_refuses_packed_models(llama, byte
 def test_empty_dataset_is_refused(tiny_llama, byte_tokenizer):
     with pytest.raises(UserInputError, match="non-empty"):
         recover(tiny_llama, byte_tokenizer, train_dataset=TokenWindows(torch.zeros(0, 32, dtype=torch.long)), **FAST)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="resident memory is read from /proc")
+def test_training_memory_is_measured_per_run():
+    from hf_compress_prompt.recovery.train import _RssPeak
+
+    with _RssPeak() as idle:
+        pass
+    with _RssPeak(interval=0.005) as busy:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so its pages are resident
+        __import__("time").sleep(0.1)  # many sampling intervals
+        del block
+    assert idle.increase_mb is not None and idle.increase_mb < 16
+    assert busy.increase_mb >= 48  # the peak is seen even though the block is freed before the exit
