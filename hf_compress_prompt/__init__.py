@@ -7,6 +7,7 @@ classes), ``formats`` (on-disk layouts), ``nn`` (runtime modules), ``kernels`` (
 
 Importing the package registers the ``hf_compress_prompt`` quantization method with transformers, so
 ``AutoModelForCausalLM.from_pretrained`` can load compressed folders; without the import transformers refuses them.
+It also registers the ``pruned_llama`` model type (per-layer head and FFN sizes left by structured pruning).
 """
 
 from .data import calibration_batches, eval_tokens, list_corpora, load_text
@@ -15,6 +16,9 @@ from .evaluation import PerplexityResult, perplexity
 from .integrations import CompressedConfig, CompressedHfQuantizer
 from .integrations.checkpoints import from_pretrained, save_pretrained
 from .models import DEFAULT_MODEL_NAME, default_model_path, load_model_and_tokenizer, locate_default_gguf
+from .models.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, register as _register_pruned_llama
+
+_register_pruned_llama()
 
 __version__ = "0.1.0"
 
@@ -24,6 +28,8 @@ __all__ = [
     "CompressedHfQuantizer",
     "MissingResourceError",
     "PerplexityResult",
+    "PrunedLlamaConfig",
+    "PrunedLlamaForCausalLM",
     "UserInputError",
     "calibration_batches",
     "default_model_path",
