@@ -14,7 +14,7 @@ columns. The result equals the original model with the removed structures zeroed
 
 :func:`prune_structured` is the one-shot baseline: L2-magnitude scores (:mod:`~hf_compress_prompt.methods.
 structure_scores`), the same fraction of heads and channels in every layer, sized to remove a target fraction of all
-parameters.
+parameters (``criterion="random"`` for the random control).
 """
 
 from __future__ import annotations
@@ -169,13 +169,24 @@ def _parameter_counts(config, sizes: list[tuple[int, int, int]], hidden: int) ->
     return outside, attn, ffn
 
 
-def plan_magnitude(model: nn.Module, fraction: float) -> StructurePlan:
-    """One-shot L2-magnitude plan removing ``fraction`` of all parameters through heads and FFN channels: every
-    layer keeps the same number of query heads per key/value group and the same share of channels (the usual
-    uniform one-shot baseline); the FFN share is solved so the total lands within one channel per layer."""
+CRITERIA = ("l2", "random")
+
+
+def plan_magnitude(model: nn.Module, fraction: float, criterion: str = "l2", seed: int = 0) -> StructurePlan:
+    """One-shot plan removing ``fraction`` of all parameters through heads and FFN channels: every layer keeps the
+    same number of query heads per key/value group and the same share of channels (the usual uniform one-shot
+    baseline); the FFN share is solved so the total lands within one channel per layer. ``criterion``: ``l2`` keeps
+    the structures with the largest weight norms, ``random`` a seeded random choice (LLM-Pruner found L2 worse than
+    random on LLaMA; both are here to show it)."""
     check_prunable(model)
     if not 0 < fraction < 1:
         raise UserInputError(f"fraction={fraction!r} must lie in (0, 1)")
+    if criterion not in CRITERIA:
+        raise UserInputError(f"criterion={criterion!r}; use one of {', '.join(CRITERIA)}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def scored(scores: torch.Tensor) -> torch.Tensor:
+        return scores if criterion == "l2" else torch.rand(scores.shape, generator=generator)
     config = model.config
     sizes = _layer_sizes(config)
     d = config.hidden_size
@@ -196,7 +207,7 @@ def plan_magnitude(model: nn.Module, fraction: float) -> StructurePlan:
         group = heads // kv
         per_group = max(0, min(group, round(group * (1 - block_share))))
         attn_module = layer.self_attn
-        scores = head_scores(attn_module.q_proj.weight, attn_module.o_proj.weight, hd)
+        scores = scored(head_scores(attn_module.q_proj.weight, attn_module.o_proj.weight, hd))
         plan_heads.append(keep_heads_per_group(scores, kv, per_group))
         removed += 2 * d * hd * (heads - per_group * kv) + (2 * d * hd * kv if per_group == 0 else 0)
     per_channel = 3 * d
@@ -211,7 +222,7 @@ def plan_magnitude(model: nn.Module, fraction: float) -> StructurePlan:
             plan_channels.append([])
             continue
         mlp = layer.mlp
-        scores = channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        scores = scored(channel_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
         plan_channels.append(keep_top(scores, channels - round(channels * share)))
     return StructurePlan(plan_heads, plan_channels)
 
@@ -221,8 +232,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def prune_structured(model: nn.Module, fraction: float) -> tuple[PrunedLlamaForCausalLM, StructurePlan]:
-    """One-shot structured pruning by L2 magnitude (:func:`plan_magnitude`) to ``fraction`` fewer parameters; returns
-    the smaller model and its plan. ``model`` is left unchanged."""
-    plan = plan_magnitude(model, fraction)
+def prune_structured(model: nn.Module, fraction: float, criterion: str = "l2",
+                     seed: int = 0) -> tuple[PrunedLlamaForCausalLM, StructurePlan]:
+    """One-shot structured pruning (:func:`plan_magnitude`, ``l2`` or ``random``) to ``fraction`` fewer parameters;
+    returns the smaller model and its plan. ``model`` is left unchanged."""
+    plan = plan_magnitude(model, fraction, criterion, seed)
     return apply_structure(model, plan), plan

@@ -102,6 +102,8 @@ def test_magnitude_plan_removes_the_target_share_and_keeps_strong_structures(fra
     assert abs(removed - fraction) < 0.02
     assert 1 in plan.heads[0] and 5 in plan.channels[0]
     assert isinstance(pruned, PrunedLlamaForCausalLM)
+    shuffled, random_plan = prune_structured(model, fraction, criterion="random", seed=1)
+    assert count_parameters(shuffled) == count_parameters(pruned) and random_plan != plan
 
 
 def test_pruned_model_can_then_be_quantized():
@@ -121,6 +123,8 @@ def test_bad_input_is_refused_before_work():
         plan_magnitude(_llama(), 1.0)
     with pytest.raises(UserInputError, match=r"must lie in \(0, 1\)"):
         plan_magnitude(_llama(), 0)
+    with pytest.raises(UserInputError, match="criterion"):
+        plan_magnitude(_llama(), 0.2, criterion="taylor")
     opt = OPTForCausalLM(OPTConfig(vocab_size=260, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                    num_attention_heads=2))
     with pytest.raises(UserInputError, match="Llama-family"):
