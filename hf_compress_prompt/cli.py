@@ -145,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--checkpoints", default=None, help="Trainer folder for resumable checkpoints (default: none)")
     rc.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --checkpoints")
 
+    ps = commands.add_parser(
+        "prune-structured", help="remove attention heads, FFN channels (and hidden dimensions) and save a pruned_llama",
+        description="Structured pruning of a Llama-family model to --target fewer parameters. compresso learns which "
+        "structures go (hard-concrete L0 gates trained with LoRA under a sparsity constraint, collaborative prompt "
+        "attached to the result); l2 / random cut the same share of heads and channels in every layer at once. The "
+        "result is saved as model_type pruned_llama (per-layer sizes), loadable with AutoModelForCausalLM after "
+        "`import hf_compress_prompt`.",
+        epilog=_EPILOG + "\nexample:\n  hf-compress-prompt prune-structured --method compresso --target 0.2 --steps 100 "
+        "--output out/compresso20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(ps)
+    ps.add_argument("--output", required=True, help="folder for the pruned model")
+    ps.add_argument("--method", default="compresso", choices=["compresso", "l2", "random"], help="default: compresso")
+    ps.add_argument("--target", type=float, required=True, help="fraction of all parameters to remove, in (0, 1)")
+    ps.add_argument("--steps", type=int, default=200, help="compresso: training steps (default: 200)")
+    ps.add_argument("--seqlen", type=int, default=256, help="compresso: tokens per window (default: 256)")
+    ps.add_argument("--batch-size", type=int, default=4, help="compresso: windows per step (default: 4)")
+    ps.add_argument("--dataset", default="c4", help="compresso: corpus name or Alpaca-style JSONL (default: c4)")
+    ps.add_argument("--no-hidden", action="store_true", help="compresso: keep every hidden dimension")
+    ps.add_argument("--no-collaborative-prompt", action="store_true", help="compresso: train without the text prompt")
+
     tr = commands.add_parser(
         "transfer", help="perplexity of each model without and with each recovery prompt (transfer matrix)",
         description="Scores every (model, dataset) without a prompt and with every prompt; prints the matrix.",
@@ -354,6 +376,36 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_prune_structured(args: argparse.Namespace) -> int:
+    from .compressors.compresso import CompressoConfig, compresso_prune
+    from .compressors.structured import CRITERIA, count_parameters, prune_structured
+    from .integrations.checkpoints import save_pretrained
+    from .models import load_model_and_tokenizer
+
+    if args.method == "compresso":  # bad settings fail before the model loads
+        config = CompressoConfig(target=args.target, max_steps=args.steps, seqlen=args.seqlen,
+                                 batch_size=args.batch_size, dataset=args.dataset, prune_hidden=not args.no_hidden,
+                                 **({"collaborative_prompt": None} if args.no_collaborative_prompt else {}))
+    elif not 0 < args.target < 1 or args.method not in CRITERIA:
+        raise UserInputError(f"--target={args.target} must lie in (0, 1)")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    before = count_parameters(model)
+    if args.method == "compresso":
+        result = compresso_prune(model, tokenizer, config)
+        pruned = result.model
+        print(f"trained {result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step, "
+              f"{result.trainable_parameters} trainable parameters)")
+    else:
+        pruned, _ = prune_structured(model, args.target, criterion=args.method)
+    after = count_parameters(pruned)
+    print(f"parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed); heads per layer "
+          f"{pruned.config.layer_num_attention_heads}; FFN channels per layer {pruned.config.layer_intermediate_size}; "
+          f"hidden {pruned.config.hidden_size}")
+    save_pretrained(pruned, args.output, tokenizer)
+    print(f"saved to {args.output}")
+    return EXIT_OK
+
+
 def _cmd_transfer(args: argparse.Namespace) -> int:
     from . import eval_tokens
     from .models import load_model_and_tokenizer
@@ -458,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         commands = {"eval": _cmd_eval, "demo": _cmd_demo, "compress": _cmd_compress, "recover": _cmd_recover,
+                    "prune-structured": _cmd_prune_structured,
                     "transfer": _cmd_transfer, "push": _cmd_push, "evaluate-tasks": _cmd_evaluate_tasks,
                     "report": _cmd_report}
         return commands[args.command](args)

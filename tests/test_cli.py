@@ -163,3 +163,29 @@ def test_evaluate_tasks_and_report_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("method", ["l2", "compresso"])
+def test_prune_structured_saves_a_loadable_pruned_llama(method, tiny_llama_dir, data_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hf_compress_prompt.models.pruned_llama import PrunedLlamaForCausalLM
+    from hf_compress_prompt.recovery import recovery_prompt_of
+
+    out = tmp_path / "pruned"
+    code = main(["prune-structured", "--model", str(tiny_llama_dir), "--output", str(out), "--method", method,
+                 "--target", "0.3", "--steps", "3", "--seqlen", "8", "--batch-size", "2"])
+    assert code == EXIT_OK
+    assert "removed" in capsys.readouterr().out
+    from hf_compress_prompt import from_pretrained
+
+    for loaded in (AutoModelForCausalLM.from_pretrained(out), from_pretrained(out)):
+        assert isinstance(loaded, PrunedLlamaForCausalLM)
+        assert (recovery_prompt_of(loaded) is not None) == (method == "compresso")  # the collaborative prompt
+
+
+def test_prune_structured_bad_target_exits_2_before_loading(tmp_path, capsys):
+    for method in ("l2", "compresso"):
+        assert main(["prune-structured", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o"),
+                     "--method", method, "--target", "1.5"]) == EXIT_USAGE
+        assert "1.5" in capsys.readouterr().err
