@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--no-hidden", action="store_true", help="Compresso prunes heads and channels only")
+    parser.add_argument("--multiple-of", type=int, default=32, help="Compresso keeps channel / hidden counts in "
+                        "multiples of this (group quantization and kernels need it)")
     parser.add_argument("--prompt-steps", type=int, default=30, help="soft-prompt steps on each pruned model")
     parser.add_argument("--prompt-lr", type=float, default=3e-2)
     parser.add_argument("--no-prompts", action="store_true", help="skip soft-prompt recovery")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         # Compresso
         model = copy.deepcopy(dense)
         config = CompressoConfig(target=target, max_steps=args.steps, seqlen=args.seqlen, batch_size=args.batch,
-                                 prune_hidden=not args.no_hidden)
+                                 prune_hidden=not args.no_hidden, multiple_of=args.multiple_of)
         result = compresso_prune(model, tokenizer, config)
         pruned = result.model
         del model
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Perplexity: first {args.windows} windows of 2048 tokens, bf16 autocast. Compresso: {args.steps} steps, "
         "gates on heads, FFN channels" + ("" if args.no_hidden else " and hidden dimensions") + ", LoRA r8 (lr 2e-4), "
         "gates and multipliers lr 0.1, target reached linearly over the first half, cut at the target parameter "
-        "count by one threshold on P(gate open), collaborative prompt in training. Soft prompts: 100 tokens, "
+        f"count by one threshold on P(gate open) (widths in multiples of {args.multiple_of}), collaborative prompt in "
+        "training. Soft prompts: 100 tokens, "
         f"{args.prompt_steps} steps, lr {args.prompt_lr}, on C4. Speed: fp32, prompts off, median of "
         f"{args.speed_reps}; decode = 64 greedy tokens after 32. Layer dropping: angular distance on "
         f"{args.nsamples} x 512 C4 tokens. Whole run: {total / 60:.1f} min."

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--batch-size", type=int, default=4, help="compresso: windows per step (default: 4)")
     ps.add_argument("--dataset", default="c4", help="compresso: corpus name or Alpaca-style JSONL (default: c4)")
     ps.add_argument("--no-hidden", action="store_true", help="compresso: keep every hidden dimension")
+    ps.add_argument("--multiple-of", type=int, default=32, help="compresso: kept FFN channels and hidden dimensions "
+                    "in multiples of this, so group quantization fits (default: 32)")
     ps.add_argument("--no-collaborative-prompt", action="store_true", help="compresso: train without the text prompt")
 
     tr = commands.add_parser(
@@ -385,6 +387,7 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     if args.method == "compresso":  # bad settings fail before the model loads
         config = CompressoConfig(target=args.target, max_steps=args.steps, seqlen=args.seqlen,
                                  batch_size=args.batch_size, dataset=args.dataset, prune_hidden=not args.no_hidden,
+                                 multiple_of=args.multiple_of,
                                  **({"collaborative_prompt": None} if args.no_collaborative_prompt else {}))
     elif not 0 < args.target < 1 or args.method not in CRITERIA:
         raise UserInputError(f"--target={args.target} must lie in (0, 1)")

@@ -174,7 +174,7 @@ def test_prune_structured_saves_a_loadable_pruned_llama(method, tiny_llama_dir, 
 
     out = tmp_path / "pruned"
     code = main(["prune-structured", "--model", str(tiny_llama_dir), "--output", str(out), "--method", method,
-                 "--target", "0.3", "--steps", "3", "--seqlen", "8", "--batch-size", "2"])
+                 "--target", "0.3", "--steps", "3", "--seqlen", "8", "--batch-size", "2", "--multiple-of", "8"])
     assert code == EXIT_OK
     assert "removed" in capsys.readouterr().out
     from hf_compress_prompt import from_pretrained

@@ -70,6 +70,8 @@ class CompressoConfig:
                                                                       "sparsity rises from 0"})
     init_keep: float = field(default=0.99, metadata={"help": "initial probability that a gate is open"})
     prune_hidden: bool = field(default=True, metadata={"help": "also learn which hidden dimensions to remove"})
+    multiple_of: int = field(default=1, metadata={"help": "kept FFN channels and hidden dimensions are multiples of "
+                                                          "this (e.g. 64, so group quantization and kernels fit)"})
     collaborative_prompt: str | None = field(default=COLLABORATIVE_PROMPT, metadata={
         "help": "text prepended to every training sample and attached to the pruned model (None: off)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -87,6 +89,8 @@ class CompressoConfig:
             raise UserInputError(f"target_warmup_ratio={self.target_warmup_ratio} must lie in [0, 1]")
         if not 0 < self.init_keep < 1:
             raise UserInputError(f"init_keep={self.init_keep} must lie in (0, 1)")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise UserInputError(f"multiple_of={self.multiple_of!r} must be a positive integer")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,11 +101,11 @@ class StructureGates(nn.Module):
     into the model (sampled once per forward pass in training mode, test-time values in eval mode)."""
 
     def __init__(self, model: nn.Module, *, target: float | None = None, prune_hidden: bool = True,
-                 init_keep: float = 0.99):
+                 init_keep: float = 0.99, multiple_of: int = 1):
         super().__init__()
         check_prunable(model)
         config = model.config
-        self._config, self.target = config, target
+        self._config, self.target, self.multiple_of = config, target, multiple_of
         self.sizes = _layer_sizes(config)
         self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -126,12 +130,21 @@ class StructureGates(nn.Module):
                                     torch.argsort(p[g * size:(g + 1) * size], descending=True, stable=True)[:per_group]))
             else:
                 heads.append([])
-            channels.append([int(j) for j in torch.nonzero(cg.expected_open().detach() >= tau).flatten()] if c else [])
+            channels.append(self._top(cg.expected_open().detach(), tau) if c else [])
         hidden = None
         if self.hidden is not None:
             p = self.hidden.expected_open().detach()
-            hidden = [int(j) for j in torch.nonzero(p >= tau).flatten()] or [int(p.argmax())]
+            hidden = self._top(p, tau) or [int(p.argmax())]
         return heads, channels, hidden
+
+    def _top(self, p: torch.Tensor, tau: float) -> list[int]:
+        """The gates with ``P(open) >= tau``, their count rounded to a multiple of ``multiple_of`` (the most probably
+        open ones), as sorted indices."""
+        m = self.multiple_of
+        count = int((p >= tau).sum())
+        if m > 1 and count < p.numel():
+            count = m * round(count / m)
+        return sorted(int(j) for j in torch.argsort(p, descending=True, stable=True)[:count])
 
     def _count(self, heads, channels, hidden) -> int:
         from .structured import _parameter_counts
@@ -415,7 +428,8 @@ def compresso_prune(model: nn.Module, tokenizer, config: CompressoConfig | None 
 
     parameters_before = count_parameters(model)
     torch.manual_seed(config.seed)
-    gates = StructureGates(model, target=config.target, prune_hidden=config.prune_hidden, init_keep=config.init_keep)
+    gates = StructureGates(model, target=config.target, prune_hidden=config.prune_hidden, init_keep=config.init_keep,
+                           multiple_of=config.multiple_of)
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = lora_model(model, RecoveryConfig(method=RecoveryMethod.LORA, lora_r=config.lora_r,
