@@ -53,6 +53,17 @@ def _perplexities(model, ids: dict, args) -> dict[str, float]:
             for d, t in ids.items()}
 
 
+def _weights_record(result, values: dict, dense: dict, compressed: dict, **settings) -> dict:
+    """What a weight-training baseline (LoRA, FULL) reports: perplexities, gap closed, cost."""
+    return {
+        "perplexity": values, "gap_closed": {d: gap_closed(dense[d], compressed[d], values[d]) for d in DATASETS},
+        "trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
+        "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
+        "best_c4_validation_perplexity": result.best_perplexity, "peak_rss_mb": result.peak_rss_mb,
+        "train_memory_mb": result.train_memory_mb, **settings,
+    }
+
+
 def _plot(records: dict, dense: dict, path: Path) -> None:
     from hf_compress_prompt.evaluation.report import plot_perplexities
 
@@ -142,14 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         result = recover(model, tokenizer, lora_config)
         lora = _perplexities(result.trained, ids, args)
         _log(f"{first} + LoRA: trained in {result.seconds:.0f} s: {lora}")
-        records[first]["lora"] = {
-            "perplexity": lora, "gap_closed": {d: gap_closed(dense[d], records[first]["compressed"][d], lora[d])
-                                               for d in DATASETS},
-            "trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
-            "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
-            "best_c4_validation_perplexity": result.best_perplexity, "learning_rate": 2e-4, "rank": 8,
-            "peak_rss_mb": result.peak_rss_mb, "train_memory_mb": result.train_memory_mb,
-        }
+        records[first]["lora"] = _weights_record(result, lora, dense, records[first]["compressed"],
+                                                 learning_rate=2e-4, rank=8)
         del model, result
 
     if FULL_SETTING in records and not args.no_full:
@@ -158,14 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         result = recover(model, tokenizer, full_config)
         full = _perplexities(model, ids, args)
         _log(f"{FULL_SETTING} + FULL: trained in {result.seconds:.0f} s: {full}")
-        records[FULL_SETTING]["full"] = {
-            "perplexity": full, "gap_closed": {d: gap_closed(dense[d], records[FULL_SETTING]["compressed"][d], full[d])
-                                               for d in DATASETS},
-            "trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
-            "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
-            "best_c4_validation_perplexity": result.best_perplexity, "learning_rate": args.full_lr,
-            "peak_rss_mb": result.peak_rss_mb, "train_memory_mb": result.train_memory_mb,
-        }
+        records[FULL_SETTING]["full"] = _weights_record(result, full, dense, records[FULL_SETTING]["compressed"],
+                                                        learning_rate=args.full_lr)
         del model, result, full_twin
 
     dense_prompt_rows = []
