@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per prompt (and for LoRA)")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per prompt (and for LoRA, FULL)")
     parser.add_argument("--tokens", type=int, default=100, help="virtual tokens per prompt")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3, help="prompt learning rate (LoRA keeps 2e-4)")
+    parser.add_argument("--lr", type=float, default=3e-2, help="prompt learning rate (LoRA keeps 2e-4; the sweep picked 3e-2)")
     parser.add_argument("--save-prompts", default=None, metavar="DIR",
                         help="also save each trained prompt in DIR/<setting> (bench/llm_kick.py --prompt reads it)")
     parser.add_argument("--eval-steps", type=int, default=20, help="validate every this many steps")
