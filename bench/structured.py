@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kick-limit", type=int, default=40, help="factoid questions")
     parser.add_argument("--mmlu-limit", type=int, default=1, help="MMLU questions per subject")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results-name", default="structured", help="docs/results/<name>.{md,json}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info()
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.speed_reps}; decode = 64 greedy tokens after 32. Layer dropping: angular distance on "
         f"{args.nsamples} x 512 C4 tokens. Whole run: {total / 60:.1f} min."
     )
-    path = write_results("structured", title="Structured pruning of SmolLM2-135M-Instruct: Compresso vs one-shot "
+    path = write_results(args.results_name, title="Structured pruning of SmolLM2-135M-Instruct: Compresso vs one-shot "
                          "baselines, with soft-prompt recovery", settings=vars(args), machine=machine, table=table,
                          records=[records], notes=notes)
     print(f"wrote {path}")
