@@ -88,10 +88,6 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, model_c
         elif quant and quant.get("quant_method") not in (None, QUANT_METHOD):
             logger.info("%s uses quant_method %r; loading it with transformers as is", path, quant.get("quant_method"))
     model = model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
-    from ..recovery.io import PROMPT_SUBFOLDER
-    from ..recovery.runtime import add_recovery_methods, attach_recovery_prompt, recovery_prompt_of
+    from ..recovery.io import attach_saved_prompt
 
-    add_recovery_methods(model)
-    if path.is_dir() and (path / PROMPT_SUBFOLDER).is_dir() and recovery_prompt_of(model) is None:
-        attach_recovery_prompt(model, path / PROMPT_SUBFOLDER)
-    return model
+    return attach_saved_prompt(model, path)

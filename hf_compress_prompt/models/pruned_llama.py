@@ -181,18 +181,10 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``LlamaForCausalLM.from_pretrained``, then the recovery prompt saved beside the weights (a folder's
         ``recovery_prompt/``, e.g. Compresso's collaborative prompt) is attached, as for compressed folders."""
-        from pathlib import Path
-
-        from ..recovery.io import PROMPT_SUBFOLDER
-        from ..recovery.runtime import add_recovery_methods, attach_recovery_prompt, recovery_prompt_of
+        from ..recovery.io import attach_saved_prompt
 
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        path = Path(pretrained_model_name_or_path)
-        if path.is_dir() and (path / PROMPT_SUBFOLDER).is_dir() and recovery_prompt_of(model) is None:
-            attach_recovery_prompt(model, path / PROMPT_SUBFOLDER)
-        else:
-            add_recovery_methods(model)
-        return model
+        return attach_saved_prompt(model, pretrained_model_name_or_path)
 
 
 def from_llama(model: LlamaForCausalLM) -> PrunedLlamaForCausalLM:

@@ -20,7 +20,8 @@ import torch
 from ..errors import MissingResourceError, UserInputError
 from .runtime import RecoveryPrompt
 
-__all__ = ["PROMPT_SUBFOLDER", "load_recovery_prompt", "save_recovery_prompt", "write_recovery_prompt"]
+__all__ = ["PROMPT_SUBFOLDER", "attach_saved_prompt", "load_recovery_prompt", "save_recovery_prompt",
+           "write_recovery_prompt"]
 
 PROMPT_SUBFOLDER = "recovery_prompt"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -121,3 +122,15 @@ def load_recovery_prompt(path_or_repo: str | os.PathLike) -> RecoveryPrompt:
     metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
     metadata.setdefault("base_model", config.get("base_model_name_or_path"))
     return RecoveryPrompt(embedding, metadata)
+
+
+def attach_saved_prompt(model, path: str | os.PathLike):
+    """After ``from_pretrained(path)``: attaches the prompt saved in ``path/recovery_prompt/`` unless one is attached
+    already (the quantizer attaches it for compressed folders), and gives the model ``load_recovery_prompt``."""
+    from .runtime import add_recovery_methods, attach_recovery_prompt, recovery_prompt_of
+
+    path = Path(path)
+    add_recovery_methods(model)
+    if path.is_dir() and (path / PROMPT_SUBFOLDER).is_dir() and recovery_prompt_of(model) is None:
+        attach_recovery_prompt(model, path / PROMPT_SUBFOLDER)
+    return model
