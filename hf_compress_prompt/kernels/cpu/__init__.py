@@ -52,8 +52,8 @@ _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-fno-math-errno"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
-_use_vnni = False
-_use_vbmi2 = False
+_use_vnni = False  # dense int8 rows
+_use_tiled = False  # int4 in 16-row tiles (dense and sparse): VNNI + VBMI2
 _use_bf16 = False
 _use_openmp = False  # rows split over torch's OpenMP team inside C (else over a Python thread pool)
 _pool: ThreadPoolExecutor | None = None
@@ -106,7 +106,7 @@ def build() -> Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _reason, _use_vnni, _use_vbmi2, _use_bf16, _use_openmp
+    global _lib, _reason, _use_vnni, _use_tiled, _use_bf16, _use_openmp
     if _lib is not None or _reason is not None:
         return _lib
     with _lock:
@@ -122,22 +122,20 @@ def _load() -> ctypes.CDLL | None:
             logger.warning("%s; using the reference ops", _reason)
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.hcp_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p, i32]
+        lib.hcp_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
         lib.hcp_quantize_activations.restype = None
-        lib.hcp_int4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
-        lib.hcp_int4_gemm.restype = None
         lib.hcp_int8_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
         lib.hcp_int8_gemm.restype = None
-        lib.hcp_bitmask_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, i64, p, i64, i64, i32]
-        lib.hcp_bitmask_int4_gemm.restype = None
-        lib.hcp_prepare_activations.argtypes = [p, i32, i64, i64, i64, i32, p, p, p]
+        lib.hcp_tiled_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
+        lib.hcp_tiled_int4_gemm.restype = None
+        lib.hcp_prepare_activations.argtypes = [p, i32, i64, i64, i64, p, p, p]
         lib.hcp_prepare_activations.restype = i32
         lib.hcp_finish_output.argtypes = [p, i64, i64, p, p, i32, i64, i64]
         lib.hcp_finish_output.restype = None
         lib.hcp_plan_linear.argtypes = [p, p, i32, i64, p, p]
         lib.hcp_plan_linear.restype = i32
         lib.hcp_has_vnni.restype = i32
-        lib.hcp_has_vbmi2.restype = i32
+        lib.hcp_has_tiled.restype = i32
         lib.hcp_sparse_bf16_gemm.argtypes = [p, p, p, i64, i64, p, i64, p, i64, i64, i32]
         lib.hcp_sparse_bf16_gemm.restype = None
         lib.hcp_has_bf16.restype = i32
@@ -145,7 +143,7 @@ def _load() -> ctypes.CDLL | None:
         _use_openmp = bool(lib.hcp_has_openmp())
         _use_bf16 = bool(lib.hcp_has_bf16())
         _use_vnni = bool(lib.hcp_has_vnni())
-        _use_vbmi2 = bool(lib.hcp_has_vbmi2())
+        _use_tiled = bool(lib.hcp_has_tiled())
         _lib = lib
         return lib
 
@@ -166,11 +164,13 @@ def kernel_name(kind: str = "int", bits: int | None = 4) -> str:
         return ("C sparse bf16, AVX-512 BF16 + VBMI2" if _use_bf16
                 else "C sparse bf16, portable (no AVX-512 BF16 / VBMI2 on this CPU)")
     if kind in ("bitmask", "nm"):
-        return ("C bitmask + int4 x int8, AVX-512 VNNI + VBMI2" if _use_vbmi2
-                else "C bitmask + int4 x int8, portable (no AVX-512 VBMI2 on this CPU)")
-    width = "int8" if bits == 8 else "int4"
-    return (f"C {width} x int8, AVX-512 VNNI" if _use_vnni
-            else f"C {width} x int8, portable (no AVX-512 VNNI on this CPU)")
+        return ("C bitmask / N:M sparse int4 x int8 in 16-row tiles (codes expanded in registers), AVX-512 VNNI + "
+                "VBMI2" if _use_tiled
+                else "C bitmask / N:M sparse int4 x int8 in 16-row tiles, portable (no AVX-512 VBMI2 here)")
+    if bits == 8:
+        return "C int8 x int8, AVX-512 VNNI" if _use_vnni else "C int8 x int8, portable (no AVX-512 VNNI on this CPU)"
+    return ("C int4 x int8 in 16-row tiles, AVX-512 VNNI + VBMI2" if _use_tiled
+            else "C int4 x int8 in 16-row tiles, portable (no AVX-512 VNNI + VBMI2 on this CPU)")
 
 
 def supports(fmt: LinearFormat, dtype: torch.dtype | None = None) -> str | None:
@@ -235,29 +235,48 @@ def _grid(tensors) -> tuple[torch.Tensor, torch.Tensor]:
     return scale32, (scale32 * tensors["weight_zero"].float()).contiguous()
 
 
-def _bitmask_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tuple:
-    """The kernel's layout of a sparse int4 layer (bitmask or N:M): per 64-input block a 64-bit keep mask and its
-    kept codes nibble-packed from a byte boundary; row byte offsets (see int4_gemm.c). N:M layers are converted to
-    it at load time."""
-    from ...formats.bitpack import as_words, pack_bits
-    from ...formats.packing import _kept_and_values
+def _tiled_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor], sparse: bool) -> tuple:
+    """The 16-row tile layout of an int4 layer (see tiled.c): codes of 16 rows x 8 inputs per 64-byte chunk, fp32
+    scales and uint8 zero points per tile and group; sparse layers keep only their kept codes per chunk, with two
+    64-bit keep masks per chunk and each tile's byte offset. Built at load time; the stored tensors are unchanged."""
+    from ...formats.bitpack import pack_bits
+    from ...formats.packing import _kept_and_values, unpack_codes
 
-    out, cols = fmt.out_features, fmt.in_features
-    nb = cols // 64
-    kept, dense_codes = _kept_and_values(fmt, tensors)  # (out, in) bool, (out, in) codes
-    codes = dense_codes[kept]  # (nnz,) row-major kept codes
-    per_block = kept.reshape(out, nb, 64).sum(-1)  # (out, nb) kept per block
-    block_bytes = (per_block + 1) // 2
-    start = torch.cumsum(block_bytes.flatten(), 0) - block_bytes.flatten()  # byte offset of each block
-    rank = torch.cumsum(kept.reshape(out, nb, 64).to(torch.int64), -1) - 1  # position among the block's kept
-    rank = rank.reshape(out, cols)[kept]  # (nnz,)
-    block_of = torch.arange(out * nb).reshape(out, nb, 1).expand(out, nb, 64).reshape(out, cols)[kept]
-    byte = start[block_of] + rank // 2
-    stream = torch.zeros(int(block_bytes.sum()) + 64, dtype=torch.int32)  # +64: a block's 32-byte read may overrun
-    stream.index_add_(0, byte, codes.to(torch.int32) << (4 * (rank % 2)).to(torch.int32))
-    row_off = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(block_bytes.sum(1), 0)])[:-1].contiguous()
-    masks = as_words(pack_bits(kept.to(torch.uint8), 1)).contiguous().view(torch.int64)  # (out, nb)
-    return (stream.to(torch.uint8), row_off, masks.contiguous(), *_grid(tensors))
+    out, cols, G = fmt.out_features, fmt.in_features, fmt.groups
+    nb, tiles = cols // 64, -(-out // 16)
+    pad = tiles * 16 - out
+    if sparse:
+        kept, codes = _kept_and_values(fmt, tensors)
+        kept = torch.nn.functional.pad(kept, (0, 0, 0, pad))
+    else:
+        codes = unpack_codes(fmt, tensors)
+    codes = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, pad))  # padded rows: code 0, scale 0
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # (rows, in) -> (tiles, nb, 8, 2, 64): chunk p, half, lane r * 4 + i
+        return t.reshape(tiles, 16, nb, 8, 2, 4).permute(0, 2, 3, 4, 1, 5).reshape(tiles, nb, 8, 2, 64)
+
+    def per_tile(t: torch.Tensor, dtype) -> torch.Tensor:  # (out, G) -> (tiles, G, 16)
+        t = torch.nn.functional.pad(t.to(dtype), (0, 0, 0, pad))
+        return t.reshape(tiles, 16, G).transpose(1, 2).contiguous()
+
+    scale = per_tile(tensors["weight_scale"].float(), torch.float32)
+    zero = per_tile(tensors["weight_zero"], torch.uint8)
+    c = chunks(codes)
+    if not sparse:
+        stream = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).to(torch.uint8).reshape(-1)
+        return stream.contiguous(), None, None, scale, zero
+    k = chunks(kept.to(torch.int32)).bool()  # (tiles, nb, 8, 2, 64)
+    counts = k.sum(-1)  # (tiles, nb, 8, 2)
+    chunk_bytes = counts.max(-1).values.reshape(-1)  # a chunk takes max(kept low, kept high) bytes
+    start = torch.cumsum(chunk_bytes, 0) - chunk_bytes
+    rank = torch.cumsum(k.to(torch.int64), -1) - 1  # position among the half's kept codes
+    chunk_of = torch.arange(chunk_bytes.numel()).reshape(tiles, nb, 8, 1, 1).expand_as(k)
+    half = torch.arange(2).reshape(1, 1, 1, 2, 1).expand_as(k)
+    stream = torch.zeros(int(chunk_bytes.sum()) + 64, dtype=torch.int32)  # +64: a chunk's 64-byte read may overrun
+    stream.index_add_(0, (start[chunk_of[k]] + rank[k]), c[k] << (4 * half[k]).to(torch.int32))
+    tile_off = start.reshape(tiles, -1)[:, 0].contiguous()
+    masks = pack_bits(k.to(torch.uint8), 1).contiguous().view(torch.int64).reshape(-1).contiguous()
+    return stream.to(torch.uint8), tile_off, masks, scale, zero
 
 
 def _sparse_values_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tuple:
@@ -314,7 +333,7 @@ class _Plan(ctypes.Structure):
                 ("masks", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zs", ctypes.c_void_p)]
 
 
-_DENSE, _SPARSE_INT4, _SPARSE_BF16, _DENSE8 = 0, 1, 2, 3
+_SPARSE_BF16, _DENSE8, _TILED, _TILED_SPARSE = 2, 3, 4, 5  # hcp_plan kinds (linear.c)
 
 
 class LayerPlan:
@@ -324,16 +343,18 @@ class LayerPlan:
         self.kind, self.tensors = kind, tensors
         self.N, self.K, self.group_size = fmt.out_features, fmt.in_features, fmt.effective_group_size
         ptr = [None if t is None else t.data_ptr() for t in tensors]
-        if kind in (_DENSE, _DENSE8):
+        # self.weights: the kernel's weight arguments on the row-split path (large layers, more than one thread)
+        if kind == _DENSE8:
             w, off, masks, scale, zs = ptr[0], None, None, ptr[1], ptr[2]
-        elif kind == _SPARSE_INT4:
-            w, off, masks, scale, zs = ptr
+            self.weights = (w, scale, zs)
+        elif kind in (_TILED, _TILED_SPARSE):
+            w, off, masks, scale, zs = ptr  # zs: the tiles' uint8 zero points; off, masks: None when dense
+            self.weights = (w, off, masks, scale, zs)
         else:
             w, off, masks, scale, zs = ptr[0], ptr[1], ptr[2], None, None
+            self.weights = (w, off, masks)
         self.plan = _Plan(kind, self.N, self.K, self.group_size, int(simd), w, off, masks, scale, zs)
         self.address = ctypes.addressof(self.plan)
-        # the row-split path (large layers on more than one thread): the per-row GEMM and its weight arguments
-        self.weights = tuple(p for p in (w, off, masks, scale, zs) if p is not None)
 
     def __call__(self, lib, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):
@@ -354,26 +375,22 @@ class LayerPlan:
         if self.kind == _SPARSE_BF16:
             gemm, args = lib.hcp_sparse_bf16_gemm, (*self.weights, N, K, x.data_ptr(), T, y32.data_ptr())
         else:
-            if lib.hcp_prepare_activations(x.data_ptr(), bf16, T, K, self.group_size, int(self.kind == _DENSE),
-                                           xq.data_ptr(), sx.data_ptr(), xs.data_ptr()):
+            if lib.hcp_prepare_activations(x.data_ptr(), bf16, T, K, self.group_size, xq.data_ptr(), sx.data_ptr(),
+                                           xs.data_ptr()):
                 raise MemoryError("hf_compress_prompt CPU kernel: out of memory for activation scratch")
-            if self.kind in (_DENSE, _DENSE8):
-                gemm = lib.hcp_int4_gemm if self.kind == _DENSE else lib.hcp_int8_gemm
-                args = (*self.weights, N, K, self.group_size, xq.data_ptr(), sx.data_ptr(),
-                                                 xs.data_ptr(), T, y32.data_ptr())
-            else:
-                gemm, args = lib.hcp_bitmask_int4_gemm, (*self.weights, N, K, self.group_size, xq.data_ptr(),
-                                                         sx.data_ptr(), T, y32.data_ptr())
+            gemm = lib.hcp_int8_gemm if self.kind == _DENSE8 else lib.hcp_tiled_int4_gemm
+            args = (*self.weights, N, K, self.group_size, xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), T,
+                    y32.data_ptr())
         _split_rows(gemm, args, N, T, K, self.plan.simd)
         lib.hcp_finish_output(y32.data_ptr(), T, N, b_ptr, y.data_ptr(), bf16, 0, N)
         return y
 
 
 def _plan(kind: int, fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan:
-    if kind in (_DENSE, _DENSE8):
+    if kind == _DENSE8:
         return LayerPlan(kind, fmt, (tensors["weight"].contiguous().view(torch.uint8), *_grid(tensors)), _use_vnni)
-    if kind == _SPARSE_INT4:
-        return LayerPlan(kind, fmt, _bitmask_layout(fmt, tensors), _use_vbmi2)
+    if kind in (_TILED, _TILED_SPARSE):
+        return LayerPlan(kind, fmt, _tiled_layout(fmt, tensors, sparse=kind == _TILED_SPARSE), _use_tiled)
     return LayerPlan(kind, fmt, _sparse_values_layout(fmt, tensors), _use_bf16)
 
 
@@ -385,7 +402,7 @@ def prepare(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan | 
     if fmt.kind == "int":
         if supports_dense(fmt) is not None:
             return None
-        kind = _DENSE if fmt.bits == 4 else _DENSE8
+        kind = _TILED if fmt.bits == 4 else _DENSE8
     elif fmt.bits is None:
         if supports(fmt, tensors["weight"].dtype) is not None:
             return None
@@ -393,7 +410,7 @@ def prepare(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan | 
     else:
         if supports(fmt) is not None:
             return None
-        kind = _SPARSE_INT4
+        kind = _TILED_SPARSE
     return _cached(tensors, lambda t: _plan(kind, fmt, t))
 
 
@@ -403,7 +420,7 @@ def int_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tens
     lib = _load()
     if lib is None or x.device.type != "cpu" or supports_dense(fmt) is not None:
         return reference_linear(x, fmt, tensors, bias)
-    kind = _DENSE if fmt.bits == 4 else _DENSE8
+    kind = _TILED if fmt.bits == 4 else _DENSE8
     return _cached(tensors, lambda t: _plan(kind, fmt, t))(lib, x, bias)
 
 
@@ -413,7 +430,7 @@ def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, t
     lib = _load()
     if lib is None or fmt.kind == "int" or x.device.type != "cpu" or supports(fmt) is not None:
         return reference_linear(x, fmt, tensors, bias)
-    return _cached(tensors, lambda t: _plan(_SPARSE_INT4, fmt, t))(lib, x, bias)
+    return _cached(tensors, lambda t: _plan(_TILED_SPARSE, fmt, t))(lib, x, bias)
 
 
 def sparse_bf16_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
@@ -437,7 +454,7 @@ def _split_rows(fn, args: tuple, N: int, T: int, K: int, flag: int) -> None:
     if n == 1:
         fn(*args, 0, N, flag)
         return
-    step = -(-N // n)
+    step = -(-(-(-N // n)) // 16) * 16  # ceil(N / n) rounded up to whole 16-row tiles
     futures = [_pool_for(n).submit(fn, *args, r, min(N, r + step), flag) for r in range(0, N, step)]
     for f in futures:
         f.result()
