@@ -26,6 +26,7 @@ from common import machine_info, markdown_table, write_results  # noqa: E402
 
 from hf_compress_prompt.formats import LinearFormat, pack_linear  # noqa: E402
 from hf_compress_prompt.kernels import cpu  # noqa: E402
+from hf_compress_prompt.methods.masks import nm_prune_mask  # noqa: E402
 
 SHAPES = {  # name -> (out, in, group size)
     "4096x4096g128": (4096, 4096, 128),
@@ -35,6 +36,9 @@ SHAPES = {  # name -> (out, in, group size)
     "smollm2 down 576x1536g64": (576, 1536, 64),
     "smollm2 lm_head-size 49152x576g64": (49152, 576, 64),
 }
+
+
+OURS_INT4 = "ours int4 (C, W4A8, 16-row tiles)"
 
 
 def _time(fn, pool, reps: int) -> tuple[float, float]:
@@ -66,16 +70,25 @@ def run_shape(name: str, out: int, inp: int, gs: int, token_counts: list[int], a
     def ours(i):
         codes = torch.randint(0, 16, (out, inp), dtype=torch.uint8)
         scale, zero = torch.rand(out, groups) * 0.01, torch.randint(0, 16, (out, groups)).float()
-        return pack_linear(fmt, torch.empty(out, inp, device="meta"), codes=codes, scale=scale.bfloat16(), zero=zero)
+        tensors = pack_linear(fmt, torch.empty(out, inp, device="meta"), codes=codes, scale=scale.bfloat16(), zero=zero)
+        cpu.prepare(fmt, tensors)  # the load-time repack into 16-row tiles, outside the timing
+        return fmt, tensors
 
-    def ours_sparse_int4(i):
-        pruned = torch.rand(out, inp) < 0.5
-        sfmt = LinearFormat(inp, out, bits=4, group_size=gs, sparsity="bitmask", nnz=int((~pruned).sum()))
-        codes = torch.randint(0, 16, (out, inp), dtype=torch.uint8)
-        scale, zero = torch.rand(out, groups) * 0.01, torch.randint(0, 16, (out, groups)).float()
-        tensors = pack_linear(sfmt, torch.empty(out, inp), codes=codes, scale=scale.bfloat16(), zero=zero, pruned=pruned)
-        cpu.prepare(sfmt, tensors)  # the load-time repack, outside the timing
-        return sfmt, tensors
+    def ours_sparse_int4(pattern):
+        def make(i):
+            if pattern == "2:4":
+                pruned = nm_prune_mask(torch.rand(out, inp), 2, 4)
+                sfmt = LinearFormat(inp, out, bits=4, group_size=gs, sparsity="2:4")
+            else:
+                pruned = torch.rand(out, inp) < 0.5
+                sfmt = LinearFormat(inp, out, bits=4, group_size=gs, sparsity="bitmask", nnz=int((~pruned).sum()))
+            codes = torch.randint(0, 16, (out, inp), dtype=torch.uint8)
+            scale, zero = torch.rand(out, groups) * 0.01, torch.randint(0, 16, (out, groups)).float()
+            tensors = pack_linear(sfmt, torch.empty(out, inp), codes=codes, scale=scale.bfloat16(), zero=zero,
+                                  pruned=pruned)
+            cpu.prepare(sfmt, tensors)  # the load-time repack, outside the timing
+            return sfmt, tensors
+        return make
 
     def ours_sparse_bf16(i):
         pruned = torch.rand(out, inp) < 0.5
@@ -96,15 +109,18 @@ def run_shape(name: str, out: int, inp: int, gs: int, token_counts: list[int], a
             torch_int4, lambda w: torch._weight_int4pack_mm_for_cpu(xbf, w[0], gs, w[1]), out * inp // 2 + groups * out * 4),
     }
     if cpu.available():
-        half = out * inp // 2  # kept weights at 50%
-        impls["ours int4 (C, W4A8)"] = (ours, lambda t: cpu.int_linear(xbf, fmt, t, None), fmt.nbytes(torch.bfloat16))
-        impls["ours 50% bitmask + int4 (C, W4A8)"] = (
-            ours_sparse_int4, lambda p: cpu.sparse_linear(xbf, p[0], p[1], None),
-            half // 2 + out * inp // 8 + groups * out * 5)  # codes + mask + fp32 scale and zero*scale
-        impls["ours 50% bitmask, bf16 values (C)"] = (
-            ours_sparse_bf16, lambda p: cpu.sparse_linear(xbf, p[0], p[1], None), half * 2 + out * inp // 8)
+        # bytes each kernel reads: its load-time layout (codes, masks, offsets, fp32 scales, uint8 zero points)
+        impls[OURS_INT4] = (ours, lambda p: cpu.int_linear(xbf, p[0], p[1], None), None)
+        impls["ours 50% bitmask + int4 (C, W4A8, tiles)"] = (
+            ours_sparse_int4("bitmask"), lambda p: cpu.sparse_linear(xbf, p[0], p[1], None), None)
+        impls["ours 2:4 + int4 (C, W4A8, tiles)"] = (
+            ours_sparse_int4("2:4"), lambda p: cpu.sparse_linear(xbf, p[0], p[1], None), None)
+        impls["ours 50% bitmask, bf16 values (C)"] = (ours_sparse_bf16, lambda p: cpu.sparse_linear(xbf, p[0], p[1], None),
+                                                      None)
     records = []
     for impl, (make, call, nbytes) in impls.items():
+        if nbytes is None:  # our kernels: the bytes of the layout they read
+            nbytes = _layout_bytes(make(-1))
         pool = _pool(make, nbytes, pool_bytes)
         for tokens in token_counts:
             x32, xbf = xs[tokens]
@@ -114,6 +130,12 @@ def run_shape(name: str, out: int, inp: int, gs: int, token_counts: list[int], a
                             "median_us": median * 1e6, "best_GBps": nbytes / best / 1e9})
         del pool
     return records
+
+
+def _layout_bytes(layer) -> int:
+    """Bytes of the kernel's load-time layout of a layer (what one call streams from memory)."""
+    plan = cpu.prepare(*layer)
+    return sum(t.numel() * t.element_size() for t in plan.tensors if t is not None)
 
 
 def bandwidth_limit(args) -> float:
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in records:
         same = {x["impl"]: x for x in records if x["shape"] == r["shape"] and x["tokens"] == r["tokens"]}
         bf16, tint4 = same["bf16 F.linear"], same["torch int4 (_weight_int4pack_mm_for_cpu)"]
-        mine = same.get("ours int4 (C, W4A8)")
+        mine = same.get(OURS_INT4)
         rows.append([r["shape"], r["tokens"], r["impl"], f"{r['best_us']:.0f}", f"{r['median_us']:.0f}",
                      f"{r['best_GBps']:.1f}", f"{100 * r['best_GBps'] / limit:.0f}%",
                      f"{bf16['best_us'] / r['best_us']:.2f}x", f"{tint4['best_us'] / r['best_us']:.2f}x",
@@ -165,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         f"distinct weights totalling about {args.pool_mb} MB per implementation (cold weights). 'vs' columns: speed-up "
         "of this row over that implementation (best times). Our kernel takes bf16 activations, quantizes them to int8 "
         "per 64 inputs (W4A8, as llama.cpp's Q4 x Q8) and computes in int32/fp32; torch's int4 op takes bf16 "
-        "activations. Weight bytes include scales and zeros."
+        "activations. Weight bytes: what each implementation streams per call; for ours, the load-time layout (16-row "
+        "tiles of int4 codes, fp32 scales and uint8 zero points per tile and group; sparse: the kept codes, taking "
+        "max(kept low, kept high) bytes per 128-weight chunk, plus one mask bit per weight)."
     )
     settings = {"threads": args.threads, "reps": args.reps, "pool_mb": args.pool_mb, "tokens": args.tokens,
                 "shapes": args.shapes, "cpu_kernels": [cpu.kernel_name("int"), cpu.kernel_name("bitmask"),
