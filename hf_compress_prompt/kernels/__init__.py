@@ -38,8 +38,11 @@ from . import triton as _triton  # noqa: E402
 
 if _triton.available() and torch.cuda.is_available():
     register_kernel("int_linear", "cuda", _triton.int4_linear, "Triton int4 (de-quantize in registers, tl.dot)")
+    for _op in ("bitmask_linear", "nm_linear"):
+        register_kernel(_op, "cuda", _triton.sparse_int4_linear,
+                        "Triton 2:4 / bitmask + int4 (kept codes only, rebuilt dense in registers, tl.dot)")
 else:
-    record_unavailable("triton int4 (cuda)", _triton.unavailable_reason() or "no CUDA device")
+    record_unavailable("triton int4, 2:4 / bitmask + int4 (cuda)", _triton.unavailable_reason() or "no CUDA device")
 register_kernel("bitmask_linear", "cpu", _cpu.sparse_linear, _cpu_description("bitmask"))
 register_kernel("nm_linear", "cpu", _cpu.sparse_linear, _cpu_description("nm"))
 

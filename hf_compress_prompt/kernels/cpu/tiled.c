@@ -123,8 +123,11 @@ static inline void tile_tokens(const uint8_t *cp, const uint64_t *mp, const floa
     for (int64_t b = 0; b < nb; b++) {
         const int64_t g = b / per_group;
         const __m512i fill = sparse ? zero_fill(zt + g * ROWS) : _mm512_setzero_si512();
-        __m512i dot[8], dot2[8];
+        /* two independent dpbusd chains per token, four when few tokens leave registers free (one token: the
+         * chains' latency, not the throughput, would otherwise bound a block) */
+        __m512i dot[8], dot2[8], dot3[2], dot4[2];
         for (int j = 0; j < NT; j++) dot[j] = dot2[j] = _mm512_setzero_si512();
+        for (int j = 0; j < 2; j++) dot3[j] = dot4[j] = _mm512_setzero_si512();
         const int8_t *xb = xq + t0 * K + b * TBLOCK;
         for (int p = 0; p < 8; p += 2) { /* two chunks per step: two independent chains per token */
             __m512i lo, hi, lo2, hi2;
@@ -136,10 +139,20 @@ static inline void tile_tokens(const uint8_t *cp, const uint64_t *mp, const floa
                 memcpy(&a0, xp, 4); memcpy(&a1, xp + 4, 4); memcpy(&a2, xp + 8, 4); memcpy(&a3, xp + 12, 4);
                 dot[j] = _mm512_dpbusd_epi32(dot[j], lo, _mm512_set1_epi32(a0));
                 dot2[j] = _mm512_dpbusd_epi32(dot2[j], lo2, _mm512_set1_epi32(a2));
-                dot[j] = _mm512_dpbusd_epi32(dot[j], hi, _mm512_set1_epi32(a1));
-                dot2[j] = _mm512_dpbusd_epi32(dot2[j], hi2, _mm512_set1_epi32(a3));
+                if (NT <= 2) {
+                    dot3[j] = _mm512_dpbusd_epi32(dot3[j], hi, _mm512_set1_epi32(a1));
+                    dot4[j] = _mm512_dpbusd_epi32(dot4[j], hi2, _mm512_set1_epi32(a3));
+                } else {
+                    dot[j] = _mm512_dpbusd_epi32(dot[j], hi, _mm512_set1_epi32(a1));
+                    dot2[j] = _mm512_dpbusd_epi32(dot2[j], hi2, _mm512_set1_epi32(a3));
+                }
             }
         }
+        if (NT <= 2)
+            for (int j = 0; j < NT; j++) {
+                dot[j] = _mm512_add_epi32(dot[j], dot3[j]);
+                dot2[j] = _mm512_add_epi32(dot2[j], dot4[j]);
+            }
         const __m512 s = _mm512_loadu_ps(st + g * ROWS);
         for (int j = 0; j < NT; j++) {
             const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[j], dot2[j]));
