@@ -20,6 +20,7 @@ gives; on this CPU bf16 attention (SDPA) is several times slower than fp32 at on
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.settings:
         base_name = name.removesuffix(PROMPT_SUFFIX)
         dtype, steps, run_dtype = SETTINGS[base_name]
+        gc.collect()  # the previous setting's model and its kernel layouts are gone before this one is measured
+        cache_before = cpu.cache_bytes()
         model, tokenizer = load_model_and_tokenizer()
         model = model.to(dtype)
         if steps:
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             prompt = torch.stack([stream[i * n: (i + 1) * n] for i in range(batch)])  # (batch, n)
             record = {"setting": name, "batch": batch, "dtype": str(run_dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
                       "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps)}
-            record["kernel_cache_MB"] = cpu.cache_bytes() / 1e6 if steps else 0.0
+            record["kernel_cache_MB"] = (cpu.cache_bytes() - cache_before) / 1e6 if steps else 0.0
             records.append(record)
             print(f"{name} batch {batch}: {record['tokens_per_s']:.1f} tokens/s, prefill {record['prefill_s'] * 1e3:.0f} ms, "
                   f"linear share {100 * record['linear_share_of_generate']:.0f}%", flush=True)
@@ -188,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
         "thread(s). 'Linear layers share': fraction of a hooked generate run spent inside the 210 block linears and "
         "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead). Resident MB: "
-        "the model's parameters and buffers; kernel cache MB: what the CPU kernels add at load time (fp32 copies of "
-        "the scales, and for sparse layers the repacked per-block layout), on top. Kernels used by packed layers: "
+        "the model's parameters and buffers; kernel cache MB: what the CPU kernels add at first use, on top (the "
+        "int4 layers' 16-row tile copies with fp32 scales and uint8 zeros, int8 layers' fp32 scales; this model's "
+        "layers only). Kernels used by packed layers: "
         "see the JSON ('kernels'). One SDPA call at a decode step (9 query heads, 3 KV heads, 256 keys), median of 7 x "
         f"200 calls in this run: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us (x 30 layers per token)."
     )

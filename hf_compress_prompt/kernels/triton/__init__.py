@@ -153,27 +153,35 @@ def kernels(interpret: bool):
             "bitmask_int4_matmul": bitmask_int4_matmul, "triton": triton}
 
 
+def _run(x: torch.Tensor, fmt: LinearFormat, bias: torch.Tensor | None, block_t: int, block_n: int, launch):
+    """What every kernel call shares: ``x`` flattened to (T, K), an fp32 output, ``launch(k, x2, y, T, grid)``, then
+    the bias and the output in ``x``'s dtype and shape."""
+    k = kernels(os.environ.get("TRITON_INTERPRET") == "1")
+    K, N = fmt.in_features, fmt.out_features
+    x2 = x.reshape(-1, K).contiguous()
+    T = x2.shape[0]
+    y = torch.empty(T, N, dtype=torch.float32, device=x.device)
+    launch(k, x2, y, T, (k["triton"].cdiv(T, block_t), k["triton"].cdiv(N, block_n)))
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None,
                 *, block_t: int = 16, block_n: int = 32, block_k: int = 32):
     """``x @ W.T + bias`` for a dense int4 layer with the Triton kernel (reference op when it does not apply)."""
     if unavailable_reason() is not None or supports(fmt) is not None or fmt.kind != "int":
         return reference_linear(x, fmt, tensors, bias)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    k = kernels(interpret)
-    K, N = fmt.in_features, fmt.out_features
-    x2 = x.reshape(-1, K).contiguous()
-    T = x2.shape[0]
-    y = torch.empty(T, N, dtype=torch.float32, device=x.device)
     g_idx = tensors.get("weight_g_idx")
-    grid = (k["triton"].cdiv(T, block_t), k["triton"].cdiv(N, block_n))
-    k["int4_matmul"][grid](
-        x2, tensors["weight"], tensors["weight_scale"], tensors["weight_zero"], g_idx if g_idx is not None else x2,
-        y, T, N, K, fmt.groups, fmt.effective_group_size, USE_G_IDX=g_idx is not None,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def launch(k, x2, y, T, grid):
+        k["int4_matmul"][grid](
+            x2, tensors["weight"], tensors["weight_scale"], tensors["weight_zero"], g_idx if g_idx is not None else x2,
+            y, T, fmt.out_features, fmt.in_features, fmt.groups, fmt.effective_group_size,
+            USE_G_IDX=g_idx is not None, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+
+    return _run(x, fmt, bias, block_t, block_n, launch)
 
 
 _row_starts: dict[int, tuple] = {}  # id(mask) -> (mask, version, starts): computed once per layer
@@ -199,21 +207,15 @@ def sparse_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, to
     do not apply)."""
     if unavailable_reason() is not None or supports(fmt) is not None or fmt.kind == "int":
         return reference_linear(x, fmt, tensors, bias)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    k = kernels(interpret)
-    K, N = fmt.in_features, fmt.out_features
-    x2 = x.reshape(-1, K).contiguous()
-    T = x2.shape[0]
-    y = torch.empty(T, N, dtype=torch.float32, device=x.device)
-    grid = (k["triton"].cdiv(T, block_t), k["triton"].cdiv(N, block_n))
-    common = (tensors["weight_scale"], tensors["weight_zero"], y, T, N, K, fmt.groups, fmt.effective_group_size)
-    if fmt.kind == "nm":
-        k["nm24_int4_matmul"][grid](x2, tensors["weight"], tensors["weight_index"], *common,
-                                    BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
-    else:
-        starts = _bitmask_row_starts(tensors["weight_mask"])
-        k["bitmask_int4_matmul"][grid](x2, tensors["weight"], tensors["weight_mask"], starts, *common,
-                                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def launch(k, x2, y, T, grid):
+        common = (tensors["weight_scale"], tensors["weight_zero"], y, T, fmt.out_features, fmt.in_features, fmt.groups,
+                  fmt.effective_group_size)
+        blocks = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
+        if fmt.kind == "nm":
+            k["nm24_int4_matmul"][grid](x2, tensors["weight"], tensors["weight_index"], *common, **blocks)
+        else:
+            starts = _bitmask_row_starts(tensors["weight_mask"])
+            k["bitmask_int4_matmul"][grid](x2, tensors["weight"], tensors["weight_mask"], starts, *common, **blocks)
+
+    return _run(x, fmt, bias, block_t, block_n, launch)
