@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import weakref
 
 import torch
 
@@ -184,20 +185,21 @@ def int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Ten
     return _run(x, fmt, bias, block_t, block_n, launch)
 
 
-_row_starts: dict[int, tuple] = {}  # id(mask) -> (mask, version, starts): computed once per layer
+_row_starts: dict[int, tuple] = {}  # id(mask) -> (weakref to mask, version, starts): computed once per layer
 
 
 def _bitmask_row_starts(mask_words: torch.Tensor) -> torch.Tensor:
     """Index of each row's first kept code in the layer's stream (exclusive prefix sum of the rows' popcounts)."""
     entry = _row_starts.get(id(mask_words))
-    if entry is not None and entry[0] is mask_words and entry[1] == mask_words._version:
+    if entry is not None and entry[0]() is mask_words and entry[1] == mask_words._version:
         return entry[2]
     bits = mask_words.view(torch.uint8)
     counts = torch.zeros(bits.shape[0], dtype=torch.int64, device=bits.device)
     for b in range(8):
         counts += ((bits >> b) & 1).sum(1, dtype=torch.int64)
     starts = torch.cumsum(counts, 0) - counts
-    _row_starts[id(mask_words)] = (mask_words, mask_words._version, starts)
+    key = id(mask_words)  # a weak reference: the entry goes with the layer
+    _row_starts[key] = (weakref.ref(mask_words, lambda _, k=key: _row_starts.pop(k, None)), mask_words._version, starts)
     return starts
 
 
