@@ -414,32 +414,29 @@ def prepare(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan | 
     return _cached(tensors, lambda t: _plan(kind, fmt, t))
 
 
+def _linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+    """The layer's C kernel (chosen and built once by :func:`prepare`), or the reference op where none applies."""
+    plan = prepare(fmt, tensors) if x.device.type == "cpu" else None
+    return reference_linear(x, fmt, tensors, bias) if plan is None else plan(_lib, x, bias)
+
+
 def int_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
     """``x @ W.T + bias`` for a dense int4 or int8 layer, through the C kernel when it applies (else the
     reference)."""
-    lib = _load()
-    if lib is None or x.device.type != "cpu" or supports_dense(fmt) is not None:
-        return reference_linear(x, fmt, tensors, bias)
-    kind = _TILED if fmt.bits == 4 else _DENSE8
-    return _cached(tensors, lambda t: _plan(kind, fmt, t))(lib, x, bias)
+    return _linear(x, fmt, tensors, bias)
 
 
 def bitmask_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
     """``x @ W.T + bias`` for a sparse int4 layer (bitmask, e.g. SparseGPT 50% + 4-bit, or N:M), through the C
     kernel when it applies (else the reference)."""
-    lib = _load()
-    if lib is None or fmt.kind == "int" or x.device.type != "cpu" or supports(fmt) is not None:
-        return reference_linear(x, fmt, tensors, bias)
-    return _cached(tensors, lambda t: _plan(_TILED_SPARSE, fmt, t))(lib, x, bias)
+    return _linear(x, fmt, tensors, bias)
 
 
 def sparse_bf16_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
     """``x @ W.T + bias`` for a pruned (not quantized) layer of a bf16 model, through the C kernel when it applies."""
-    lib = _load()
-    if (lib is None or fmt.bits is not None or x.device.type != "cpu" or x.dtype != torch.bfloat16
-            or supports(fmt, tensors["weight"].dtype) is not None):
+    if fmt.bits is not None or x.dtype != torch.bfloat16:  # the kernel multiplies bf16 activations only
         return reference_linear(x, fmt, tensors, bias)
-    return _cached(tensors, lambda t: _plan(_SPARSE_BF16, fmt, t))(lib, x, bias)
+    return _linear(x, fmt, tensors, bias)
 
 
 def sparse_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, torch.Tensor], bias):
@@ -454,7 +451,8 @@ def _split_rows(fn, args: tuple, N: int, T: int, K: int, flag: int) -> None:
     if n == 1:
         fn(*args, 0, N, flag)
         return
-    step = -(-(-(-N // n)) // 16) * 16  # ceil(N / n) rounded up to whole 16-row tiles
+    per_thread = -(-N // n)
+    step = -(-per_thread // 16) * 16  # whole 16-row tiles
     futures = [_pool_for(n).submit(fn, *args, r, min(N, r + step), flag) for r in range(0, N, step)]
     for f in futures:
         f.result()

@@ -112,7 +112,8 @@ static inline __m512 zero_points(const uint8_t *z) {
 }
 
 /* NT tokens (a compile-time constant in each caller) against one tile: the codes of each chunk are unpacked once
- * and used by every token; per token one int32 and one float accumulator stay in registers. */
+ * and used by every token; per token two (NT > 2) or four int32 accumulators and one float accumulator stay in
+ * registers. */
 __attribute__((target(ISA_TILED), always_inline))
 static inline void tile_tokens(const uint8_t *cp, const uint64_t *mp, const float *st, const uint8_t *zt, int64_t N,
                                int64_t K, int64_t group_size, const int8_t *xq, const float *sx, const float *xs,
@@ -129,7 +130,7 @@ static inline void tile_tokens(const uint8_t *cp, const uint64_t *mp, const floa
         for (int j = 0; j < NT; j++) dot[j] = dot2[j] = _mm512_setzero_si512();
         for (int j = 0; j < 2; j++) dot3[j] = dot4[j] = _mm512_setzero_si512();
         const int8_t *xb = xq + t0 * K + b * TBLOCK;
-        for (int p = 0; p < 8; p += 2) { /* two chunks per step: two independent chains per token */
+        for (int p = 0; p < 8; p += 2) { /* two chunks per step */
             __m512i lo, hi, lo2, hi2;
             chunk_codes(&cp, &mp, fill, sparse, &lo, &hi);
             chunk_codes(&cp, &mp, fill, sparse, &lo2, &hi2);
