@@ -2,8 +2,8 @@
 50% + 4-bit. Writes docs/results/decode_<threads>t.{md,json}.
 
 For each setting and batch size: prefill time of a --prompt-tokens prompt (WikiText-2 text), then greedy decoding
-of --new-tokens tokens (min_new_tokens forces the full length), median of --reps runs. A second pass with timing
-hooks on every linear layer splits a decode step into time inside linear layers and everything else (framework
+of --new-tokens tokens (no end-of-sequence token, so every run has the full length), median of --reps runs. A
+second pass with timing hooks on every linear layer splits a decode step into time inside linear layers and everything else (framework
 overhead: attention, norms, sampling, Python). Resident memory = bytes of the loaded tensors.
 
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
@@ -20,6 +20,7 @@ gives; on this CPU bf16 attention (SDPA) is several times slower than fp32 at on
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import statistics
 import sys
@@ -52,6 +53,7 @@ SETTINGS = {
     "packed 50% + 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_HALF, _Q4_HEAD], torch.float32),
 }
 PROMPT_SUFFIX = " + 100-token recovery prompt"  # any setting + this: a prompt attached (its values do not matter)
+COMPILE_SUFFIX = " + torch.compile, static cache"  # any setting + this: transformers' compiled decoding
 
 
 def _resident(model) -> int:
@@ -84,12 +86,37 @@ class LinearTimer:
             h.remove()
 
 
-def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int) -> dict:
+def _generation_config(model, new_tokens: int):
+    """Greedy, exactly ``new_tokens`` tokens: no end-of-sequence token, so nothing stops early. (Forcing the length
+    with ``min_new_tokens`` instead adds a logits processor that scans the 49152-token vocabulary twice per step,
+    about 0.5 ms, a cost of the benchmark rather than of decoding.)"""
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return config
+
+
+def _compiled(config):
+    """transformers' own compiled decoding: a static KV cache, and the decode step compiled by ``torch.compile``
+    (inductor; transformers compiles on accelerators only unless told, and its default mode asks for CUDA graphs)."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True
+    config.update(cache_implementation="static", compile_config=compile_config)
+    return config
+
+
+def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int, compiled: bool = False) -> dict:
     attention = torch.ones_like(prompt)
-    kwargs = dict(attention_mask=attention, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=0)
+    config = _generation_config(model, new_tokens)
+    kwargs = dict(attention_mask=attention, generation_config=_compiled(config) if compiled else config)
     with torch.no_grad():
-        model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        if compiled:  # the first call compiles (for this batch size and cache length)
+            model.generate(prompt, **kwargs)
+        else:
+            model.generate(prompt, attention_mask=attention, generation_config=_generation_config(model, 4))
+        warm_up = time.perf_counter() - start
         prefill, total = [], []
         for _ in range(reps):
             start = time.perf_counter()
@@ -99,17 +126,24 @@ def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int) -> dict:
             out = model.generate(prompt, **kwargs)
             total.append(time.perf_counter() - start)
         assert out.shape[1] == prompt.shape[1] + new_tokens
-        timer = LinearTimer(model)
-        start = time.perf_counter()
-        model.generate(prompt, **kwargs)
-        hooked = time.perf_counter() - start
-        timer.remove()
+        share = hooked = None
+        if not compiled:  # hooks inside a compiled graph would time nothing meaningful
+            timer = LinearTimer(model)
+            start = time.perf_counter()
+            model.generate(prompt, **kwargs)
+            hooked = time.perf_counter() - start
+            timer.remove()
+            share = timer.seconds / hooked
     p, t = statistics.median(prefill), statistics.median(total)
     decode = max(t - p, 1e-9)
     batch = prompt.shape[0]
     return {"prefill_s": p, "generate_s": t, "decode_s": decode, "tokens_per_s": batch * new_tokens / decode,
-            "ms_per_step": 1e3 * decode / new_tokens, "hooked_generate_s": hooked,
-            "linear_share_of_generate": timer.seconds / hooked}
+            "ms_per_step": 1e3 * decode / new_tokens, "hooked_generate_s": hooked, "linear_share_of_generate": share,
+            "warm_up_s": warm_up}
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
 
 
 def attention_microbench(kv_length: int = 256, reps: int = 7, calls: int = 200) -> dict:
@@ -135,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
-                        help=f"any of: {', '.join(SETTINGS)}; any of them + {PROMPT_SUFFIX.strip()!r}")
+                        help=f"any of: {', '.join(SETTINGS)}; any of them + {PROMPT_SUFFIX.strip()!r} or + "
+                             f"{COMPILE_SUFFIX.strip()!r}")
     parser.add_argument("--output", default=None, help="results name (default: decode_<threads>t)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -149,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
     records = []
     for name in args.settings:
-        base_name = name.removesuffix(PROMPT_SUFFIX)
+        compiled = name.endswith(COMPILE_SUFFIX)
+        base_name = name.removesuffix(COMPILE_SUFFIX).removesuffix(PROMPT_SUFFIX)
         dtype, steps, run_dtype = SETTINGS[base_name]
         gc.collect()  # the previous setting's model and its kernel layouts are gone before this one is measured
         cache_before = cpu.cache_bytes()
@@ -158,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         if steps:
             compress_(model, Recipe(steps), progress=False)
         model = model.to(run_dtype)  # what from_pretrained(..., dtype=run_dtype) gives: packed codes stay as stored
-        if name.endswith(PROMPT_SUFFIX):
+        if name.removesuffix(COMPILE_SUFFIX).endswith(PROMPT_SUFFIX):
             hidden = model.config.hidden_size
             soft = RecoveryPrompt(torch.randn(100, hidden, generator=torch.Generator().manual_seed(0)) * 0.02)
             attach_recovery_prompt(model, soft)
@@ -168,11 +204,12 @@ def main(argv: list[str] | None = None) -> None:
             n = args.prompt_tokens
             prompt = torch.stack([stream[i * n: (i + 1) * n] for i in range(batch)])  # (batch, n)
             record = {"setting": name, "batch": batch, "dtype": str(run_dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
-                      "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps)}
+                      "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps, compiled)}
             record["kernel_cache_MB"] = (cpu.cache_bytes() - cache_before) / 1e6 if steps else 0.0
             records.append(record)
             print(f"{name} batch {batch}: {record['tokens_per_s']:.1f} tokens/s, prefill {record['prefill_s'] * 1e3:.0f} ms, "
-                  f"linear share {100 * record['linear_share_of_generate']:.0f}%", flush=True)
+                  f"linear share {_percent(record['linear_share_of_generate'])}, warm-up {record['warm_up_s']:.0f} s",
+                  flush=True)
         del model
     base = {(r["setting"], r["batch"]): r for r in records}
     header = ["setting", "batch", "tokens/s", "vs fp32", "vs bf16", "ms per step", "prefill ms", "linear layers share",
@@ -184,13 +221,16 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x" if fp32 else "-",
                      f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-",
                      f"{r['ms_per_step']:.1f}", f"{r['prefill_s'] * 1e3:.0f}",
-                     f"{100 * r['linear_share_of_generate']:.0f}%", f"{r['resident_MB']:.0f}",
+                     _percent(r["linear_share_of_generate"]), f"{r['resident_MB']:.0f}",
                      f"{r['kernel_cache_MB']:.0f}"])
     notes = (
         f"Greedy `generate`, {args.new_tokens} new tokens after a {args.prompt_tokens}-token WikiText-2 prompt per "
         f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
         "thread(s). 'Linear layers share': fraction of a hooked generate run spent inside the 210 block linears and "
-        "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead). Resident MB: "
+        "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead; not measured "
+        f"for compiled rows). '{COMPILE_SUFFIX.strip()}': transformers' static KV cache with the decode step compiled "
+        "by `torch.compile` (inductor); its first generate per batch size compiles (warm-up seconds in the JSON). "
+        "Resident MB: "
         "the model's parameters and buffers; kernel cache MB: what the CPU kernels add at first use, on top (the "
         "int4 layers' 16-row tile copies with fp32 scales and uint8 zeros, int8 layers' fp32 scales; this model's "
         "layers only). Kernels used by packed layers: "

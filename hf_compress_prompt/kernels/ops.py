@@ -15,11 +15,11 @@ One op per storage kind (``int_linear``: dense integer codes; ``nm_linear``: N:M
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.library import custom_op
 
 from ..formats import LinearFormat
 from .reference import dense_weight, reference_linear
@@ -85,61 +85,62 @@ def _quant(tensors: dict, scale, zero, g_idx=None) -> None:
 
 
 # ----- formats rebuilt from op arguments ----------------------------------------------------------------------------
+def _format(in_features: int, out_features: int, bits: int | None, group_size: int, sparsity: str | None = None,
+             nnz: int | None = None, g_idx: bool = False) -> LinearFormat:
+    """One (validated, immutable) format per distinct argument set: a model has a handful of layer shapes, and
+    building and validating a format on every call cost more than a small layer's matmul. Symbolic sizes (tracing
+    with dynamic shapes) are not hashable: those build a fresh format."""
+    args = (in_features, out_features, bits, group_size, sparsity, nnz, g_idx)
+    if any(isinstance(a, torch.SymInt) for a in args):
+        return LinearFormat(in_features, out_features, bits=bits, group_size=group_size, sparsity=sparsity, nnz=nnz,
+                            g_idx=g_idx)
+    return _cached_format(*args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_format(in_features, out_features, bits, group_size, sparsity, nnz, g_idx) -> LinearFormat:
+    return LinearFormat(in_features, out_features, bits=bits, group_size=group_size, sparsity=sparsity, nnz=nnz,
+                        g_idx=g_idx)
+
+
 def _int_format(weight, scale, g_idx, in_features, bits, group_size) -> LinearFormat:
-    return LinearFormat(in_features, weight.shape[0], bits=bits, group_size=group_size, g_idx=g_idx is not None)
+    return _format(in_features, weight.shape[0], bits, group_size, g_idx=g_idx is not None)
 
 
 def _nm_format(index, in_features, n, m, bits, group_size) -> LinearFormat:
-    return LinearFormat(in_features, index.shape[0], bits=bits or None, group_size=group_size, sparsity=f"{n}:{m}")
+    return _format(in_features, index.shape[0], bits or None, group_size, f"{n}:{m}")
 
 
 def _bitmask_format(mask, in_features, nnz, bits, group_size) -> LinearFormat:
-    return LinearFormat(in_features, mask.shape[0], bits=bits or None, group_size=group_size, sparsity="bitmask", nnz=nnz)
+    return _format(in_features, mask.shape[0], bits or None, group_size, "bitmask", nnz)
 
 
-# ----- int_linear -------------------------------------------------------------------------------------------------
-@custom_op("hf_compress_prompt::int_linear", mutates_args=())
-def int_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None,
-    bias: torch.Tensor | None, in_features: int, bits: int, group_size: int,
-) -> torch.Tensor:
-    fmt, tensors, bias = _int_rebuild((weight, scale, zero, g_idx, bias, in_features, bits, group_size))
-    return run_kernel("int_linear", x, fmt, tensors, bias)
+# ----- the ops: schema, implementation (any device: run_kernel picks the kernel) and fake ---------------------------
+# Defined with the low-level ``torch.library.Library`` rather than ``@custom_op``: the latter's Python wrapper costs
+# about 7 us more per call, which a compiled decode step pays on each of its 211 linear layers.
+_LIB = torch.library.Library("hf_compress_prompt", "DEF")
+_SCHEMAS = {
+    "int_linear": "Tensor weight, Tensor scale, Tensor zero, Tensor? g_idx, Tensor? bias, int in_features, int bits, "
+                  "int group_size",
+    "nm_linear": "Tensor weight, Tensor index, Tensor? scale, Tensor? zero, Tensor? bias, int in_features, int n, "
+                 "int m, int bits, int group_size",
+    "bitmask_linear": "Tensor weight, Tensor mask, Tensor? scale, Tensor? zero, Tensor? bias, int in_features, "
+                      "int nnz, int bits, int group_size",
+}
 
 
-@int_linear.register_fake
-def _(x, weight, scale, zero, g_idx, bias, in_features, bits, group_size):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _define(name: str, rebuild: Callable[[tuple], tuple[LinearFormat, dict, torch.Tensor | None]]) -> None:
+    _LIB.define(f"{name}(Tensor x, {_SCHEMAS[name]}) -> Tensor")
 
+    def implementation(x, *args):
+        fmt, tensors, bias = rebuild(args)
+        return run_kernel(name, x, fmt, tensors, bias)
 
-# ----- nm_linear --------------------------------------------------------------------------------------------------
-@custom_op("hf_compress_prompt::nm_linear", mutates_args=())
-def nm_linear(
-    x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
-    bias: torch.Tensor | None, in_features: int, n: int, m: int, bits: int, group_size: int,
-) -> torch.Tensor:
-    fmt, tensors, bias = _nm_rebuild((weight, index, scale, zero, bias, in_features, n, m, bits, group_size))
-    return run_kernel("nm_linear", x, fmt, tensors, bias)
+    def fake(x, *args):  # output rows: the weight's (int) or the index's / mask's (sparse) first dimension
+        return x.new_empty(*x.shape[:-1], (args[0] if name == "int_linear" else args[1]).shape[0])
 
-
-@nm_linear.register_fake
-def _(x, weight, index, scale, zero, bias, in_features, n, m, bits, group_size):
-    return x.new_empty(*x.shape[:-1], index.shape[0])
-
-
-# ----- bitmask_linear ---------------------------------------------------------------------------------------------
-@custom_op("hf_compress_prompt::bitmask_linear", mutates_args=())
-def bitmask_linear(
-    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
-    bias: torch.Tensor | None, in_features: int, nnz: int, bits: int, group_size: int,
-) -> torch.Tensor:
-    fmt, tensors, bias = _bitmask_rebuild((weight, mask, scale, zero, bias, in_features, nnz, bits, group_size))
-    return run_kernel("bitmask_linear", x, fmt, tensors, bias)
-
-
-@bitmask_linear.register_fake
-def _(x, weight, mask, scale, zero, bias, in_features, nnz, bits, group_size):
-    return x.new_empty(*x.shape[:-1], mask.shape[0])
+    _LIB.impl(name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"hf_compress_prompt::{name}", fake, lib=_LIB)
 
 
 # ----- autograd: dL/dx = dL/dy @ W, dL/dbias = sum of dL/dy; stored tensors get no gradient -------------------------
@@ -190,6 +191,11 @@ def _bitmask_rebuild(args):
     return _bitmask_format(mask, in_features, nnz, bits, group_size), tensors, bias
 
 
-int_linear.register_autograd(_backward_for(_int_rebuild), setup_context=_setup)
-nm_linear.register_autograd(_backward_for(_nm_rebuild), setup_context=_setup)
-bitmask_linear.register_autograd(_backward_for(_bitmask_rebuild), setup_context=_setup)
+for _name, _rebuild in (("int_linear", _int_rebuild), ("nm_linear", _nm_rebuild), ("bitmask_linear", _bitmask_rebuild)):
+    _define(_name, _rebuild)
+    torch.library.register_autograd(f"hf_compress_prompt::{_name}", _backward_for(_rebuild), setup_context=_setup,
+                                    lib=_LIB)
+
+int_linear = torch.ops.hf_compress_prompt.int_linear
+nm_linear = torch.ops.hf_compress_prompt.nm_linear
+bitmask_linear = torch.ops.hf_compress_prompt.bitmask_linear

@@ -201,18 +201,26 @@ def supports_dense(fmt: LinearFormat) -> str | None:
 _prepared: dict[int, tuple] = {}
 
 
-def _cached(tensors: dict[str, torch.Tensor], build_fn):
-    """``build_fn(tensors)``, computed once per weight tensor (and again if any tensor is modified in place)."""
+def _lookup(tensors: dict[str, torch.Tensor]):
+    """The prepared entry for these tensors, if any and still current (no tensor replaced or modified in place)."""
     weight = tensors["weight"]
-    key = id(weight)
-    versions = tuple(t._version for t in tensors.values())
-    entry = _prepared.get(key)
+    entry = _prepared.get(id(weight))
     if entry is not None:
         ref, seen, prepared = entry
-        if ref() is weight and seen == versions:
+        if ref() is weight and seen == tuple(t._version for t in tensors.values()):
             return prepared
-    prepared = build_fn(tensors)
-    _prepared[key] = (weakref.ref(weight, lambda _, k=key: _prepared.pop(k, None)), versions, prepared)
+    return None
+
+
+def _cached(tensors: dict[str, torch.Tensor], build_fn):
+    """``build_fn(tensors)``, computed once per weight tensor (and again if any tensor is modified in place)."""
+    prepared = _lookup(tensors)
+    if prepared is None:
+        weight = tensors["weight"]
+        key = id(weight)
+        prepared = build_fn(tensors)
+        _prepared[key] = (weakref.ref(weight, lambda _, k=key: _prepared.pop(k, None)),
+                          tuple(t._version for t in tensors.values()), prepared)
     return prepared
 
 
@@ -396,6 +404,9 @@ def _plan(kind: int, fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> Lay
 
 def prepare(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> LayerPlan | None:
     """Builds (once, cached) the kernel's load-time layout of a layer; `None` when no C kernel serves it."""
+    prepared = _lookup(tensors)  # every call after the first: only this lookup
+    if prepared is not None:
+        return prepared
     lib = _load()
     if lib is None:
         return None
