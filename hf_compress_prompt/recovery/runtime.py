@@ -15,6 +15,7 @@ Attached with :func:`attach_recovery_prompt` (``from_pretrained`` does it for a 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import types
@@ -190,12 +191,14 @@ def _prompt_kv(model: nn.Module, state: _State) -> list[tuple[torch.Tensor, torc
     return kv
 
 
-def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None):
-    """A cache holding the prompt's keys and values for ``batch`` sequences (``cache`` filled when given)."""
-    from transformers import DynamicCache
+def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None, static_length: int | None = None):
+    """A cache holding the prompt's keys and values for ``batch`` sequences (``cache`` filled when given; else a
+    dynamic cache, or a static one of ``static_length`` positions)."""
+    from transformers import DynamicCache, StaticCache
 
     if cache is None:
-        cache = DynamicCache(config=model.config)
+        cache = (DynamicCache(config=model.config) if static_length is None
+                 else StaticCache(config=model.config, max_cache_len=static_length))
     for i, (k, v) in enumerate(_prompt_kv(model, state)):
         cache.update(k.expand(batch, -1, -1, -1).clone(), v.expand(batch, -1, -1, -1).clone(), i)  # (B, h, n, d)
     return cache
@@ -267,10 +270,8 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
         raise UserInputError("generate with a recovery prompt takes input_ids (inputs_embeds are not supported)")
     if _given_cache(kwargs) is not None:
         raise UserInputError("generate with a recovery prompt builds its own cache; do not pass one")
-    if kwargs.get("cache_implementation") not in (None, "dynamic"):
-        raise UserInputError("generate with a recovery prompt uses a dynamic cache (the prompt's keys and values are "
-                             f"copied into it); cache_implementation={kwargs['cache_implementation']!r} is not supported")
     batch, n = ids.shape[0], state.prompt.num_virtual_tokens
+    static_length = _static_length(model, kwargs, n + ids.shape[1])
     # The cache already holds n positions: generate skips that many input ids, so n placeholders stand for the
     # prompt and are cut from the output.
     placeholder = torch.zeros(batch, n, dtype=ids.dtype, device=ids.device)
@@ -280,13 +281,37 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     out = original(
         torch.cat([placeholder, ids], dim=1),
         attention_mask=torch.cat([mask.new_ones(batch, n), mask], dim=1),
-        **{_cache_kwarg(model): _prefix_cache(model, state, batch)},
+        **{_cache_kwarg(model): _prefix_cache(model, state, batch, static_length=static_length)},
         **kwargs,
     )
     if isinstance(out, torch.Tensor):
         return out[:, n:]
     out.sequences = out.sequences[:, n:]
     return out
+
+
+def _static_length(model: nn.Module, kwargs: dict, start: int) -> int | None:
+    """``None`` for a dynamic cache; for ``cache_implementation="static"`` (given directly or in a generation
+    config), the static cache's length, prompt included. The setting is taken out of ``kwargs`` (the caller builds
+    the cache; transformers refuses a cache together with a cache_implementation)."""
+    config = kwargs.get("generation_config")
+    implementation = kwargs.pop("cache_implementation", None)
+    if implementation is None and config is not None:
+        implementation = config.cache_implementation
+    if implementation in (None, "dynamic"):
+        return None
+    if implementation != "static":
+        raise UserInputError("generate with a recovery prompt builds a dynamic or a static cache (the prompt's keys "
+                             f"and values are copied into it); cache_implementation={implementation!r} is not "
+                             "supported")
+    if config is not None:
+        kwargs["generation_config"] = config = copy.deepcopy(config)
+        config.cache_implementation = None
+    merged = copy.deepcopy(config if config is not None else model.generation_config)
+    merged.update(**{k: v for k, v in kwargs.items() if k in ("max_new_tokens", "max_length")})
+    if merged.max_new_tokens is not None:
+        return start + merged.max_new_tokens
+    return max(merged.max_length, start + 1)
 
 
 def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):

@@ -129,6 +129,49 @@ def test_generate_equals_generating_from_the_prompt_embeddings(tiny_llama, sampl
         assert torch.equal(ours[:, -8:], _greedy_without_cache(tiny_llama, prompt, ids, 8))
 
 
+@pytest.mark.parametrize("how", ["kwarg", "generation_config"])
+def test_generate_with_a_static_cache_equals_the_dynamic_cache(model, how):
+    # The prompt's keys and values are copied into the first positions of a static cache (what compiled decoding
+    # needs); tokens and scores must not change.
+    from transformers import GenerationConfig
+
+    attach_recovery_prompt(model, _prompt())
+    ids = _ids(batch=2)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+              "return_dict_in_generate": True}
+    dynamic = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    if how == "kwarg":
+        static = model.generate(ids, attention_mask=torch.ones_like(ids), cache_implementation="static", **kwargs)
+    else:
+        config = GenerationConfig(cache_implementation="static", **kwargs)
+        static = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        assert config.cache_implementation == "static"  # the caller's config is not modified
+    assert type(static.cache).__name__ == "StaticCache" and type(dynamic.cache).__name__ == "DynamicCache"
+    assert static.sequences.shape == (2, 16) and torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserInputError, match="offloaded"):
+        model.generate(ids, cache_implementation="offloaded", max_new_tokens=2)
+
+
+def test_compiled_decoding_with_the_prompt_equals_eager(tiny_llama):
+    # transformers compiles the decode step when the cache is static (on a CPU only when told); the prompt's
+    # forward hook is traced with it. backend="eager": Dynamo's tracing without inductor's code generation.
+    from transformers import CompileConfig
+
+    compress_(tiny_llama, RTNConfig(bits=4, group_size=64), progress=False)
+    attach_recovery_prompt(tiny_llama, _prompt())
+    ids = _ids(batch=2)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    eager = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    config = CompileConfig(backend="eager", mode="default")
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    compiled = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), cache_implementation="static",
+                                   compile_config=config, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # something was compiled
+
+
 def test_batched_generate_with_left_padding_equals_one_by_one(tiny_llama):
     attach_recovery_prompt(tiny_llama, _prompt())
     a, b = _ids(1, 10, seed=2), _ids(1, 6, seed=3)
