@@ -126,7 +126,7 @@ def _load() -> ctypes.CDLL | None:
         lib.hcp_quantize_activations.restype = None
         lib.hcp_int8_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
         lib.hcp_int8_gemm.restype = None
-        lib.hcp_tiled_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
+        lib.hcp_tiled_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
         lib.hcp_tiled_int4_gemm.restype = None
         lib.hcp_prepare_activations.argtypes = [p, i32, i64, i64, i64, p, p, p]
         lib.hcp_prepare_activations.restype = i32
@@ -246,9 +246,7 @@ def _grid(tensors) -> tuple[torch.Tensor, torch.Tensor]:
 def _tiled_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor], sparse: bool) -> tuple:
     """The 16-row tile layout of an int4 layer (see tiled.c): codes of 16 rows x 8 inputs per 64-byte chunk, fp32
     scales and uint8 zero points per tile and group; sparse layers keep only their kept codes per chunk, with two
-    64-bit keep masks per chunk and each tile's byte offset. Returns (codes, tile offsets, masks, scales, zeros,
-    chunk bytes): the last is the length every chunk shares when they all keep the same count (N:4), else 0.
-    Built at load time; the stored tensors are unchanged."""
+    64-bit keep masks per chunk and each tile's byte offset. Built at load time; the stored tensors are unchanged."""
     from ...formats.bitpack import pack_bits
     from ...formats.packing import _kept_and_values, unpack_codes
 
@@ -274,7 +272,7 @@ def _tiled_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor], sparse: b
     c = chunks(codes)
     if not sparse:
         stream = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).to(torch.uint8).reshape(-1)
-        return stream.contiguous(), None, None, scale, zero, 0
+        return stream.contiguous(), None, None, scale, zero
     k = chunks(kept.to(torch.int32)).bool()  # (tiles, nb, 8, 2, 64)
     counts = k.sum(-1)  # (tiles, nb, 8, 2)
     chunk_bytes = counts.max(-1).values.reshape(-1)  # a chunk takes max(kept low, kept high) bytes
@@ -286,8 +284,7 @@ def _tiled_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor], sparse: b
     stream.index_add_(0, (start[chunk_of[k]] + rank[k]), c[k] << (4 * half[k]).to(torch.int32))
     tile_off = start.reshape(tiles, -1)[:, 0].contiguous()
     masks = pack_bits(k.to(torch.uint8), 1).contiguous().view(torch.int64).reshape(-1).contiguous()
-    uniform = bool((chunk_bytes == chunk_bytes[0]).all())  # N:4 or N:2 with whole tiles: the kernel skips popcounts
-    return stream.to(torch.uint8), tile_off, masks, scale, zero, int(chunk_bytes[0]) if uniform else 0
+    return stream.to(torch.uint8), tile_off, masks, scale, zero
 
 
 def _sparse_values_layout(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> tuple:
@@ -341,8 +338,7 @@ class _Plan(ctypes.Structure):
 
     _fields_ = [("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("group_size", ctypes.c_int64),
                 ("simd", ctypes.c_int64), ("w", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
-                ("masks", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zs", ctypes.c_void_p),
-                ("chunk_bytes", ctypes.c_int64)]
+                ("masks", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zs", ctypes.c_void_p)]
 
 
 _SPARSE_BF16, _DENSE8, _TILED, _TILED_SPARSE = 2, 3, 4, 5  # hcp_plan kinds (linear.c)
@@ -351,8 +347,7 @@ _SPARSE_BF16, _DENSE8, _TILED, _TILED_SPARSE = 2, 3, 4, 5  # hcp_plan kinds (lin
 class LayerPlan:
     """The kernel's tensors for one layer (kept alive here) and the ``hcp_plan`` pointing at them."""
 
-    def __init__(self, kind: int, fmt: LinearFormat, tensors: tuple[torch.Tensor, ...], simd: bool,
-                 chunk_bytes: int = 0):
+    def __init__(self, kind: int, fmt: LinearFormat, tensors: tuple[torch.Tensor, ...], simd: bool):
         self.kind, self.tensors = kind, tensors
         self.N, self.K, self.group_size = fmt.out_features, fmt.in_features, fmt.effective_group_size
         ptr = [None if t is None else t.data_ptr() for t in tensors]
@@ -362,11 +357,11 @@ class LayerPlan:
             self.weights = (w, scale, zs)
         elif kind in (_TILED, _TILED_SPARSE):
             w, off, masks, scale, zs = ptr  # zs: the tiles' uint8 zero points; off, masks: None when dense
-            self.weights = (w, off, masks, scale, zs, chunk_bytes)
+            self.weights = (w, off, masks, scale, zs)
         else:
             w, off, masks, scale, zs = ptr[0], ptr[1], ptr[2], None, None
             self.weights = (w, off, masks)
-        self.plan = _Plan(kind, self.N, self.K, self.group_size, int(simd), w, off, masks, scale, zs, chunk_bytes)
+        self.plan = _Plan(kind, self.N, self.K, self.group_size, int(simd), w, off, masks, scale, zs)
         self.address = ctypes.addressof(self.plan)
 
     def __call__(self, lib, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -403,8 +398,7 @@ def _plan(kind: int, fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> Lay
     if kind == _DENSE8:
         return LayerPlan(kind, fmt, (tensors["weight"].contiguous().view(torch.uint8), *_grid(tensors)), _use_vnni)
     if kind in (_TILED, _TILED_SPARSE):
-        *layout, chunk_bytes = _tiled_layout(fmt, tensors, sparse=kind == _TILED_SPARSE)
-        return LayerPlan(kind, fmt, tuple(layout), _use_tiled, chunk_bytes)
+        return LayerPlan(kind, fmt, _tiled_layout(fmt, tensors, sparse=kind == _TILED_SPARSE), _use_tiled)
     return LayerPlan(kind, fmt, _sparse_values_layout(fmt, tensors), _use_bf16)
 
 

@@ -294,7 +294,6 @@ typedef struct {
     const int64_t *offsets; /* per-row value (kind 2) or per-tile byte (kind 5) offsets */
     const uint64_t *masks;  /* keep masks: per 64-input block (kind 2), per tile chunk half (kind 5) */
     const float *scale, *zs;
-    int64_t chunk_bytes;    /* kind 5: bytes of every chunk when all take the same (N:4 sparsity), else 0 */
 } hcp_plan;
 
 static _Thread_local void *arena = NULL;
@@ -303,9 +302,9 @@ static _Thread_local size_t arena_size = 0;
 #define ALIGN64(n) (((n) + 63) & ~(size_t)63)
 
 void hcp_tiled_int4_gemm(const uint8_t *codes, const int64_t *tile_off, const uint64_t *masks, const float *scale,
-                         const uint8_t *zero, int64_t chunk_bytes, int64_t N, int64_t K, int64_t group_size,
-                         const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0,
-                         int64_t r1, int use_simd); /* tiled.c */
+                         const uint8_t *zero, int64_t N, int64_t K, int64_t group_size, const int8_t *xq,
+                         const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1,
+                         int use_simd); /* tiled.c */
 
 /* Rows [r0, r1) of the product for the plan's kind (activations already prepared unless kind 2). */
 static void plan_rows(const hcp_plan *p, const void *x, const int8_t *xq, const float *sx, const float *xs, int64_t T,
@@ -316,8 +315,8 @@ static void plan_rows(const hcp_plan *p, const void *x, const int8_t *xq, const 
     case 2: hcp_sparse_bf16_gemm((const uint16_t *)p->w, p->offsets, p->masks, N, K, (const uint16_t *)x, T, y32, r0,
                                  r1, simd); break;
     case 4:
-    case 5: hcp_tiled_int4_gemm((const uint8_t *)p->w, p->offsets, p->masks, p->scale, (const uint8_t *)p->zs,
-                                p->chunk_bytes, N, K, gs, xq, sx, xs, T, y32, r0, r1, simd); break;
+    case 5: hcp_tiled_int4_gemm((const uint8_t *)p->w, p->offsets, p->masks, p->scale, (const uint8_t *)p->zs, N, K,
+                                gs, xq, sx, xs, T, y32, r0, r1, simd); break;
     default: hcp_int8_gemm((const uint8_t *)p->w, p->scale, p->zs, N, K, gs, xq, sx, xs, T, y32, r0, r1, simd); break;
     }
 }

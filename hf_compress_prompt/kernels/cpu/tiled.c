@@ -76,8 +76,8 @@ static void tiled_scalar(const uint8_t *codes, const int64_t *tile_off, const ui
 /* ---- AVX-512 VNNI (+ VBMI2 for the sparse layout) ------------------------------------------------------------ */
 /* One chunk's codes as two 64-byte registers (inputs 8p..8p+3 and 8p+4..8p+7 of all 16 rows). */
 __attribute__((target(ISA_TILED), always_inline))
-static inline void chunk_codes(const uint8_t **cp, const uint64_t **mp, __m512i fill, int sparse, int64_t fixed,
-                               __m512i *lo, __m512i *hi) {
+static inline void chunk_codes(const uint8_t **cp, const uint64_t **mp, __m512i fill, int sparse, __m512i *lo,
+                               __m512i *hi) {
     const __m512i nib = _mm512_set1_epi8(0x0F);
     const __m512i c = _mm512_loadu_si512((const void *)*cp);
     const __m512i l = _mm512_and_si512(c, nib), h = _mm512_and_si512(_mm512_srli_epi16(c, 4), nib);
@@ -90,12 +90,8 @@ static inline void chunk_codes(const uint8_t **cp, const uint64_t **mp, __m512i 
     const uint64_t m0 = (*mp)[0], m1 = (*mp)[1];
     *lo = _mm512_mask_expand_epi8(fill, (__mmask64)m0, l);
     *hi = _mm512_mask_expand_epi8(fill, (__mmask64)m1, h);
-    if (sparse == 2) { /* every chunk keeps the same count (e.g. 2:4): no popcounts */
-        *cp += fixed;
-    } else {
-        const int n0 = __builtin_popcountll(m0), n1 = __builtin_popcountll(m1);
-        *cp += n0 > n1 ? n0 : n1;
-    }
+    const int n0 = __builtin_popcountll(m0), n1 = __builtin_popcountll(m1);
+    *cp += n0 > n1 ? n0 : n1;
     *mp += 2;
 }
 
@@ -121,7 +117,7 @@ static inline __m512 zero_points(const uint8_t *z) {
 __attribute__((target(ISA_TILED), always_inline))
 static inline void tile_tokens(const uint8_t *cp, const uint64_t *mp, const float *st, const uint8_t *zt, int64_t N,
                                int64_t K, int64_t group_size, const int8_t *xq, const float *sx, const float *xs,
-                               float *y, int64_t tile, int64_t t0, const int NT, int sparse, int64_t fixed) {
+                               float *y, int64_t tile, int64_t t0, const int NT, int sparse) {
     const int64_t nb = K / TBLOCK, per_group = group_size / TBLOCK, G = K / group_size;
     __m512 acc[8];
     for (int j = 0; j < NT; j++) acc[j] = _mm512_setzero_ps();
@@ -136,8 +132,8 @@ static inline void tile_tokens(const uint8_t *cp, const uint64_t *mp, const floa
         const int8_t *xb = xq + t0 * K + b * TBLOCK;
         for (int p = 0; p < 8; p += 2) { /* two chunks per step */
             __m512i lo, hi, lo2, hi2;
-            chunk_codes(&cp, &mp, fill, sparse, fixed, &lo, &hi);
-            chunk_codes(&cp, &mp, fill, sparse, fixed, &lo2, &hi2);
+            chunk_codes(&cp, &mp, fill, sparse, &lo, &hi);
+            chunk_codes(&cp, &mp, fill, sparse, &lo2, &hi2);
             for (int j = 0; j < NT; j++) {
                 const int8_t *xp = xb + j * K + 8 * p;
                 int32_t a0, a1, a2, a3;
@@ -178,11 +174,10 @@ static inline void tile_tokens(const uint8_t *cp, const uint64_t *mp, const floa
 
 __attribute__((target(ISA_TILED)))
 static void tiled_simd(const uint8_t *codes, const int64_t *tile_off, const uint64_t *masks, const float *scale,
-                       const uint8_t *zero, int64_t fixed, int64_t N, int64_t K, int64_t group_size,
-                       const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t tile0,
-                       int64_t tile1) {
+                       const uint8_t *zero, int64_t N, int64_t K, int64_t group_size, const int8_t *xq,
+                       const float *sx, const float *xs, int64_t T, float *y, int64_t tile0, int64_t tile1) {
     const int64_t nb = K / TBLOCK, G = K / group_size;
-    const int sparse = masks == NULL ? 0 : fixed ? 2 : 1;
+    const int sparse = masks != NULL;
     for (int64_t tile = tile0; tile < tile1; tile++) {
         const uint8_t *cp = codes + (sparse ? tile_off[tile] : tile * nb * 8 * CHUNK);
         const uint64_t *mp = sparse ? masks + tile * nb * 16 : NULL;
@@ -191,9 +186,8 @@ static void tiled_simd(const uint8_t *codes, const int64_t *tile_off, const uint
         int64_t t0 = 0;
 #define TOKENS(NT)                                                                                                   \
     for (; T - t0 >= NT; t0 += NT) {                                                                                  \
-        if (sparse == 2) tile_tokens(cp, mp, st, zt, N, K, group_size, xq, sx, xs, y, tile, t0, NT, 2, fixed);       \
-        else if (sparse) tile_tokens(cp, mp, st, zt, N, K, group_size, xq, sx, xs, y, tile, t0, NT, 1, 0);           \
-        else tile_tokens(cp, mp, st, zt, N, K, group_size, xq, sx, xs, y, tile, t0, NT, 0, 0);                       \
+        if (sparse) tile_tokens(cp, mp, st, zt, N, K, group_size, xq, sx, xs, y, tile, t0, NT, 1);                   \
+        else tile_tokens(cp, mp, st, zt, N, K, group_size, xq, sx, xs, y, tile, t0, NT, 0);                          \
     }
         TOKENS(8)
         TOKENS(4)
@@ -210,16 +204,14 @@ int hcp_has_tiled(void) {
            __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
 }
 
-/* y (T, N) for rows [r0, r1) (r0 a multiple of 16). masks == NULL: the dense layout (tile_off unused).
- * chunk_bytes: for the sparse layout, the bytes every chunk takes when all take the same (N:4, N:2), else 0. */
+/* y (T, N) for rows [r0, r1) (r0 a multiple of 16). masks == NULL: the dense layout (tile_off unused). */
 void hcp_tiled_int4_gemm(const uint8_t *codes, const int64_t *tile_off, const uint64_t *masks, const float *scale,
-                         const uint8_t *zero, int64_t chunk_bytes, int64_t N, int64_t K, int64_t group_size,
-                         const int8_t *xq, const float *sx, const float *xs, int64_t T, float *y, int64_t r0,
-                         int64_t r1, int use_simd) {
+                         const uint8_t *zero, int64_t N, int64_t K, int64_t group_size, const int8_t *xq,
+                         const float *sx, const float *xs, int64_t T, float *y, int64_t r0, int64_t r1,
+                         int use_simd) {
     const int64_t tile0 = r0 / ROWS, tile1 = (r1 + ROWS - 1) / ROWS;
     if (use_simd)
-        tiled_simd(codes, tile_off, masks, scale, zero, chunk_bytes, N, K, group_size, xq, sx, xs, T, y, tile0,
-                   tile1);
+        tiled_simd(codes, tile_off, masks, scale, zero, N, K, group_size, xq, sx, xs, T, y, tile0, tile1);
     else
         tiled_scalar(codes, tile_off, masks, scale, zero, N, K, group_size, xq, sx, xs, T, y, tile0, tile1);
 }
