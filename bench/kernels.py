@@ -139,13 +139,13 @@ def _layout_bytes(layer) -> int:
 
 
 def bandwidth_limit(args) -> dict[str, float]:
-    """Attainable read bandwidth (GB/s), measured two ways on cold 64 MB buffers: a plain streaming read (an int32
-    sum over the buffer, which does one add per 4 bytes: far below what a core can add, so memory bounds it) and
+    """Attainable read bandwidth (GB/s), measured two ways on cold 64 MB buffers: a plain streaming read (an int64
+    sum over the buffer, which does one add per 8 bytes: far below what a core can add, so memory bounds it) and
     MKL's fp32 GEMV on 4096 x 4096 (the weight-streaming op every dense layer runs)."""
     pool = _pool(lambda i: torch.randn(4096, 4096), 4096 * 4096 * 4, args.pool_mb * 2**20)
     x = torch.randn(1, 4096)
     reps = max(args.reps, 15)
-    read, _ = _time(lambda w: w.view(torch.int32).sum(), pool, reps)
+    read, _ = _time(lambda w: w.view(torch.int64).sum(), pool, reps)
     gemv, _ = _time(lambda w: F.linear(x, w), pool, reps)
     return {"streaming_read": 4096 * 4096 * 4 / read / 1e9, "fp32_gemv": 4096 * 4096 * 4 / gemv / 1e9}
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{mine['best_us'] / r['best_us']:.2f}x" if mine else "-"])
     notes = (
         f"Bandwidth limit measured in this run: **{limit:.1f} GB/s**, the best of: a plain streaming read of cold "
-        f"64 MB buffers ({measured['streaming_read']:.1f} GB/s; an int32 sum), MKL's fp32 GEMV on cold 4096 x 4096 "
+        f"64 MB buffers ({measured['streaming_read']:.1f} GB/s; an int64 sum), MKL's fp32 GEMV on cold 4096 x 4096 "
         f"({measured['fp32_gemv']:.1f} GB/s) and every shape's cold fp32 row. {args.threads} thread(s); best and "
         f"median of {args.reps} calls, each on the next of a pool of "
         f"distinct weights totalling about {args.pool_mb} MB per implementation (cold weights). 'vs' columns: speed-up "
