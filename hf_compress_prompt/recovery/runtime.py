@@ -278,12 +278,17 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     mask = kwargs.pop("attention_mask", None)
     if mask is None:
         mask = torch.ones_like(ids)
-    out = original(
-        torch.cat([placeholder, ids], dim=1),
-        attention_mask=torch.cat([mask.new_ones(batch, n), mask], dim=1),
-        **{_cache_kwarg(model): _prefix_cache(model, state, batch, static_length=static_length)},
-        **kwargs,
-    )
+    default = model.generation_config.cache_implementation  # transformers would fill it in and refuse our cache
+    model.generation_config.cache_implementation = None
+    try:
+        out = original(
+            torch.cat([placeholder, ids], dim=1),
+            attention_mask=torch.cat([mask.new_ones(batch, n), mask], dim=1),
+            **{_cache_kwarg(model): _prefix_cache(model, state, batch, static_length=static_length)},
+            **kwargs,
+        )
+    finally:
+        model.generation_config.cache_implementation = default
     if isinstance(out, torch.Tensor):
         return out[:, n:]
     out.sequences = out.sequences[:, n:]
@@ -291,23 +296,21 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
 
 
 def _static_length(model: nn.Module, kwargs: dict, start: int) -> int | None:
-    """``None`` for a dynamic cache; for ``cache_implementation="static"`` (given directly or in a generation
-    config), the static cache's length, prompt included. The setting is taken out of ``kwargs`` (the caller builds
-    the cache; transformers refuses a cache together with a cache_implementation)."""
-    config = kwargs.get("generation_config")
-    implementation = kwargs.pop("cache_implementation", None)
-    if implementation is None and config is not None:
-        implementation = config.cache_implementation
-    if implementation in (None, "dynamic"):
-        return None
-    if implementation != "static":
+    """``None`` for a dynamic cache; for ``cache_implementation="static"`` (given directly, in a generation config
+    or in the model's own), the static cache's length, prompt included. The setting is taken out of what reaches
+    transformers (the caller builds the cache; transformers refuses a cache together with a cache_implementation)."""
+    source = kwargs.get("generation_config") or model.generation_config
+    implementation = kwargs.pop("cache_implementation", None) or source.cache_implementation
+    if implementation not in (None, "dynamic", "static"):
         raise UserInputError("generate with a recovery prompt builds a dynamic or a static cache (the prompt's keys "
                              f"and values are copied into it); cache_implementation={implementation!r} is not "
                              "supported")
-    if config is not None:
-        kwargs["generation_config"] = config = copy.deepcopy(config)
-        config.cache_implementation = None
-    merged = copy.deepcopy(config if config is not None else model.generation_config)
+    if source is not model.generation_config and source.cache_implementation is not None:
+        kwargs["generation_config"] = source = copy.deepcopy(source)  # the caller's config is left as it was
+        source.cache_implementation = None
+    if implementation != "static":
+        return None
+    merged = copy.deepcopy(source)
     merged.update(**{k: v for k, v in kwargs.items() if k in ("max_new_tokens", "max_length")})
     if merged.max_new_tokens is not None:
         return start + merged.max_new_tokens

@@ -129,7 +129,7 @@ def test_generate_equals_generating_from_the_prompt_embeddings(tiny_llama, sampl
         assert torch.equal(ours[:, -8:], _greedy_without_cache(tiny_llama, prompt, ids, 8))
 
 
-@pytest.mark.parametrize("how", ["kwarg", "generation_config"])
+@pytest.mark.parametrize("how", ["kwarg", "generation_config", "model default"])
 def test_generate_with_a_static_cache_equals_the_dynamic_cache(model, how):
     # The prompt's keys and values are copied into the first positions of a static cache (what compiled decoding
     # needs); tokens and scores must not change.
@@ -142,10 +142,14 @@ def test_generate_with_a_static_cache_equals_the_dynamic_cache(model, how):
     dynamic = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     if how == "kwarg":
         static = model.generate(ids, attention_mask=torch.ones_like(ids), cache_implementation="static", **kwargs)
-    else:
+    elif how == "generation_config":
         config = GenerationConfig(cache_implementation="static", **kwargs)
         static = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
         assert config.cache_implementation == "static"  # the caller's config is not modified
+    else:
+        model.generation_config.cache_implementation = "static"
+        static = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        assert model.generation_config.cache_implementation == "static"
     assert type(static.cache).__name__ == "StaticCache" and type(dynamic.cache).__name__ == "DynamicCache"
     assert static.sequences.shape == (2, 16) and torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), rtol=1e-4, atol=1e-4)
