@@ -46,6 +46,11 @@ def machine_info() -> dict:
     return info
 
 
+def any_of(names, extra: str = "") -> str:
+    """An argparse help text listing the accepted names (argparse %-formats help, and setting names hold '%')."""
+    return f"any of: {', '.join(names)}{extra}".replace("%", "%%")
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

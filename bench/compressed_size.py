@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
 
 import hf_compress_prompt as hcp  # noqa: E402  (registers the quantization method)
 from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
@@ -170,7 +170,7 @@ def write(records: list[dict], args, machine: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"any of: {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=any_of(SETTINGS))
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--loads", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
 
 from hf_compress_prompt.compressors import (  # noqa: E402
     CalibrationConfig,
@@ -124,7 +124,7 @@ def write_table(records: list[dict], args: argparse.Namespace, machine: dict) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"any of: {', '.join([*SETTINGS, *OPTIONAL_SETTINGS])}")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=any_of([*SETTINGS, *OPTIONAL_SETTINGS]))
     parser.add_argument("--datasets", nargs="+", default=["wikitext2", "ptb"])
     parser.add_argument("--windows", type=int, default=None, help="first N test windows per dataset (default: all)")
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows from the C4 sample")

@@ -3,8 +3,9 @@
 
 For each setting and batch size: prefill time of a --prompt-tokens prompt (WikiText-2 text), then greedy decoding
 of --new-tokens tokens (no end-of-sequence token, so every run has the full length), median of --reps runs. A
-second pass with timing hooks on every linear layer splits a decode step into time inside linear layers and everything else (framework
-overhead: attention, norms, sampling, Python). Resident memory = bytes of the loaded tensors.
+second pass with timing hooks on every linear layer splits a decode step into time inside linear layers and
+everything else (framework overhead: attention, norms, sampling, Python). Resident memory = bytes of the loaded
+tensors. Rows named "... + torch.compile, static cache" use transformers' compiled decoding instead.
 
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
 the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`). The tied 49152 x 576
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
 
 from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
 from hf_compress_prompt.kernels import cpu, layer_status, status  # noqa: E402
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
-                        help=f"any of: {', '.join(SETTINGS)}; any of them + {PROMPT_SUFFIX.strip()!r} or + "
-                             f"{COMPILE_SUFFIX.strip()!r}")
+                        help=any_of(SETTINGS, f"; any of them + {PROMPT_SUFFIX.strip()!r} or + "
+                                               f"{COMPILE_SUFFIX.strip()!r}"))
     parser.add_argument("--output", default=None, help="results name (default: decode_<threads>t)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -230,11 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         "the LM head (the rest is attention, norms, KV cache, sampling and Python: framework overhead; not measured "
         f"for compiled rows). '{COMPILE_SUFFIX.strip()}': transformers' static KV cache with the decode step compiled "
         "by `torch.compile` (inductor); its first generate per batch size compiles (warm-up seconds in the JSON). "
-        "Resident MB: "
-        "the model's parameters and buffers; kernel cache MB: what the CPU kernels add at first use, on top (the "
-        "int4 layers' 16-row tile copies with fp32 scales and uint8 zeros, int8 layers' fp32 scales; this model's "
-        "layers only). Kernels used by packed layers: "
-        "see the JSON ('kernels'). One SDPA call at a decode step (9 query heads, 3 KV heads, 256 keys), median of 7 x "
+        "Resident MB: the model's parameters and buffers; kernel cache MB: what the CPU kernels add at first use, on "
+        "top (the int4 layers' 16-row tile copies with fp32 scales and uint8 zeros, int8 layers' fp32 scales; this "
+        "model's layers only). Kernels used by packed layers: see the JSON ('kernels'). One SDPA call at a decode step (9 query heads, 3 KV heads, 256 keys), median of 7 x "
         f"200 calls in this run: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us (x 30 layers per token)."
     )
     settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
 
 from hf_compress_prompt.formats import LinearFormat, pack_linear  # noqa: E402
 from hf_compress_prompt.kernels import cpu  # noqa: E402
@@ -152,7 +152,7 @@ def bandwidth_limit(args) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"any of: {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help=any_of(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=9)
