@@ -1,9 +1,11 @@
-"""How the soft prompt's learning rate and step budget decide what it recovers, on one compressed SmolLM2 model.
-Writes docs/results/recovery_sweep.{md,json}.
+"""How the soft prompt's learning rate, step budget and loss decide what it recovers, on one compressed SmolLM2
+model. Writes docs/results/recovery_sweep.{md,json} (or --output).
 
 The model is compressed once (default: the issue's setting (a), SparseGPT 50% + 4-bit g64, weights kept dense and
-fake-quantized); then one prompt per learning rate is trained from the same initialisation on the same C4 windows,
-and WikiText-2 / PTB perplexity is measured with each. Every prompt sees the same data in the same order (seed 0).
+fake-quantized); then one prompt per learning rate and loss is trained from the same initialisation on the same C4
+windows, and WikiText-2 / PTB perplexity is measured with each. Every prompt sees the same data in the same order
+(seed 0). Losses: `lm` (the paper's: the corpus' next tokens) and `distill` (KL to the uncompressed model's
+next-token distributions, :mod:`hf_compress_prompt.recovery.distill`; one more forward pass per step).
 
     python bench/recovery_sweep.py                                  # the run reported in docs/results
     python bench/recovery_sweep.py --lrs 1e-3 3e-2 --steps 4 --windows 1   # a smoke run
@@ -12,6 +14,8 @@ and WikiText-2 / PTB perplexity is measured with each. Every prompt sees the sam
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=4, help="WikiText-2 / PTB test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--losses", nargs="+", default=["lm"], choices=["lm", "distill"],
+                        help="training losses to compare (distill: KL to the dense model)")
     parser.add_argument("--output", default="recovery_sweep", help="results name under docs/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -64,33 +70,34 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model_and_tokenizer()
     ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}
     dense = ppl(model)
+    teacher = copy.deepcopy(model).eval() if "distill" in args.losses else None
     compress_(model, Recipe(SETTINGS[args.setting], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
               pack=False, progress=False)
     compressed = ppl(model)
     _log(f"dense {dense}, {args.setting} {compressed}")
     records = []
-    for lr in args.lrs:
+    for lr, loss in itertools.product(args.lrs, args.losses):
         config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
                                 batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
                                 learning_rate=lr)
-        result = recover(model, tokenizer, config)
+        result = recover(model, tokenizer, config, teacher=teacher if loss == "distill" else None)
         recovered = ppl(model)
         detach_recovery_prompt(model)
-        record = {"learning_rate": lr, "recovered": recovered, "best_step": result.best_step,
+        record = {"learning_rate": lr, "loss": loss, "recovered": recovered, "best_step": result.best_step,
                   "best_c4_validation_perplexity": result.best_perplexity, "history": result.history,
                   "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
                   "gap_closed": {d: gap_closed(dense[d], compressed[d], recovered[d]) for d in DATASETS}}
         records.append(record)
-        _log(f"lr {lr:g}: {recovered} (best C4 valid {result.best_perplexity:.2f} at step {result.best_step}, "
-             f"{result.seconds:.0f} s)")
+        _log(f"lr {lr:g}, loss {loss}: {recovered} (best C4 valid {result.best_perplexity:.2f} at step "
+             f"{result.best_step}, {result.seconds:.0f} s)")
 
     rows = []
     for r in records:
         curve = ", ".join(f"{h['step']}: {h['perplexity']:.1f}" for h in r["history"])
-        rows.append([f"{r['learning_rate']:g}", curve, r["best_step"]]
+        rows.append([f"{r['learning_rate']:g}", r["loss"], curve, r["best_step"]]
                     + [f"{r['recovered'][d]:.2f} ({100 * r['gap_closed'][d]:.0f}%)" for d in DATASETS]
                     + [f"{r['seconds_per_step']:.1f}"])
-    table = markdown_table(["learning rate", "C4 validation ppl by step", "best step"]
+    table = markdown_table(["learning rate", "loss", "C4 validation ppl by step", "best step"]
                            + [f"{d} + prompt (gap closed)" for d in DATASETS] + ["s / step"], rows)
     total = time.perf_counter() - start_all
     notes = (f"Setting {args.setting}: dense " + ", ".join(f"{d} {dense[d]:.2f}" for d in DATASETS)
@@ -99,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.tokens} virtual tokens from the first {args.tokens} vocabulary embeddings, AdamW (weight decay "
              f"1e-5), {args.steps} steps x {args.batch} x {args.seqlen} C4 tokens, 10% warm-up then linear decay, "
              f"clipping 1.0, best of the validations every {args.eval_steps} steps on {args.eval_windows} held-out "
-             f"C4 windows kept; {args.threads} threads. Whole run: {total / 60:.1f} min.")
+             f"C4 windows kept; loss lm = the corpus' next tokens, distill = KL to the dense model's next-token "
+             f"distributions (validation is C4 perplexity either way); {args.threads} threads. "
+             f"Whole run: {total / 60:.1f} min.")
     settings = dict(vars(args))
-    path = write_results(args.output, title=f"Prompt learning rate sweep on {args.setting}", settings=settings,
+    path = write_results(args.output, title=f"Prompt training sweep on {args.setting}", settings=settings,
                          machine=machine, table=table,
                          records=[{"dense": dense, "compressed": compressed}, *records], notes=notes)
     print(f"wrote {path}")

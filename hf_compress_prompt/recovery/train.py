@@ -179,13 +179,16 @@ def _full_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int) -> dict:
+def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, teacher: nn.Module | None = None) -> dict:
     from ..compressors import RECIPE_CONFIG_KEY
 
     return {
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "compression_recipe": getattr(model.config, RECIPE_CONFIG_KEY, None),
         "training": config.to_dict(),
+        "loss": "language modelling" if teacher is None else "KL to the teacher's next-token distributions",
+        "teacher": None if teacher is None else (getattr(getattr(teacher, "config", None), "_name_or_path", None)
+                                                 or "given"),
         "steps": steps,
         "best_step": callback.best_step,
         "best_validation_perplexity": callback.best_perplexity,
@@ -257,6 +260,7 @@ def recover(
     callbacks: list | None = None,
     training_args: dict | None = None,
     attach: bool = True,
+    teacher: nn.Module | None = None,
     **overrides,
 ) -> RecoveryResult:
     """Trains a soft prompt that recovers ``model``'s quality (all weights frozen) and returns it.
@@ -274,6 +278,9 @@ def recover(
         training_args (`dict`, *optional*): extra ``TrainingArguments`` (e.g. DeepSpeed / FSDP settings).
         attach (`bool`, defaults to `True`): attach the trained prompt to ``model``
             (:func:`~hf_compress_prompt.recovery.attach_recovery_prompt`).
+        teacher (`nn.Module`, *optional*): train to match this model's next-token distributions (usually the
+            uncompressed model; :class:`~.distill.DistillationTrainer`) instead of the corpus' next tokens.
+            Validation stays the corpus perplexity.
 
     Returns:
         `RecoveryResult` with the best-validation prompt.
@@ -292,6 +299,10 @@ def recover(
         config = RecoveryConfig(**{**config.to_dict(), **overrides})
     if config.method is RecoveryMethod.FULL:
         _check_full(model)  # before any data is read
+    if teacher is not None:
+        from .distill import check_teacher
+
+        check_teacher(model, teacher)
     if train_dataset is None:
         train_dataset = TokenWindows(token_windows(config.dataset, tokenizer, config.seqlen, part="train"))
     if eval_dataset is None:
@@ -339,8 +350,14 @@ def recover(
             dataloader_num_workers=0,
             **(training_args or {}),
         )
-        trainer = Trainer(model=trained, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          data_collator=PromptTuningCollator(pad), callbacks=[callback, *(callbacks or [])])
+        trainer_kwargs = dict(model=trained, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              data_collator=PromptTuningCollator(pad), callbacks=[callback, *(callbacks or [])])
+        if teacher is None:
+            trainer = Trainer(**trainer_kwargs)
+        else:
+            from .distill import DistillationTrainer
+
+            trainer = DistillationTrainer(**trainer_kwargs, teacher=teacher)
         if (training_args or {}).get("disable_tqdm", True):
             from transformers.trainer_callback import PrinterCallback
 
@@ -360,7 +377,7 @@ def recover(
     if config.method is RecoveryMethod.PROMPT:
         base = trained.get_base_model()
         embedding = trained.get_prompt_embedding_to_save(trained.active_adapter).detach().float().cpu()  # (n, hidden)
-        prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step))
+        prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step, teacher))
         if attach:
             attach_recovery_prompt(base, prompt)
         elif previous is not None:
