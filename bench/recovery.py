@@ -10,7 +10,7 @@ a prompt, with the setting's own prompt, and with the other settings' prompts (t
 is itself a transfer across datasets. LoRA (rank 8 on every block linear) gets the same steps on setting (a), and
 continued pretraining of every remaining weight (FULL, LayerChop's recovery) the same steps on setting (c).
 
-    python bench/recovery.py                      # the full run reported in docs/results (about an hour)
+    python bench/recovery.py                      # the full run reported in docs/results (70 min, 2 threads)
     python bench/recovery.py --steps 4 --windows 1 --settings gptq-w3-g64   # a smoke run
 """
 
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps per prompt (and for LoRA, FULL)")
     parser.add_argument("--tokens", type=int, default=100, help="virtual tokens per prompt")
-    parser.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=1024,
+                        help="tokens per training window (1024 x 1 closed more of the gap than 256 x 4 at the same "
+                             "tokens per step: docs/results/recovery_sweep_seq1024.md)")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-2, help="prompt learning rate (LoRA keeps 2e-4; the sweep picked 3e-2)")
     parser.add_argument("--save-prompts", default=None, metavar="DIR",
                         help="also save each trained prompt in DIR/<setting> (bench/llm_kick.py --prompt reads it)")
