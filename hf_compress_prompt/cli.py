@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "at tens to hundreds of steps 3e-2 recovers about 3x more, see docs/results/recovery_sweep.md)")
     rc.add_argument("--eval-steps", type=int, default=25, help="validate every N steps (default: 25)")
     rc.add_argument("--eval-windows", type=int, default=8, help="validation windows (default: 8)")
+    rc.add_argument("--teacher", default=None, metavar="MODEL",
+                    help="distil from this model (usually the uncompressed one; 'default' = the embedded SmolLM2): "
+                         "train on the KL to its next-token distributions instead of the corpus' next tokens")
     rc.add_argument("--checkpoints", default=None, help="Trainer folder for resumable checkpoints (default: none)")
     rc.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --checkpoints")
 
@@ -364,7 +367,11 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     if args.resume and not args.checkpoints:
         raise UserInputError("--resume needs --checkpoints (the folder the interrupted run wrote)")
     model, tokenizer = load_model_and_tokenizer(args.model)
-    result = recover(model, tokenizer, config, output_dir=args.checkpoints, resume_from_checkpoint=args.resume or None)
+    teacher = None
+    if args.teacher:
+        teacher, _ = load_model_and_tokenizer(None if args.teacher == "default" else args.teacher)
+    result = recover(model, tokenizer, config, output_dir=args.checkpoints, resume_from_checkpoint=args.resume or None,
+                     teacher=teacher)
     for h in result.history:
         print(f"step {h['step']}: validation perplexity {h['perplexity']:.3f}")
     print(f"best: step {result.best_step}, validation perplexity {result.best_perplexity:.3f}; "

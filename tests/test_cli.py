@@ -128,6 +128,18 @@ def test_recover_trains_saves_and_transfer_scores_it(tiny_llama_dir, data_dir, t
     assert len(cells) == 1 and cells[0]["with"] != cells[0]["without"]
 
 
+def test_recover_distils_from_a_teacher(tiny_llama_dir, data_dir, tmp_path):
+    from hf_compress_prompt.recovery import load_recovery_prompt
+
+    out = tmp_path / "distilled"
+    code = main(["recover", "--model", str(tiny_llama_dir), "--output", str(out), "--steps", "2", "--tokens", "2",
+                 "--seqlen", "4", "--batch-size", "2", "--eval-steps", "1", "--eval-windows", "1",
+                 "--teacher", str(tiny_llama_dir)])
+    assert code == EXIT_OK
+    metadata = load_recovery_prompt(out / "recovery_prompt").metadata
+    assert metadata["loss"].startswith("KL") and metadata["teacher"]
+
+
 def test_recover_bad_settings_exit_2_before_loading(tmp_path, capsys):
     assert main(["recover", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o"), "--steps", "0"]) == EXIT_USAGE
     assert "max_steps=0" in capsys.readouterr().err
