@@ -1,0 +1,127 @@
+"""Transfer across compression levels of one method, the paper's setting: a prompt trained on SparseGPT 50% + 4-bit
+g64 (setting (a) of bench/recovery.py) applied to SmolLM2 compressed at other sparsities with the same method (or to
+either half of the recipe alone), against each target's own prompt trained with the same recipe. Writes
+docs/results/transfer_levels.{md,json} (or --output).
+
+bench/recovery.py measures transfer across methods (sparse + 4-bit vs 3-bit vs dropped layers), where it is weak;
+this asks whether it holds between neighbouring levels of one method.
+
+    python bench/transfer_levels.py --prompt out/prompts1024/sparsegpt-50%+w4-g64   # a prompt saved by
+                                      # `bench/recovery.py --save-prompts out/prompts1024` (else one is trained)
+    python bench/transfer_levels.py --steps 4 --windows 1 --targets sparsegpt-60%+w4-g64   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import any_of, machine_info, markdown_table, write_results
+
+from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, SparseGPTConfig, compress_
+from hf_compress_prompt.recovery import load_recovery_prompt
+from hf_compress_prompt.recovery.train import RecoveryConfig, recover
+from hf_compress_prompt.recovery.transfer import evaluate_transfer
+
+SOURCE = "sparsegpt-50%+w4-g64"
+LEVELS = {
+    SOURCE: [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
+    "sparsegpt-40%+w4-g64": [SparseGPTConfig(sparsity=0.4, bits=4, group_size=64)],
+    "sparsegpt-60%+w4-g64": [SparseGPTConfig(sparsity=0.6, bits=4, group_size=64)],
+    "sparsegpt-50%": [SparseGPTConfig(sparsity=0.5)],
+    "gptq-w4-g64": [GPTQConfig(bits=4, group_size=64)],
+}
+DATASETS = ("wikitext2", "ptb")
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hf_compress_prompt.data import eval_tokens
+    from hf_compress_prompt.evaluation import perplexity
+    from hf_compress_prompt.models import load_model_and_tokenizer
+
+    targets = [n for n in LEVELS if n != SOURCE]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", default=["sparsegpt-40%+w4-g64", "sparsegpt-60%+w4-g64"],
+                        choices=targets, metavar="NAME", help=f"target settings: {any_of(targets)}")
+    parser.add_argument("--prompt", default=None, metavar="DIR", help=f"a saved prompt trained on {SOURCE} "
+                        "(else one is trained here with the same recipe)".replace("%", "%%"))
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per prompt (bench/recovery.py's)")
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--windows", type=int, default=8, help="WikiText-2 / PTB test windows of 2048 tokens")
+    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="transfer_levels", help="results name under docs/results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    start_all = time.perf_counter()
+    config = RecoveryConfig(num_virtual_tokens=100, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch,
+                            eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr)
+
+    def ppl(model) -> dict[str, float]:
+        return {d: perplexity(model, t, seqlen=2048, max_windows=args.windows, autocast_bf16=True,
+                              progress=False).perplexity for d, t in ids.items()}
+
+    def compressed(name: str):
+        model, _ = load_model_and_tokenizer()
+        compress_(model, Recipe(LEVELS[name], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
+                  pack=False, progress=False)
+        return model
+
+    model, tokenizer = load_model_and_tokenizer()
+    ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}
+    dense = ppl(model)
+    del model
+    if args.prompt:
+        source_prompt = load_recovery_prompt(args.prompt)
+        recipe = source_prompt.metadata.get("compression_recipe") or {}
+        _log(f"source prompt from {args.prompt} (trained on {recipe}, {source_prompt.metadata.get('steps')} steps)")
+    else:
+        model = compressed(SOURCE)
+        source_prompt = recover(model, tokenizer, config).prompt
+        del model
+    rows, records = [], []
+    for name in args.targets:
+        model = compressed(name)
+        own = recover(model, tokenizer, config, attach=False)
+        matrix = evaluate_transfer({SOURCE: source_prompt, "own": own.prompt}, {name: model}, ids, dense=dense,
+                                   max_windows=args.windows, autocast_bf16=True)
+        for d in DATASETS:
+            without, transferred = matrix.without[(name, d)], matrix.with_prompt[(SOURCE, name, d)]
+            mine = matrix.with_prompt[("own", name, d)]
+            kept = (without - transferred) / (without - mine) if without > mine else None
+            records.append({"target": name, "dataset": d, "dense": dense[d], "without": without,
+                            "transferred": transferred, "own": mine, "gain_kept": kept,
+                            "own_seconds": own.seconds, "own_best_c4_validation_perplexity": own.best_perplexity})
+            rows.append([name, d, f"{dense[d]:.2f}", f"{without:.2f}", f"{transferred:.2f}", f"{mine:.2f}",
+                         "-" if kept is None else f"{100 * kept:.0f}%"])
+        _log(f"{name}: {[r for r in records if r['target'] == name]}")
+        del model
+    table = markdown_table(["target", "dataset", "dense", "no prompt", f"{SOURCE} prompt", "own prompt",
+                            "gain kept"], rows)
+    total = time.perf_counter() - start_all
+    notes = (f"Gain kept = (no prompt - transferred) / (no prompt - own prompt). Prompts: 100 virtual tokens from the "
+             f"first 100 vocabulary embeddings, AdamW lr {args.lr}, {args.steps} steps x {args.batch} x {args.seqlen} "
+             f"C4 tokens, best of the validations every {args.eval_steps} steps kept (bench/recovery.py's recipe); "
+             f"source prompt: {args.prompt or 'trained in this run'}. Perplexity: first {args.windows} windows of "
+             f"2048 tokens, bf16 autocast; weights fake-quantized (pack=False), C4 calibration {args.nsamples} x 512; "
+             f"{args.threads} threads. Whole run: {total / 60:.1f} min.")
+    path = write_results(args.output, title=f"Prompt transfer across compression levels (from {SOURCE})",
+                         settings=dict(vars(args)), machine=machine, table=table, records=records, notes=notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
