@@ -1,4 +1,5 @@
-"""Runtime modules for compressed layers (one per storage kind), calling the ops in :mod:`hf_compress_prompt.kernels`."""
+"""Runtime modules for compressed layers (one per storage kind), calling the ops in :mod:`hf_compress_prompt.kernels`,
+and a key/value cache that appends in place (:class:`GrowingCache`)."""
 
 from .packed_linear import (
     BitmaskSparseLinear,
@@ -9,9 +10,12 @@ from .packed_linear import (
     packed_linear_class,
     packed_linear_from,
 )
+from .kv_cache import GrowingCache, GrowingLayer
 
 __all__ = [
     "BitmaskSparseLinear",
+    "GrowingCache",
+    "GrowingLayer",
     "NMSparseLinear",
     "PackedLinear",
     "QuantLinear",

@@ -193,14 +193,18 @@ def _prompt_kv(model: nn.Module, state: _State) -> list[tuple[torch.Tensor, torc
 
 def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None, static_length: int | None = None):
     """A cache holding the prompt's keys and values for ``batch`` sequences (``cache`` filled when given; else a
-    dynamic cache, or a static one of ``static_length`` positions)."""
-    from transformers import DynamicCache, StaticCache
+    :class:`~hf_compress_prompt.nn.GrowingCache`, so decode steps do not copy the prompt's positions again at every
+    token as ``DynamicCache``'s concatenation would, or a static cache of ``static_length`` positions)."""
+    from transformers import StaticCache
+
+    from ..nn.kv_cache import GrowingCache
 
     if cache is None:
-        cache = (DynamicCache(config=model.config) if static_length is None
+        cache = (GrowingCache(config=model.config) if static_length is None
                  else StaticCache(config=model.config, max_cache_len=static_length))
+    own = (lambda t: t) if isinstance(cache, GrowingCache) else torch.clone  # GrowingCache copies what it is given
     for i, (k, v) in enumerate(_prompt_kv(model, state)):
-        cache.update(k.expand(batch, -1, -1, -1).clone(), v.expand(batch, -1, -1, -1).clone(), i)  # (B, h, n, d)
+        cache.update(own(k.expand(batch, -1, -1, -1)), own(v.expand(batch, -1, -1, -1)), i)  # (B, h, n, d)
     return cache
 
 
@@ -268,10 +272,15 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
     if ids is None or kwargs.get("inputs_embeds") is not None:
         raise UserInputError("generate with a recovery prompt takes input_ids (inputs_embeds are not supported)")
-    if _given_cache(kwargs) is not None:
-        raise UserInputError("generate with a recovery prompt builds its own cache; do not pass one")
+    given = _given_cache(kwargs)  # a Cache's truth value is its length: no `or` between the two names
+    kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    if given is not None and given.get_seq_length() > 0:
+        raise UserInputError("generate with a recovery prompt takes an empty cache (the prompt's keys and values are "
+                             "written into it first); this one already holds positions")
     batch, n = ids.shape[0], state.prompt.num_virtual_tokens
     static_length = _static_length(model, kwargs, n + ids.shape[1])
+    if given is not None and static_length is not None:
+        raise UserInputError("pass either a cache or cache_implementation='static' to generate, not both")
     # The cache already holds n positions: generate skips that many input ids, so n placeholders stand for the
     # prompt and are cut from the output.
     placeholder = torch.zeros(batch, n, dtype=ids.dtype, device=ids.device)
@@ -284,7 +293,7 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
         out = original(
             torch.cat([placeholder, ids], dim=1),
             attention_mask=torch.cat([mask.new_ones(batch, n), mask], dim=1),
-            **{_cache_kwarg(model): _prefix_cache(model, state, batch, static_length=static_length)},
+            **{_cache_kwarg(model): _prefix_cache(model, state, batch, given, static_length=static_length)},
             **kwargs,
         )
     finally:

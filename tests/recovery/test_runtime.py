@@ -150,11 +150,33 @@ def test_generate_with_a_static_cache_equals_the_dynamic_cache(model, how):
         model.generation_config.cache_implementation = "static"
         static = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         assert model.generation_config.cache_implementation == "static"
-    assert type(static.cache).__name__ == "StaticCache" and type(dynamic.cache).__name__ == "DynamicCache"
+    assert type(static.cache).__name__ == "StaticCache" and type(dynamic.cache).__name__ == "GrowingCache"
     assert static.sequences.shape == (2, 16) and torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserInputError, match="offloaded"):
         model.generate(ids, cache_implementation="offloaded", max_new_tokens=2)
+
+
+def test_generate_fills_a_given_empty_cache_with_the_prompt(model):
+    # The default cache appends in place (GrowingCache); a DynamicCache passed by the caller gets the prompt's keys
+    # and values first and gives the same tokens and scores. A cache that already holds positions is refused, and
+    # so is a cache together with cache_implementation="static".
+    from transformers import DynamicCache
+
+    attach_recovery_prompt(model, _prompt())
+    ids = _ids(batch=2)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+              "return_dict_in_generate": True}
+    default = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    given = DynamicCache(config=model.config)
+    theirs = model.generate(ids, attention_mask=torch.ones_like(ids), cache=given, **kwargs)
+    assert theirs.cache is given and given.get_seq_length() == N + 10 + 5  # prompt, tokens, all but the last new
+    assert torch.equal(default.sequences, theirs.sequences)
+    torch.testing.assert_close(torch.stack(default.scores), torch.stack(theirs.scores), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserInputError, match="already holds"):
+        model.generate(ids, cache=given, max_new_tokens=2)
+    with pytest.raises(UserInputError, match="not both"):
+        model.generate(ids, cache=DynamicCache(config=model.config), cache_implementation="static", max_new_tokens=2)
 
 
 def test_compiled_decoding_with_the_prompt_equals_eager(tiny_llama):
