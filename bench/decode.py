@@ -5,7 +5,11 @@ For each setting and batch size: prefill time of a --prompt-tokens prompt (WikiT
 of --new-tokens tokens (no end-of-sequence token, so every run has the full length), median of --reps runs. A
 second pass with timing hooks on every linear layer splits a decode step into time inside linear layers and
 everything else (framework overhead: attention, norms, sampling, Python). Resident memory = bytes of the loaded
-tensors. Rows named "... + torch.compile, static cache" use transformers' compiled decoding instead.
+tensors. Rows named "... + torch.compile, static cache" use transformers' compiled decoding instead; rows named
+"... + DynamicCache" or "... + GrowingCache" pass that cache to every forward and generate call (without the suffix:
+transformers' default, a DynamicCache, and with a recovery prompt the runtime's default, a GrowingCache). A second
+table sets each "+ 100-token recovery prompt" row beside the same setting without the prompt: the cost per decode
+step of the prompt's 100 extra cached positions.
 
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
 the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`). The tied 49152 x 576
@@ -16,6 +20,8 @@ gives; on this CPU bf16 attention (SDPA) is several times slower than fp32 at on
 
     python bench/decode.py --threads 1
     python bench/decode.py --settings "dense bf16" "packed 4-bit g64" --batch 1 --new-tokens 32
+    python bench/decode.py --output decode_prompt_1t --settings "packed 4-bit g64 + 4-bit head, fp32 act."{,\
+        " + 100-token recovery prompt"}{," + DynamicCache"," + GrowingCache"}   # the prompt's decode cost
 """
 
 from __future__ import annotations
@@ -55,6 +61,31 @@ SETTINGS = {
 }
 PROMPT_SUFFIX = " + 100-token recovery prompt"  # any setting + this: a prompt attached (its values do not matter)
 COMPILE_SUFFIX = " + torch.compile, static cache"  # any setting + this: transformers' compiled decoding
+CACHE_SUFFIXES = (" + DynamicCache", " + GrowingCache")  # any setting (+ prompt) + this: that cache, passed in
+
+
+def parse_setting(name: str) -> tuple[str, bool, str | None, bool]:
+    """``<base>[ + 100-token recovery prompt][ + DynamicCache | + GrowingCache][ + torch.compile, static cache]``
+    -> (base, prompt, cache suffix or None, compiled)."""
+    compiled = name.endswith(COMPILE_SUFFIX)
+    name = name.removesuffix(COMPILE_SUFFIX)
+    cache = next((c for c in CACHE_SUFFIXES if name.endswith(c)), None)
+    name = name.removesuffix(cache or "")
+    prompt = name.endswith(PROMPT_SUFFIX)
+    base = name.removesuffix(PROMPT_SUFFIX)
+    if base not in SETTINGS or (compiled and cache):
+        raise SystemExit(f"unknown setting {name!r}: {any_of(SETTINGS)} (+ prompt)(+ cache | + compile)")
+    return base, prompt, cache, compiled
+
+
+def _cache_factory(model, cache: str | None):
+    """A fresh cache per call for the "+ <cache>" rows; ``None`` leaves the choice to generate / the runtime."""
+    from transformers import DynamicCache
+
+    from hf_compress_prompt.nn import GrowingCache
+
+    kind = {" + DynamicCache": DynamicCache, " + GrowingCache": GrowingCache, None: None}[cache]
+    return None if kind is None else (lambda: {"cache": kind(config=model.config)})
 
 
 def _resident(model) -> int:
@@ -107,31 +138,33 @@ def _compiled(config):
     return config
 
 
-def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int, compiled: bool = False) -> dict:
+def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int, compiled: bool = False, cache=None) -> dict:
+    """``cache``: ``None`` or a function returning fresh keyword arguments that pass a cache (one per call)."""
     attention = torch.ones_like(prompt)
     config = _generation_config(model, new_tokens)
     kwargs = dict(attention_mask=attention, generation_config=_compiled(config) if compiled else config)
+    fresh = cache or dict
     with torch.no_grad():
         start = time.perf_counter()
         if compiled:  # the first call compiles (for this batch size and cache length)
             model.generate(prompt, **kwargs)
         else:
-            model.generate(prompt, attention_mask=attention, generation_config=_generation_config(model, 4))
+            model.generate(prompt, attention_mask=attention, generation_config=_generation_config(model, 4), **fresh())
         warm_up = time.perf_counter() - start
         prefill, total = [], []
         for _ in range(reps):
             start = time.perf_counter()
-            model(prompt, attention_mask=attention)
+            model(prompt, attention_mask=attention, **fresh())
             prefill.append(time.perf_counter() - start)
             start = time.perf_counter()
-            out = model.generate(prompt, **kwargs)
+            out = model.generate(prompt, **kwargs, **fresh())
             total.append(time.perf_counter() - start)
         assert out.shape[1] == prompt.shape[1] + new_tokens
         share = hooked = None
         if not compiled:  # hooks inside a compiled graph would time nothing meaningful
             timer = LinearTimer(model)
             start = time.perf_counter()
-            model.generate(prompt, **kwargs)
+            model.generate(prompt, **kwargs, **fresh())
             hooked = time.perf_counter() - start
             timer.remove()
             share = timer.seconds / hooked
@@ -170,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
-                        help=any_of(SETTINGS, f"; any of them + {PROMPT_SUFFIX.strip()!r} or + "
-                                               f"{COMPILE_SUFFIX.strip()!r}"))
+                        help=any_of(SETTINGS, f"; any of them + {PROMPT_SUFFIX.strip()!r}, then + one of "
+                                               f"{[c.strip() for c in CACHE_SUFFIXES]} or + {COMPILE_SUFFIX.strip()!r}"))
     parser.add_argument("--output", default=None, help="results name (default: decode_<threads>t)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -184,9 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     sdpa = attention_microbench()
     print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
     records = []
+    parsed = {name: parse_setting(name) for name in args.settings}  # unknown names fail before any measurement
     for name in args.settings:
-        compiled = name.endswith(COMPILE_SUFFIX)
-        base_name = name.removesuffix(COMPILE_SUFFIX).removesuffix(PROMPT_SUFFIX)
+        base_name, prompted, cache, compiled = parsed[name]
         dtype, steps, run_dtype = SETTINGS[base_name]
         gc.collect()  # the previous setting's model and its kernel layouts are gone before this one is measured
         cache_before = cpu.cache_bytes()
@@ -195,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         if steps:
             compress_(model, Recipe(steps), progress=False)
         model = model.to(run_dtype)  # what from_pretrained(..., dtype=run_dtype) gives: packed codes stay as stored
-        if name.removesuffix(COMPILE_SUFFIX).endswith(PROMPT_SUFFIX):
+        if prompted:
             hidden = model.config.hidden_size
             soft = RecoveryPrompt(torch.randn(100, hidden, generator=torch.Generator().manual_seed(0)) * 0.02)
             attach_recovery_prompt(model, soft)
@@ -205,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
             n = args.prompt_tokens
             prompt = torch.stack([stream[i * n: (i + 1) * n] for i in range(batch)])  # (batch, n)
             record = {"setting": name, "batch": batch, "dtype": str(run_dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
-                      "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps, compiled)}
+                      "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps, compiled,
+                                                              _cache_factory(model, cache))}
             record["kernel_cache_MB"] = (cpu.cache_bytes() - cache_before) / 1e6 if steps else 0.0
             records.append(record)
             print(f"{name} batch {batch}: {record['tokens_per_s']:.1f} tokens/s, prefill {record['prefill_s'] * 1e3:.0f} ms, "
@@ -224,6 +258,26 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['ms_per_step']:.1f}", f"{r['prefill_s'] * 1e3:.0f}",
                      _percent(r["linear_share_of_generate"]), f"{r['resident_MB']:.0f}",
                      f"{r['kernel_cache_MB']:.0f}"])
+    table = markdown_table(header, rows)
+    overhead = []  # each prompted row beside the same setting, cache and batch without the prompt
+    for r in records:
+        base_name, prompted, cache, compiled = parsed[r["setting"]]
+        if not prompted:
+            continue
+        twin = r["setting"].replace(PROMPT_SUFFIX, "", 1)
+        plain = next((t for t in records if t["setting"] == twin and t["batch"] == r["batch"]), None)
+        if plain is None:
+            continue
+        r["prompt_cost_vs"] = twin
+        r["prompt_cost_ratio"] = r["ms_per_step"] / plain["ms_per_step"]
+        caches = ("torch.compile, static" if compiled else cache.strip(" +") if cache
+                  else "default (DynamicCache / GrowingCache with the prompt)")
+        overhead.append([base_name, caches, r["batch"], f"{plain['ms_per_step']:.1f}", f"{r['ms_per_step']:.1f}",
+                         f"{r['prompt_cost_ratio']:.2f}x"])
+    if overhead:
+        table += ("\n\nWhat the 100-token recovery prompt costs per decode step (same setting, cache and batch, "
+                  "measured in this run):\n\n" + markdown_table(
+                      ["setting", "cache", "batch", "ms per step without prompt", "with prompt", "ratio"], overhead))
     notes = (
         f"Greedy `generate`, {args.new_tokens} new tokens after a {args.prompt_tokens}-token WikiText-2 prompt per "
         f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
@@ -240,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                 "new_tokens": args.new_tokens, "reps": args.reps, "threads": args.threads, "kernel_status": status(),
                 "sdpa_decode_step_us": sdpa}
     path = write_results(args.output or f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
-                         settings=settings, machine=machine, table=markdown_table(header, rows), records=records,
+                         settings=settings, machine=machine, table=table, records=records,
                          notes=notes)
     print(f"wrote {path}")
 
