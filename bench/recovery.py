@@ -10,7 +10,8 @@ a prompt, with the setting's own prompt, and with the other settings' prompts (t
 is itself a transfer across datasets. LoRA (rank 8 on every block linear) gets the same steps on setting (a), and
 continued pretraining of every remaining weight (FULL, LayerChop's recovery) the same steps on setting (c).
 
-The default run holds what the issue asks for and fits its 60-minute budget on 2 threads: the three prompts,
+The default run holds what the issue asks for, sized for its 60-minute budget on 2 threads (measured 61.6 min on a
+slow evening, 54 min for the same segments earlier that day: docs/results/recovery.md): the three prompts,
 LoRA and FULL at the same 80 steps, and transfer between the first two settings ((a) -> (b), (b) -> (a)).
 ``--transfer all`` adds every other pair and ``--dense-prompt`` a prompt trained on the uncompressed model (about
 16 more minutes together; docs/results/recovery_80steps_all.md is such a run).
