@@ -191,6 +191,9 @@ class CompressedHfQuantizer(HfQuantizer):
             self.quantization_config = CompressedConfig(layers={k: f.to_dict() for k, f in layers.items()},
                                                         recipe={"imported_from": {"quant_method": "gptq", **gptq}})
             model.config.quantization_config = self.quantization_config
+        from ..nn.kv_cache import use_growing_cache
+
+        use_growing_cache(model)  # generate appends keys/values in place (docs/results/decode_cache_1t.md)
         _attach_saved_prompt(model, getattr(self, "_checkpoint_dir", None))
         return model
 

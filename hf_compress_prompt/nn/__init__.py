@@ -10,7 +10,7 @@ from .packed_linear import (
     packed_linear_class,
     packed_linear_from,
 )
-from .kv_cache import GrowingCache, GrowingLayer
+from .kv_cache import GrowingCache, GrowingLayer, use_growing_cache, uses_growing_cache
 
 __all__ = [
     "BitmaskSparseLinear",
@@ -22,4 +22,6 @@ __all__ = [
     "pack_module",
     "packed_linear_class",
     "packed_linear_from",
+    "use_growing_cache",
+    "uses_growing_cache",
 ]

@@ -10,19 +10,24 @@ tensors, the next append adopts them into a new buffer.
 
 The price is memory: up to twice the cached positions are allocated (the spare room).
 
-    from hf_compress_prompt.nn import GrowingCache
+    from hf_compress_prompt.nn import GrowingCache, use_growing_cache
     out = model.generate(ids, cache=GrowingCache(config=model.config), max_new_tokens=128)  # past_key_values= before 5.24
+    use_growing_cache(model)  # or: every later generate builds one where transformers would build a DynamicCache
+
+Models loaded through this package's quantization method (``from_pretrained`` of a compressed folder) have
+:func:`use_growing_cache` applied; ``use_growing_cache(model, False)`` restores transformers' default.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["GrowingCache", "GrowingLayer"]
+__all__ = ["GrowingCache", "GrowingLayer", "use_growing_cache", "uses_growing_cache"]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -102,3 +107,43 @@ class GrowingCache(DynamicCache):
         if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:  # built with data
             growing.update(layer.keys, layer.values)
         return growing
+
+
+_ORIGINAL = "_hf_compress_prompt_prepare_cache"
+
+
+def _prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs):
+    result = getattr(model, _ORIGINAL)(generation_config, model_kwargs, *args, **kwargs)
+    for name in ("cache", "past_key_values"):  # the keyword was renamed in transformers 5.24
+        cache = model_kwargs.get(name)
+        # Only the cache transformers builds by default: not a caller's, an offloaded, static or quantized one, and
+        # not an assisted-generation draft model's (whose cache records its past for rollback).
+        if (type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+                and not getattr(cache, "offloading", False) and cache.get_seq_length() == 0
+                and not getattr(generation_config, "is_assistant", False)):
+            model_kwargs[name] = GrowingCache(config=model.config.get_text_config(decoder=True))
+    return result
+
+
+def use_growing_cache(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Makes ``model.generate`` build a :class:`GrowingCache` wherever transformers would build its default
+    ``DynamicCache`` (no cache passed, ``cache_implementation`` unset or ``"dynamic"``); a cache the caller passes
+    and every other ``cache_implementation`` are left alone. Tokens and scores are the same as with
+    ``DynamicCache``; decoding copies less. ``enabled=False`` undoes it. Returns ``model``.
+
+    Works by wrapping the instance's ``_prepare_cache_for_generation`` (transformers' private hook that builds the
+    cache); a transformers without it leaves the model unchanged.
+    """
+    wrapped = _ORIGINAL in model.__dict__
+    if enabled and not wrapped and hasattr(model, "_prepare_cache_for_generation"):
+        model.__dict__[_ORIGINAL] = model._prepare_cache_for_generation
+        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    elif not enabled and wrapped:
+        model.__dict__.pop("_prepare_cache_for_generation", None)
+        model.__dict__.pop(_ORIGINAL)
+    return model
+
+
+def uses_growing_cache(model: torch.nn.Module) -> bool:
+    """Whether :func:`use_growing_cache` is in effect on ``model``."""
+    return _ORIGINAL in model.__dict__

@@ -24,7 +24,7 @@ from hf_compress_prompt.compressors import (
 from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.integrations import QUANT_METHOD, CompressedConfig, CompressedHfQuantizer, register
 from hf_compress_prompt.kernels import reference_only
-from hf_compress_prompt.nn import BitmaskSparseLinear, NMSparseLinear, PackedLinear, QuantLinear
+from hf_compress_prompt.nn import BitmaskSparseLinear, GrowingCache, NMSparseLinear, PackedLinear, QuantLinear
 
 CASES = {  # name -> (steps, runtime class of the block linears)
     "gptq-w4-g32-actorder": ([GPTQConfig(bits=4, group_size=32, act_order=True)], QuantLinear),
@@ -91,8 +91,9 @@ def test_round_trip_gives_the_same_logits(tiny_llama, calib, ids, tmp_path, case
     assert saved["quant_method"] == QUANT_METHOD and saved["format_version"] == 1
     assert len(saved["layers"]) == 14 and saved["recipe"]["steps"] == [s.to_dict() for s in steps]
     assert not list((tmp_path / "m").glob("*.bin"))  # safetensors only
-    out = loaded.generate(ids[:1, :5], max_new_tokens=5, do_sample=False)
-    assert torch.equal(out, tiny_llama.generate(ids[:1, :5], max_new_tokens=5, do_sample=False))
+    out = loaded.generate(ids[:1, :5], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, tiny_llama.generate(ids[:1, :5], max_new_tokens=5, do_sample=False))
+    assert isinstance(out.past_key_values, GrowingCache)  # loading installs use_growing_cache
 
 
 def test_packed_checkpoint_is_smaller(tiny_llama, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from hf_compress_prompt.nn import GrowingCache, GrowingLayer
+from hf_compress_prompt.nn import GrowingCache, GrowingLayer, use_growing_cache, uses_growing_cache
 
 
 def _states(batch=2, heads=2, length=1, dim=8, seed=0):
@@ -81,3 +81,25 @@ def test_generate_equals_dynamic_cache(tiny_llama, beams):
     assert isinstance(ours.past_key_values, GrowingCache)
     assert torch.equal(ours.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(ours.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
+
+
+def test_use_growing_cache_replaces_only_the_default_cache(tiny_llama):
+    from transformers import StaticCache
+
+    reference = _generate(tiny_llama, None)
+    assert type(reference.past_key_values) is DynamicCache
+    use_growing_cache(tiny_llama)
+    use_growing_cache(tiny_llama)  # idempotent
+    assert uses_growing_cache(tiny_llama)
+    ours = _generate(tiny_llama, None)
+    assert isinstance(ours.past_key_values, GrowingCache)
+    assert torch.equal(ours.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(ours.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
+    assert isinstance(_generate(tiny_llama, None, num_beams=2).past_key_values, GrowingCache)
+    # what the caller chose is kept: their own cache, a static one (an offloaded one needs CUDA here)
+    given = DynamicCache(config=tiny_llama.config)
+    assert _generate(tiny_llama, given).past_key_values is given
+    assert isinstance(_generate(tiny_llama, None, cache_implementation="static").past_key_values, StaticCache)
+    use_growing_cache(tiny_llama, False)
+    assert not uses_growing_cache(tiny_llama)
+    assert type(_generate(tiny_llama, None).past_key_values) is DynamicCache
