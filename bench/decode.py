@@ -9,7 +9,8 @@ tensors. Rows named "... + torch.compile, static cache" use transformers' compil
 "... + DynamicCache" or "... + GrowingCache" pass that cache to every forward and generate call (without the suffix:
 transformers' default, a DynamicCache, and with a recovery prompt the runtime's default, a GrowingCache). A second
 table sets each "+ 100-token recovery prompt" row beside the same setting without the prompt: the cost per decode
-step of the prompt's 100 extra cached positions.
+step of the prompt's 100 extra cached positions; a third measures that cost on the prompted row's own model,
+disabling and enabling the prompt between alternating calls (--ab-pairs), free of drift between rows.
 
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
 the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`). The tied 49152 x 576
@@ -176,6 +177,35 @@ def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int, compiled: b
             "warm_up_s": warm_up}
 
 
+def measure_prompt_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, cache=None) -> dict:
+    """The prompt's decode cost on one model object: generate with the prompt disabled and enabled, alternating
+    (pair i runs off then on for even i, on then off for odd i), so both states see the same weights, kernels and
+    the machine's drift over the pairs. Decode = median generate - median prefill of each state."""
+    from hf_compress_prompt.recovery import disable_recovery_prompt, enable_recovery_prompt
+
+    attention = torch.ones_like(prompt)
+    config = _generation_config(model, new_tokens)
+    fresh = cache or dict
+    times = {False: ([], []), True: ([], [])}  # prompt enabled -> (prefill, generate)
+    try:
+        with torch.no_grad():
+            for i in range(pairs):
+                for enabled in ((False, True) if i % 2 == 0 else (True, False)):
+                    (enable_recovery_prompt if enabled else disable_recovery_prompt)(model)
+                    start = time.perf_counter()
+                    model(prompt, attention_mask=attention, **fresh())
+                    times[enabled][0].append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    model.generate(prompt, attention_mask=attention, generation_config=config, **fresh())
+                    times[enabled][1].append(time.perf_counter() - start)
+    finally:
+        enable_recovery_prompt(model)
+    step = {enabled: 1e3 * max(statistics.median(g) - statistics.median(p), 1e-9) / new_tokens
+            for enabled, (p, g) in times.items()}
+    return {"pairs": pairs, "ms_per_step_without": step[False], "ms_per_step_with": step[True],
+            "ratio": step[True] / step[False]}
+
+
 def _percent(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.0f}%"
 
@@ -211,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ab-pairs", type=int, default=5,
+                        help="for prompted rows: pairs of generate calls with the prompt disabled / enabled on the same "
+                             "model, alternating (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info()
@@ -241,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
                       "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps, compiled,
                                                               _cache_factory(model, cache))}
             record["kernel_cache_MB"] = (cpu.cache_bytes() - cache_before) / 1e6 if steps else 0.0
+            if prompted and not compiled and args.ab_pairs:
+                record["prompt_ab"] = measure_prompt_ab(model, prompt, args.new_tokens, args.ab_pairs,
+                                                        _cache_factory(model, cache))
             records.append(record)
             print(f"{name} batch {batch}: {record['tokens_per_s']:.1f} tokens/s, prefill {record['prefill_s'] * 1e3:.0f} ms, "
                   f"linear share {_percent(record['linear_share_of_generate'])}, warm-up {record['warm_up_s']:.0f} s",
@@ -278,6 +314,15 @@ def main(argv: list[str] | None = None) -> None:
         table += ("\n\nWhat the 100-token recovery prompt costs per decode step (same setting, cache and batch, "
                   "measured in this run):\n\n" + markdown_table(
                       ["setting", "cache", "batch", "ms per step without prompt", "with prompt", "ratio"], overhead))
+    ab = [[r["setting"].replace(PROMPT_SUFFIX, "", 1), r["batch"], f"{r['prompt_ab']['ms_per_step_without']:.1f}",
+           f"{r['prompt_ab']['ms_per_step_with']:.1f}", f"{r['prompt_ab']['ratio']:.2f}x"]
+          for r in records if r.get("prompt_ab")]
+    if ab:
+        table += ("\n\nThe same cost measured on one model object, the prompt disabled and enabled between calls "
+                  f"({args.ab_pairs} alternating pairs of prefill + generate; decode = median generate - median "
+                  "prefill of each state): the fairer comparison, free of the drift between rows measured minutes "
+                  "apart.\n\n" + markdown_table(["setting", "batch", "ms per step, prompt disabled", "enabled",
+                                                  "ratio"], ab))
     notes = (
         f"Greedy `generate`, {args.new_tokens} new tokens after a {args.prompt_tokens}-token WikiText-2 prompt per "
         f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
@@ -291,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         f"200 calls in this run: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us (x 30 layers per token)."
     )
     settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "reps": args.reps, "threads": args.threads, "kernel_status": status(),
+                "new_tokens": args.new_tokens, "reps": args.reps, "ab_pairs": args.ab_pairs, "threads": args.threads, "kernel_status": status(),
                 "sdpa_decode_step_us": sdpa}
     path = write_results(args.output or f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
                          settings=settings, machine=machine, table=table, records=records,
