@@ -10,7 +10,9 @@ tensors. Rows named "... + torch.compile, static cache" use transformers' compil
 transformers' default, a DynamicCache, and with a recovery prompt the runtime's default, a GrowingCache). A second
 table sets each "+ 100-token recovery prompt" row beside the same setting without the prompt: the cost per decode
 step of the prompt's 100 extra cached positions; a third measures that cost on the prompted row's own model,
-disabling and enabling the prompt between alternating calls (--ab-pairs), free of drift between rows.
+disabling and enabling the prompt between alternating calls (--ab-pairs), free of drift between rows (this box's
+speed swings by 20-30% between runs a few seconds apart: the profiler once showed the same ops 30% slower in one
+generate than in the next).
 
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
 the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`). The tied 49152 x 576
@@ -180,30 +182,33 @@ def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int, compiled: b
 def measure_prompt_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, cache=None) -> dict:
     """The prompt's decode cost on one model object: generate with the prompt disabled and enabled, alternating
     (pair i runs off then on for even i, on then off for odd i), so both states see the same weights, kernels and
-    the machine's drift over the pairs. Decode = median generate - median prefill of each state."""
+    the machine's drift. Per call, the time of a decode step = (generate of 1 + ``new_tokens`` tokens - generate of
+    1 token) / ``new_tokens``: prefill cancels out. Ratio = median over pairs of (with / without)."""
     from hf_compress_prompt.recovery import disable_recovery_prompt, enable_recovery_prompt
 
     attention = torch.ones_like(prompt)
-    config = _generation_config(model, new_tokens)
+    short, long = _generation_config(model, 1), _generation_config(model, 1 + new_tokens)
     fresh = cache or dict
-    times = {False: ([], []), True: ([], [])}  # prompt enabled -> (prefill, generate)
+
+    def timed(config) -> float:
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=attention, generation_config=config, **fresh())
+        return time.perf_counter() - start
+
+    steps = {False: [], True: []}  # prompt enabled -> ms per decode step, one per pair
     try:
         with torch.no_grad():
             for i in range(pairs):
                 for enabled in ((False, True) if i % 2 == 0 else (True, False)):
                     (enable_recovery_prompt if enabled else disable_recovery_prompt)(model)
-                    start = time.perf_counter()
-                    model(prompt, attention_mask=attention, **fresh())
-                    times[enabled][0].append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    model.generate(prompt, attention_mask=attention, generation_config=config, **fresh())
-                    times[enabled][1].append(time.perf_counter() - start)
+                    one = timed(short)
+                    steps[enabled].append(1e3 * max(timed(long) - one, 1e-9) / new_tokens)
     finally:
         enable_recovery_prompt(model)
-    step = {enabled: 1e3 * max(statistics.median(g) - statistics.median(p), 1e-9) / new_tokens
-            for enabled, (p, g) in times.items()}
-    return {"pairs": pairs, "ms_per_step_without": step[False], "ms_per_step_with": step[True],
-            "ratio": step[True] / step[False]}
+    ratios = [on / off for on, off in zip(steps[True], steps[False])]
+    return {"pairs": pairs, "ms_per_step_without": statistics.median(steps[False]),
+            "ms_per_step_with": statistics.median(steps[True]), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "steps_without": steps[False], "steps_with": steps[True]}
 
 
 def _percent(share: float | None) -> str:
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ab-pairs", type=int, default=5,
+    parser.add_argument("--ab-pairs", type=int, default=9,
                         help="for prompted rows: pairs of generate calls with the prompt disabled / enabled on the same "
                              "model, alternating (0: skip)")
     args = parser.parse_args(argv)
@@ -315,14 +320,16 @@ def main(argv: list[str] | None = None) -> None:
                   "measured in this run):\n\n" + markdown_table(
                       ["setting", "cache", "batch", "ms per step without prompt", "with prompt", "ratio"], overhead))
     ab = [[r["setting"].replace(PROMPT_SUFFIX, "", 1), r["batch"], f"{r['prompt_ab']['ms_per_step_without']:.1f}",
-           f"{r['prompt_ab']['ms_per_step_with']:.1f}", f"{r['prompt_ab']['ratio']:.2f}x"]
+           f"{r['prompt_ab']['ms_per_step_with']:.1f}", f"{r['prompt_ab']['ratio']:.2f}x",
+           f"{r['prompt_ab']['ratio_min']:.2f}x .. {r['prompt_ab']['ratio_max']:.2f}x"]
           for r in records if r.get("prompt_ab")]
     if ab:
         table += ("\n\nThe same cost measured on one model object, the prompt disabled and enabled between calls "
-                  f"({args.ab_pairs} alternating pairs of prefill + generate; decode = median generate - median "
-                  "prefill of each state): the fairer comparison, free of the drift between rows measured minutes "
-                  "apart.\n\n" + markdown_table(["setting", "batch", "ms per step, prompt disabled", "enabled",
-                                                  "ratio"], ab))
+                  f"({args.ab_pairs} alternating pairs; a call's decode step = (generate of 1 + {args.new_tokens} "
+                  "tokens - generate of 1 token) / its new tokens, so prefill cancels): the fairer comparison, free "
+                  "of the drift between rows measured minutes apart. Ratio: median over the pairs, then the range."
+                  "\n\n" + markdown_table(["setting", "batch", "median ms per step, prompt disabled", "enabled",
+                                            "ratio (median of pairs)", "range over pairs"], ab))
     notes = (
         f"Greedy `generate`, {args.new_tokens} new tokens after a {args.prompt_tokens}-token WikiText-2 prompt per "
         f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
