@@ -28,7 +28,7 @@ from recovery import SETTINGS
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.recovery import detach_recovery_prompt
-from hf_compress_prompt.recovery.train import RecoveryConfig, recover
+from hf_compress_prompt.recovery.train import PromptInit, RecoveryConfig, recover
 from hf_compress_prompt.recovery.transfer import gap_closed
 
 DATASETS = ("wikitext2", "ptb")
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--losses", nargs="+", default=["lm"], choices=["lm", "distill"],
                         help="training losses to compare (distill: KL to the dense model)")
+    parser.add_argument("--inits", nargs="+", default=["VOCAB"], choices=[i.value for i in PromptInit],
+                        help="prompt initialisations to compare (VOCAB: the first n vocabulary embeddings, the paper's)")
+    parser.add_argument("--init-text", default="The following is a passage of well-written English text:",
+                        help="the text whose token embeddings start a TEXT prompt (repeated to length)")
     parser.add_argument("--output", default="recovery_sweep", help="results name under docs/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -76,34 +80,37 @@ def main(argv: list[str] | None = None) -> None:
     compressed = ppl(model)
     _log(f"dense {dense}, {args.setting} {compressed}")
     records = []
-    for lr, loss in itertools.product(args.lrs, args.losses):
+    for lr, loss, init in itertools.product(args.lrs, args.losses, args.inits):
         config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
                                 batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
-                                learning_rate=lr)
+                                learning_rate=lr, init=PromptInit(init),
+                                init_text=args.init_text if init == "TEXT" else None)
         result = recover(model, tokenizer, config, teacher=teacher if loss == "distill" else None)
         recovered = ppl(model)
         detach_recovery_prompt(model)
-        record = {"learning_rate": lr, "loss": loss, "recovered": recovered, "best_step": result.best_step,
+        record = {"learning_rate": lr, "loss": loss, "init": init, "recovered": recovered, "best_step": result.best_step,
                   "best_c4_validation_perplexity": result.best_perplexity, "history": result.history,
                   "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
                   "gap_closed": {d: gap_closed(dense[d], compressed[d], recovered[d]) for d in DATASETS}}
         records.append(record)
-        _log(f"lr {lr:g}, loss {loss}: {recovered} (best C4 valid {result.best_perplexity:.2f} at step "
+        _log(f"lr {lr:g}, loss {loss}, init {init}: {recovered} (best C4 valid {result.best_perplexity:.2f} at step "
              f"{result.best_step}, {result.seconds:.0f} s)")
 
     rows = []
     for r in records:
         curve = ", ".join(f"{h['step']}: {h['perplexity']:.1f}" for h in r["history"])
-        rows.append([f"{r['learning_rate']:g}", r["loss"], curve, r["best_step"]]
+        rows.append([f"{r['learning_rate']:g}", r["loss"], r["init"], curve, r["best_step"]]
                     + [f"{r['recovered'][d]:.2f} ({100 * r['gap_closed'][d]:.0f}%)" for d in DATASETS]
                     + [f"{r['seconds_per_step']:.1f}"])
-    table = markdown_table(["learning rate", "loss", "C4 validation ppl by step", "best step"]
+    table = markdown_table(["learning rate", "loss", "init", "C4 validation ppl by step", "best step"]
                            + [f"{d} + prompt (gap closed)" for d in DATASETS] + ["s / step"], rows)
     total = time.perf_counter() - start_all
     notes = (f"Setting {args.setting}: dense " + ", ".join(f"{d} {dense[d]:.2f}" for d in DATASETS)
              + "; compressed " + ", ".join(f"{d} {compressed[d]:.2f}" for d in DATASETS)
              + f". Perplexity on the first {args.windows} windows of 2048 tokens (bf16 autocast). Prompts: "
-             f"{args.tokens} virtual tokens from the first {args.tokens} vocabulary embeddings, AdamW (weight decay "
+             f"{args.tokens} virtual tokens (init VOCAB: the first {args.tokens} vocabulary embeddings; TEXT: the "
+             f"embeddings of {args.init_text!r}'s tokens, repeated; SAMPLE_VOCAB: random vocabulary entries, "
+             "seed 0; RANDOM: PEFT's), AdamW (weight decay "
              f"1e-5), {args.steps} steps x {args.batch} x {args.seqlen} C4 tokens, 10% warm-up then linear decay, "
              f"clipping 1.0, best of the validations every {args.eval_steps} steps on {args.eval_windows} held-out "
              f"C4 windows kept; loss lm = the corpus' next tokens, distill = KL to the dense model's next-token "
