@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         f"200 calls in this run: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us (x 30 layers per token)."
     )
     settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "reps": args.reps, "ab_pairs": args.ab_pairs, "threads": args.threads, "kernel_status": status(),
-                "sdpa_decode_step_us": sdpa}
+                "new_tokens": args.new_tokens, "reps": args.reps, "ab_pairs": args.ab_pairs, "threads": args.threads,
+                "kernel_status": status(), "sdpa_decode_step_us": sdpa}
     path = write_results(args.output or f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
                          settings=settings, machine=machine, table=table, records=records,
                          notes=notes)

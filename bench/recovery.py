@@ -18,7 +18,7 @@ steps the same run took 61.6 min on a slow evening and 54 min earlier that day (
 16 more minutes together; docs/results/recovery_80steps_all.md is such a run).
 
     python bench/recovery.py                      # the run reported in docs/results/recovery.md (2 threads)
-    python bench/recovery.py --transfer all --dense-prompt --output recovery_80steps_all  # with --steps 80 --eval-steps 20
+    python bench/recovery.py --steps 80 --eval-steps 20 --transfer all --dense-prompt --output recovery_80steps_all
     python bench/recovery.py --steps 4 --windows 1 --settings gptq-w3-g64   # a smoke run
 """
 
