@@ -179,9 +179,12 @@ def _full_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, teacher: nn.Module | None = None) -> dict:
+def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, teacher: nn.Module | None = None,
+              partners: list[nn.Module] | None = None) -> dict:
     from ..compressors import RECIPE_CONFIG_KEY
 
+    shared = {} if not partners else {"shared_with_recipes": [getattr(p.config, RECIPE_CONFIG_KEY, None)
+                                                               for p in partners]}
     return {
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "compression_recipe": getattr(model.config, RECIPE_CONFIG_KEY, None),
@@ -195,6 +198,7 @@ def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, te
         "validation": f"{config.eval_windows} x {config.seqlen} tokens of held-out {config.dataset} documents",
         "vocab_size": model.config.vocab_size,
         "hidden_size": model.get_input_embeddings().embedding_dim,
+        **shared,
     }
 
 
@@ -261,6 +265,7 @@ def recover(
     training_args: dict | None = None,
     attach: bool = True,
     teacher: nn.Module | None = None,
+    shared_with: list[nn.Module] | None = None,
     **overrides,
 ) -> RecoveryResult:
     """Trains a soft prompt that recovers ``model``'s quality (all weights frozen) and returns it.
@@ -281,6 +286,9 @@ def recover(
         teacher (`nn.Module`, *optional*): train to match this model's next-token distributions (usually the
             uncompressed model; :class:`~.distill.DistillationTrainer`) instead of the corpus' next tokens.
             Validation stays the corpus perplexity.
+        shared_with (`list[nn.Module]`, *optional*): other compressions of the same base model: one prompt is
+            trained for all of them at once (:mod:`~.shared`; mean loss, one pass per model and step), and attached
+            to each when ``attach``. ``best_perplexity`` is then the geometric mean over the models. PROMPT only.
 
     Returns:
         `RecoveryResult` with the best-validation prompt.
@@ -303,6 +311,14 @@ def recover(
         from .distill import check_teacher
 
         check_teacher(model, teacher)
+    partners = list(shared_with or [])
+    if partners:
+        from .shared import check_partners
+
+        if config.method is not RecoveryMethod.PROMPT or teacher is not None:
+            raise UserInputError("shared_with trains one soft prompt for several models: it needs method=PROMPT "
+                                 "and no teacher")
+        check_partners(model, partners)
     if train_dataset is None:
         train_dataset = TokenWindows(token_windows(config.dataset, tokenizer, config.seqlen, part="train"))
     if eval_dataset is None:
@@ -314,9 +330,20 @@ def recover(
     previous = recovery_prompt_of(model)
     if previous is not None:
         detach_recovery_prompt(model)  # train on the bare model; a new prompt replaces the old one
+    partner_previous = [recovery_prompt_of(p) for p in partners]
+    for partner, old in zip(partners, partner_previous):
+        if old is not None:
+            detach_recovery_prompt(partner)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    partner_requires_grad = [{name: p.requires_grad for name, p in partner.named_parameters()} for partner in partners]
+    tied = []
     if config.method is RecoveryMethod.PROMPT:
         trained = prompt_tuning_model(model, config, tokenizer)
+        if partners:
+            from .shared import tie_prompt
+
+            tied = [tie_prompt(trained, partner, trained.peft_config[trained.active_adapter]).eval()
+                    for partner in partners]
     elif config.method is RecoveryMethod.LORA:
         trained = lora_model(model, config)
     else:
@@ -352,7 +379,11 @@ def recover(
         )
         trainer_kwargs = dict(model=trained, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               data_collator=PromptTuningCollator(pad), callbacks=[callback, *(callbacks or [])])
-        if teacher is None:
+        if tied:
+            from .shared import SharedPromptTrainer
+
+            trainer = SharedPromptTrainer(**trainer_kwargs, partners=tied)
+        elif teacher is None:
             trainer = Trainer(**trainer_kwargs)
         else:
             from .distill import DistillationTrainer
@@ -371,17 +402,22 @@ def recover(
                 for name, p in model.named_parameters():
                     if name in requires_grad:
                         p.requires_grad_(requires_grad[name])
+            for partner, flags in zip(partners, partner_requires_grad):
+                for name, p in partner.named_parameters():
+                    if name in flags:
+                        p.requires_grad_(flags[name])
         seconds = time.perf_counter() - start
     steps_run = max(1, output.global_step)
     prompt = None
     if config.method is RecoveryMethod.PROMPT:
         base = trained.get_base_model()
         embedding = trained.get_prompt_embedding_to_save(trained.active_adapter).detach().float().cpu()  # (n, hidden)
-        prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step, teacher))
-        if attach:
-            attach_recovery_prompt(base, prompt)
-        elif previous is not None:
-            attach_recovery_prompt(base, previous)
+        prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step, teacher, partners))
+        for target, old in [(base, previous), *zip(partners, partner_previous)]:
+            if attach:
+                attach_recovery_prompt(target, prompt)
+            elif old is not None:
+                attach_recovery_prompt(target, old)
     elif previous is not None:
         attach_recovery_prompt(model, previous)
     return RecoveryResult(prompt, trained, callback.best_perplexity, callback.best_step, callback.history, seconds,

@@ -1,0 +1,73 @@
+"""One prompt for several compressed models: train a single soft prompt on two or more compressions of one base model
+at once.
+
+A prompt trained on one compression transfers well to other levels of the same method but poorly to another method
+(docs/results/transfer_levels.md, recovery.md: a prompt that repairs sparsity does not repair 3-bit rounding error).
+Training the prompt on every model it will serve removes the need to transfer: each step runs the same batch through
+each model with the same (tied) prompt embedding and minimises the mean of their language-modelling losses. The cost
+per step is one forward and backward pass per model; validation is the mean loss too, so the best-validation prompt
+is the one with the lowest geometric-mean perplexity over the models.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import Trainer
+
+from ..errors import UserInputError
+
+__all__ = ["SharedPromptTrainer", "check_partners", "tie_prompt"]
+
+
+def check_partners(model: nn.Module, partners: list[nn.Module]) -> None:
+    """Refuses partners that are ``model`` itself (or repeated), or have another vocabulary or hidden size: a prompt
+    is a sequence of input embeddings and means the same only to models that share them."""
+    vocab, hidden = model.config.vocab_size, model.get_input_embeddings().embedding_dim
+    seen = {id(model)}
+    for i, partner in enumerate(partners):
+        if id(partner) in seen:
+            raise UserInputError(f"shared_with[{i}] is the model itself or repeated; pass each other model once")
+        seen.add(id(partner))
+        p_vocab = getattr(getattr(partner, "config", None), "vocab_size", None)
+        p_hidden = partner.get_input_embeddings().embedding_dim if hasattr(partner, "get_input_embeddings") else None
+        if (p_vocab, p_hidden) != (vocab, hidden):
+            raise UserInputError(f"shared_with[{i}] has vocabulary {p_vocab} and hidden size {p_hidden}, the model "
+                                 f"{vocab} and {hidden}: one prompt can only serve models of one base model")
+
+
+def tie_prompt(peft_model: nn.Module, partner: nn.Module, peft_config) -> nn.Module:
+    """``partner`` wrapped as a PEFT prompt-tuning model whose prompt embedding is ``peft_model``'s own module
+    (the same parameter, so gradients from both models add up in it)."""
+    from peft import get_peft_model
+
+    wrapped = get_peft_model(partner, peft_config)
+    wrapped.prompt_encoder[wrapped.active_adapter].embedding = \
+        peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    return wrapped
+
+
+class SharedPromptTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss (training and validation) is the mean language-modelling loss of the
+    model and ``partners`` on the same batch, all prompted by one tied prompt embedding (:func:`tie_prompt`).
+
+    Args:
+        partners (`list[nn.Module]`): PEFT prompt-tuning models sharing the trained model's prompt embedding; their
+            weights are frozen. Only the trained model's parameters reach the optimizer.
+        *args, **kwargs: passed to ``Trainer``.
+    """
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+
+    def __init__(self, *args, partners: list[nn.Module], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.partners = partners
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        losses = [outputs.loss]
+        for partner in self.partners:
+            device = next(partner.parameters()).device
+            with self.accelerator.autocast():  # the trained model's mixed precision (accelerate wraps only it)
+                losses.append(partner(**{k: v.to(device) for k, v in inputs.items()}).loss.to(outputs.loss.device))
+        loss = sum(losses) / len(losses)
+        return (loss, outputs) if return_outputs else loss
