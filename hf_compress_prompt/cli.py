@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--teacher", default=None, metavar="MODEL",
                     help="distil from this model (usually the uncompressed one; 'default' = the embedded SmolLM2): "
                          "train on the KL to its next-token distributions instead of the corpus' next tokens")
+    rc.add_argument("--shared-with", nargs="+", default=None, metavar="MODEL",
+                    help="other compressions of the same base model: train one prompt for all of them at once (mean "
+                         "loss; one pass per model and step); it is saved with --output's model")
     rc.add_argument("--checkpoints", default=None, help="Trainer folder for resumable checkpoints (default: none)")
     rc.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --checkpoints")
 
@@ -357,6 +360,7 @@ def _prompt_dir(path: str) -> Path:
 def _cmd_recover(args: argparse.Namespace) -> int:
     from .integrations.checkpoints import save_pretrained
     from .models import load_model_and_tokenizer
+    from .recovery import PROMPT_SUBFOLDER
     from .recovery.train import RecoveryConfig, recover
 
     config = RecoveryConfig(  # bad settings fail before the model loads
@@ -370,8 +374,9 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     teacher = None
     if args.teacher:
         teacher, _ = load_model_and_tokenizer(None if args.teacher == "default" else args.teacher)
+    partners = [load_model_and_tokenizer(path)[0] for path in args.shared_with or []]
     result = recover(model, tokenizer, config, output_dir=args.checkpoints, resume_from_checkpoint=args.resume or None,
-                     teacher=teacher)
+                     teacher=teacher, shared_with=partners)
     for h in result.history:
         print(f"step {h['step']}: validation perplexity {h['perplexity']:.3f}")
     print(f"best: step {result.best_step}, validation perplexity {result.best_perplexity:.3f}; "
@@ -382,6 +387,9 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     else:
         save_pretrained(model, args.output, tokenizer)
         print(f"saved to {args.output}" + (" (recovery prompt in recovery_prompt/)" if result.prompt else ""))
+        if partners:
+            print(f"the prompt is shared with {', '.join(args.shared_with)}: attach it to them with "
+                  f"model.load_recovery_prompt('{Path(args.output) / PROMPT_SUBFOLDER}')")
     return EXIT_OK
 
 

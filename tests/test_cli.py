@@ -140,6 +140,24 @@ def test_recover_distils_from_a_teacher(tiny_llama_dir, data_dir, tmp_path):
     assert metadata["loss"].startswith("KL") and metadata["teacher"]
 
 
+def test_recover_shares_one_prompt_between_two_models(tiny_llama_dir, data_dir, tmp_path, capsys):
+    from hf_compress_prompt import from_pretrained
+    from hf_compress_prompt.compressors import RECIPE_CONFIG_KEY
+    from hf_compress_prompt.recovery import load_recovery_prompt
+
+    packed, out = tmp_path / "packed", tmp_path / "shared"
+    assert main(["compress", "--model", str(tiny_llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--output", str(packed), "--no-progress"]) == EXIT_OK
+    code = main(["recover", "--model", str(tiny_llama_dir), "--output", str(out), "--steps", "2", "--tokens", "2",
+                 "--seqlen", "4", "--batch-size", "2", "--eval-steps", "1", "--eval-windows", "1",
+                 "--shared-with", str(packed)])
+    assert code == EXIT_OK
+    assert "load_recovery_prompt" in capsys.readouterr().out
+    prompt = load_recovery_prompt(out / "recovery_prompt")
+    recipe = getattr(from_pretrained(packed).config, RECIPE_CONFIG_KEY)  # the partner's recipe goes with the prompt
+    assert recipe and prompt.metadata["shared_with_recipes"] == [recipe]
+
+
 def test_recover_bad_settings_exit_2_before_loading(tmp_path, capsys):
     assert main(["recover", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o"), "--steps", "0"]) == EXIT_USAGE
     assert "max_steps=0" in capsys.readouterr().err

@@ -52,6 +52,15 @@ def _recipe_text(recipe: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _prompt_recipes_text(meta: dict) -> str:
+    """The recipe a prompt was trained on, and those of the models it was trained on at once (a shared prompt)."""
+    text = _recipe_text(meta.get("compression_recipe"))
+    for i, recipe in enumerate(meta.get("shared_with_recipes") or []):
+        text += f"\n\nThe same prompt was trained at once on model {i + 2} of {len(meta['shared_with_recipes']) + 1} " \
+                f"(one prompt for all, mean loss):\n\n{_recipe_text(recipe)}"
+    return text
+
+
 def _eval_results(results: dict[str, float] | None, label: str):
     from huggingface_hub import EvalResult
 
@@ -99,7 +108,7 @@ def recovery_prompt_card(prompt, repo_id: str, *, results: dict[str, float] | No
         card_data, template_path=str(_template("recovery_prompt.md")),
         title=f"Recovery prompt {repo_id}", num_virtual_tokens=prompt.num_virtual_tokens,
         hidden_size=prompt.embedding.shape[1], parameters=prompt.embedding.numel(), base_model=base,
-        recipe=_recipe_text(meta.get("compression_recipe")), training=training_text,
+        recipe=_prompt_recipes_text(meta), training=training_text,
         results_table=_results_table(results, baseline), repo_id=repo_id,
         compressed_model=compressed_model or "<your compressed model>",
     )

@@ -121,6 +121,14 @@ def test_push_recovery_prompt_sends_peft_files_and_a_valid_card(hub):
     assert hub.commit_header["summary"] == "Upload recovery prompt"
 
 
+def test_card_of_a_shared_prompt_lists_every_recipe(hub):
+    prompt = _prompt()
+    prompt.metadata["shared_with_recipes"] = [{"steps": [{"method": "sparsegpt", "sparsity": 0.5}]}]
+    push_recovery_prompt(prompt, "user/shared-prompt", token="hf_test")
+    _, body = hub.card()
+    assert '"bits": 3' in body and '"sparsity": 0.5' in body and "model 2 of 2" in body
+
+
 def test_push_compressed_model_with_its_prompt(hub, tiny_llama, byte_tokenizer):
     compress_(tiny_llama, RTNConfig(bits=4, group_size=64), progress=False)
     attach_recovery_prompt(tiny_llama, _prompt())
