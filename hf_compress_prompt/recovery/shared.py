@@ -38,9 +38,13 @@ def check_partners(model: nn.Module, partners: list[nn.Module]) -> None:
 def tie_prompt(peft_model: nn.Module, partner: nn.Module, peft_config) -> nn.Module:
     """``partner`` wrapped as a PEFT prompt-tuning model whose prompt embedding is ``peft_model``'s own module
     (the same parameter, so gradients from both models add up in it)."""
+    import copy
+
     from peft import get_peft_model
 
-    wrapped = get_peft_model(partner, peft_config)
+    config = copy.deepcopy(peft_config)  # PEFT writes the partner's name into the config it is given
+    config.base_model_name_or_path = None
+    wrapped = get_peft_model(partner, config)
     wrapped.prompt_encoder[wrapped.active_adapter].embedding = \
         peft_model.prompt_encoder[peft_model.active_adapter].embedding
     return wrapped
