@@ -72,3 +72,23 @@ def write_results(name: str, *, title: str, settings: dict, machine: dict, table
     path = RESULTS_DIR / f"{name}.md"
     path.write_text(text)
     return path
+
+
+def add_prompt_recipe_args(parser, *, steps: int = 64, eval_steps: int = 16) -> None:
+    """The arguments of bench/recovery.py's prompt recipe and evaluation that the transfer benches share."""
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per prompt")
+    parser.add_argument("--seqlen", type=int, default=1024, help="tokens per training window")
+    parser.add_argument("--batch", type=int, default=1, help="training windows per step")
+    parser.add_argument("--lr", type=float, default=3e-2, help="prompt learning rate")
+    parser.add_argument("--eval-steps", type=int, default=eval_steps, help="validate every this many steps")
+    parser.add_argument("--windows", type=int, default=8, help="WikiText-2 / PTB test windows of 2048 tokens")
+    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def prompt_recipe(args):
+    """The ``RecoveryConfig`` of :func:`add_prompt_recipe_args`' arguments (100 virtual tokens, 8 validation windows)."""
+    from hf_compress_prompt.recovery.train import RecoveryConfig
+
+    return RecoveryConfig(num_virtual_tokens=100, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch,
+                          eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr)

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import any_of, machine_info, markdown_table, write_results
+from common import add_prompt_recipe_args, prompt_recipe, any_of, machine_info, markdown_table, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, SparseGPTConfig, compress_
-from hf_compress_prompt.recovery.train import RecoveryConfig, recover
+from hf_compress_prompt.recovery.train import recover
 from hf_compress_prompt.recovery.transfer import evaluate_transfer, gap_closed
 
 TRAINED_ON = {  # bench/recovery.py's (a) and (b)
@@ -54,24 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=64, help="optimizer steps per prompt (bench/recovery.py's)")
-    parser.add_argument("--seqlen", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=3e-2)
-    parser.add_argument("--eval-steps", type=int, default=16)
+    add_prompt_recipe_args(parser, steps=64, eval_steps=16)
     parser.add_argument("--held-out", nargs="*", default=["sparsegpt-50%", "gptq-w4-g64"], choices=list(HELD_OUT),
                         metavar="NAME", help=f"compressions no prompt was trained on: {any_of(HELD_OUT)}; none if "
                         "given without names (default: sparsegpt-50%% gptq-w4-g64)")
-    parser.add_argument("--windows", type=int, default=8, help="WikiText-2 / PTB test windows of 2048 tokens")
-    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="recovery_shared", help="results name under docs/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info()
     start_all = time.perf_counter()
-    config = RecoveryConfig(num_virtual_tokens=100, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch,
-                            eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr)
+    config = prompt_recipe(args)
 
     model, tokenizer = load_model_and_tokenizer()
     ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}
