@@ -92,3 +92,12 @@ def prompt_recipe(args):
 
     return RecoveryConfig(num_virtual_tokens=100, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch,
                           eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr)
+
+
+def eval_perplexities(model, ids: dict, windows: int) -> dict[str, float]:
+    """Perplexity on each evaluation set of ``ids`` (name -> token ids): the first ``windows`` windows of 2048 tokens,
+    bf16 autocast, as every recovery bench measures it."""
+    from hf_compress_prompt.evaluation import perplexity
+
+    return {d: perplexity(model, t, seqlen=2048, max_windows=windows, autocast_bf16=True, progress=False).perplexity
+            for d, t in ids.items()}

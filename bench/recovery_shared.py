@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_prompt_recipe_args, prompt_recipe, any_of, machine_info, markdown_table, write_results
+from common import (add_prompt_recipe_args, any_of, eval_perplexities, machine_info, markdown_table, prompt_recipe,
+                    write_results)
 
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, SparseGPTConfig, compress_
 from hf_compress_prompt.recovery.train import recover
@@ -50,7 +51,6 @@ def _cell(value: float, dense: float, without: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
-    from hf_compress_prompt.evaluation import perplexity
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model_and_tokenizer()
     ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}
-    dense = {d: perplexity(model, t, seqlen=2048, max_windows=args.windows, autocast_bf16=True,
-                           progress=False).perplexity for d, t in ids.items()}
+    dense = eval_perplexities(model, ids, args.windows)
     del model
     _log(f"dense: {dense}")
 

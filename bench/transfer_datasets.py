@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_prompt_recipe_args, prompt_recipe, any_of, machine_info, markdown_table, write_results
+from common import (add_prompt_recipe_args, any_of, eval_perplexities, machine_info, markdown_table, prompt_recipe,
+                    write_results)
 
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, SparseGPTConfig, compress_
 from hf_compress_prompt.recovery.data import TokenWindows, token_windows
@@ -39,7 +40,6 @@ def _log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
-    from hf_compress_prompt.evaluation import perplexity
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model_and_tokenizer()
     ids = {d: eval_tokens(d, tokenizer, "test") for d in TEST_SETS}
-    dense = {d: perplexity(model, t, seqlen=2048, max_windows=args.windows, autocast_bf16=True,
-                           progress=False).perplexity for d, t in ids.items()}
+    dense = eval_perplexities(model, ids, args.windows)
     _log(f"dense: {dense}")
     start = time.perf_counter()
     compress_(model, Recipe(SETTINGS[args.setting], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,

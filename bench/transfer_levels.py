@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_prompt_recipe_args, prompt_recipe, any_of, machine_info, markdown_table, write_results
+from common import (add_prompt_recipe_args, any_of, eval_perplexities, machine_info, markdown_table, prompt_recipe,
+                    write_results)
 
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, SparseGPTConfig, compress_
 from hf_compress_prompt.recovery import load_recovery_prompt
@@ -45,7 +46,6 @@ def _log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
-    from hf_compress_prompt.evaluation import perplexity
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     targets = [n for n in LEVELS if n != SOURCE]
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     config = prompt_recipe(args)
 
     def ppl(model) -> dict[str, float]:
-        return {d: perplexity(model, t, seqlen=2048, max_windows=args.windows, autocast_bf16=True,
-                              progress=False).perplexity for d, t in ids.items()}
+        return eval_perplexities(model, ids, args.windows)
 
     def compressed(name: str):
         model, _ = load_model_and_tokenizer()
