@@ -327,15 +327,12 @@ def recover(
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
         raise UserInputError("the training and validation datasets must not be empty")
 
-    previous = recovery_prompt_of(model)
-    if previous is not None:
-        detach_recovery_prompt(model)  # train on the bare model; a new prompt replaces the old one
-    partner_previous = [recovery_prompt_of(p) for p in partners]
-    for partner, old in zip(partners, partner_previous):
+    targets = [model, *partners]  # every model the prompt trains on
+    previous = [recovery_prompt_of(m) for m in targets]
+    for m, old in zip(targets, previous):
         if old is not None:
-            detach_recovery_prompt(partner)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    partner_requires_grad = [{name: p.requires_grad for name, p in partner.named_parameters()} for partner in partners]
+            detach_recovery_prompt(m)  # train on the bare model; a new prompt replaces the old one
+    requires_grad = [{name: p.requires_grad for name, p in m.named_parameters()} for m in targets]
     tied = []
     if config.method is RecoveryMethod.PROMPT:
         trained = prompt_tuning_model(model, config, tokenizer)
@@ -399,13 +396,10 @@ def recover(
                 output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         finally:
             if config.method is not RecoveryMethod.FULL:
-                for name, p in model.named_parameters():
-                    if name in requires_grad:
-                        p.requires_grad_(requires_grad[name])
-            for partner, flags in zip(partners, partner_requires_grad):
-                for name, p in partner.named_parameters():
-                    if name in flags:
-                        p.requires_grad_(flags[name])
+                for m, flags in zip(targets, requires_grad):
+                    for name, p in m.named_parameters():
+                        if name in flags:
+                            p.requires_grad_(flags[name])
         seconds = time.perf_counter() - start
     steps_run = max(1, output.global_step)
     prompt = None
@@ -413,12 +407,12 @@ def recover(
         base = trained.get_base_model()
         embedding = trained.get_prompt_embedding_to_save(trained.active_adapter).detach().float().cpu()  # (n, hidden)
         prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step, teacher, partners))
-        for target, old in [(base, previous), *zip(partners, partner_previous)]:
+        for target, old in zip([base, *partners], previous):
             if attach:
                 attach_recovery_prompt(target, prompt)
             elif old is not None:
                 attach_recovery_prompt(target, old)
-    elif previous is not None:
-        attach_recovery_prompt(model, previous)
+    elif previous[0] is not None:
+        attach_recovery_prompt(model, previous[0])
     return RecoveryResult(prompt, trained, callback.best_perplexity, callback.best_step, callback.history, seconds,
                           output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb(), memory.increase_mb)
