@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine_info, markdown_table, write_results
+from common import RESULTS_DIR, eval_perplexities, machine_info, markdown_table, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, LayerDropConfig, Recipe, SparseGPTConfig, compress_
 from hf_compress_prompt.recovery import attach_recovery_prompt, detach_recovery_prompt, save_recovery_prompt
@@ -52,13 +52,6 @@ FULL_SETTING = "drop-20%-layers"  # the only setting whose weights stay dense, s
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _perplexities(model, ids: dict, args) -> dict[str, float]:
-    from hf_compress_prompt.evaluation import perplexity
-
-    return {d: perplexity(model, t, seqlen=2048, max_windows=args.windows, autocast_bf16=True, progress=False).perplexity
-            for d, t in ids.items()}
 
 
 def _weights_record(result, values: dict, dense: dict, compressed: dict, **settings) -> dict:
@@ -116,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model_and_tokenizer()
     ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}
-    dense = _perplexities(model, ids, args)
+    dense = eval_perplexities(model, ids, args.windows)
     _log(f"dense: {dense}")
     train_config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
                                   batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     dense_prompt = None
     if args.dense_prompt:  # a prompt trained on the uncompressed model: does it help compressed ones?
         result = recover(model, tokenizer, train_config)
-        dense_prompt = {"prompt": result.prompt, "with_prompt": _perplexities(model, ids, args),
+        dense_prompt = {"prompt": result.prompt, "with_prompt": eval_perplexities(model, ids, args.windows),
                         "seconds": result.seconds, "best_c4_validation_perplexity": result.best_perplexity}
         _log(f"dense + own prompt: {dense_prompt['with_prompt']}")
     del model
@@ -136,14 +129,14 @@ def main(argv: list[str] | None = None) -> None:
         compress_(model, Recipe(SETTINGS[name], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
                   pack=False, progress=False)
         compress_s = time.perf_counter() - start
-        compressed = _perplexities(model, ids, args)
+        compressed = eval_perplexities(model, ids, args.windows)
         _log(f"{name}: compressed in {compress_s:.0f} s: {compressed}")
         if name == args.settings[0] and not args.no_lora:
             lora_twin = copy.deepcopy(model)  # LoRA gets the same compressed weights, without compressing again
         if name == FULL_SETTING and not args.no_full:
             full_twin = copy.deepcopy(model)  # dense weights (layers dropped only): continued pretraining applies
         result = recover(model, tokenizer, train_config)
-        recovered = _perplexities(model, ids, args)  # the prompt is attached
+        recovered = eval_perplexities(model, ids, args.windows)  # the prompt is attached
         _log(f"{name}: prompt trained in {result.seconds:.0f} s (best C4 validation ppl {result.best_perplexity:.2f} "
              f"at step {result.best_step}): {recovered}")
         detach_recovery_prompt(model)
@@ -165,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         model = lora_twin
         lora_config = RecoveryConfig(**{**train_config.to_dict(), "method": "LORA", "learning_rate": 2e-4})
         result = recover(model, tokenizer, lora_config)
-        lora = _perplexities(result.trained, ids, args)
+        lora = eval_perplexities(result.trained, ids, args.windows)
         _log(f"{first} + LoRA: trained in {result.seconds:.0f} s: {lora}")
         records[first]["lora"] = _weights_record(result, lora, dense, records[first]["compressed"],
                                                  learning_rate=2e-4, rank=8)
@@ -175,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         model = full_twin
         full_config = RecoveryConfig(**{**train_config.to_dict(), "method": "FULL", "learning_rate": args.full_lr})
         result = recover(model, tokenizer, full_config)
-        full = _perplexities(model, ids, args)
+        full = eval_perplexities(model, ids, args.windows)
         _log(f"{FULL_SETTING} + FULL: trained in {result.seconds:.0f} s: {full}")
         records[FULL_SETTING]["full"] = _weights_record(result, full, dense, records[FULL_SETTING]["compressed"],
                                                         learning_rate=args.full_lr)
@@ -185,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if dense_prompt is not None:
         for m, model in models.items():
             attach_recovery_prompt(model, dense_prompt["prompt"])
-            values = _perplexities(model, ids, args)
+            values = eval_perplexities(model, ids, args.windows)
             detach_recovery_prompt(model)
             records[m]["dense_prompt"] = values
             _log(f"dense prompt -> {m}: {values}")
@@ -204,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         transfer = {}
         for p, m in sorted(pairs):
             attach_recovery_prompt(models[m], prompts[p])
-            transfer[f"{p} -> {m}"] = _perplexities(models[m], ids, args)
+            transfer[f"{p} -> {m}"] = eval_perplexities(models[m], ids, args.windows)
             detach_recovery_prompt(models[m])
             _log(f"transfer {p} -> {m}: {transfer[f'{p} -> {m}']}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results
+from common import eval_perplexities, machine_info, markdown_table, write_results
 from recovery import SETTINGS
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
@@ -40,7 +40,6 @@ def _log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
-    from hf_compress_prompt.evaluation import perplexity
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     start_all = time.perf_counter()
 
     def ppl(model) -> dict[str, float]:
-        return {d: perplexity(model, t, seqlen=2048, max_windows=args.windows, autocast_bf16=True,
-                              progress=False).perplexity for d, t in ids.items()}
+        return eval_perplexities(model, ids, args.windows)
 
     model, tokenizer = load_model_and_tokenizer()
     ids = {d: eval_tokens(d, tokenizer, "test") for d in DATASETS}

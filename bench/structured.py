@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results
+from common import eval_perplexities, machine_info, markdown_table, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, LayerDropConfig, Recipe, compress_
 from hf_compress_prompt.compressors.compresso import CompressoConfig, compresso_prune
@@ -40,13 +40,6 @@ DATASETS = ("wikitext2", "ptb")
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _perplexities(model, ids: dict, windows: int) -> dict[str, float]:
-    from hf_compress_prompt.evaluation import perplexity
-
-    return {d: perplexity(model, t, seqlen=2048, max_windows=windows, autocast_bf16=True, progress=False).perplexity
-            for d, t in ids.items()}
 
 
 @torch.no_grad()
@@ -75,7 +68,7 @@ def _prompt(model, tokenizer, ids, args) -> dict:
     result = recover(model, tokenizer, RecoveryConfig(max_steps=args.prompt_steps, learning_rate=args.prompt_lr,
                                                       seqlen=args.seqlen, batch_size=args.batch, eval_steps=max(1, args.prompt_steps // 2),
                                                       eval_windows=4))
-    values = _perplexities(model, ids, args.windows)
+    values = eval_perplexities(model, ids, args.windows)
     detach_recovery_prompt(model)
     return {"perplexity": values, "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
             "best_c4_validation_perplexity": result.best_perplexity}
@@ -114,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     speed_ids = ids["wikitext2"][:, :512] if ids["wikitext2"].dim() == 2 else ids["wikitext2"][None, :512]
     params_dense = count_parameters(dense)
     per_layer = sum(p.numel() for p in dense.model.layers[0].parameters())
-    records = {"dense": {"parameters": params_dense, "perplexity": _perplexities(dense, ids, args.windows),
+    records = {"dense": {"parameters": params_dense, "perplexity": eval_perplexities(dense, ids, args.windows),
                          "speed": _speed(dense, speed_ids, args.speed_reps)}}
     _log(f"dense: {records['dense']}")
     kick_models = {"dense": dense}
@@ -139,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         result = compresso_prune(model, tokenizer, config)
         pruned = result.model
         del model
-        with_text = _perplexities(pruned, ids, args.windows)  # the collaborative prompt is attached
+        with_text = eval_perplexities(pruned, ids, args.windows)  # the collaborative prompt is attached
         pruned.disable_recovery_prompt()
-        without = _perplexities(pruned, ids, args.windows)
+        without = eval_perplexities(pruned, ids, args.windows)
         pruned.enable_recovery_prompt()
         compresso = {"parameters": result.parameters_after, "perplexity": without,
                      "with_collaborative_prompt": with_text, "speed": _speed(pruned, speed_ids, args.speed_reps),
@@ -151,11 +144,11 @@ def main(argv: list[str] | None = None) -> None:
                           f"{result.seconds_per_step:.1f}", f"{result.seconds:.0f}"])
         # one-shot magnitude at the same parameter count
         magnitude, _ = prune_structured(dense, result.removed_fraction)
-        mag = {"parameters": count_parameters(magnitude), "perplexity": _perplexities(magnitude, ids, args.windows),
+        mag = {"parameters": count_parameters(magnitude), "perplexity": eval_perplexities(magnitude, ids, args.windows),
                "speed": _speed(magnitude, speed_ids, args.speed_reps)}
         _log(f"magnitude {key}: {mag['parameters']} ppl {mag['perplexity']}")
         shuffled, _ = prune_structured(dense, result.removed_fraction, criterion="random")
-        rand = {"parameters": count_parameters(shuffled), "perplexity": _perplexities(shuffled, ids, args.windows),
+        rand = {"parameters": count_parameters(shuffled), "perplexity": eval_perplexities(shuffled, ids, args.windows),
                 "speed": mag["speed"]}  # the same shapes as the magnitude model
         del shuffled
         _log(f"random {key}: ppl {rand['perplexity']}")
@@ -165,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         compress_(dropped, Recipe([LayerDropConfig(num_layers=count)], CalibrationConfig(nsamples=args.nsamples)),
                   tokenizer=tokenizer, pack=False, progress=False)
         drop = {"parameters": count_parameters(dropped), "layers_dropped": count,
-                "perplexity": _perplexities(dropped, ids, args.windows),
+                "perplexity": eval_perplexities(dropped, ids, args.windows),
                 "speed": _speed(dropped, speed_ids, args.speed_reps)}
         _log(f"drop {count} layers: {drop['parameters']} ppl {drop['perplexity']}")
         if not args.no_prompts:
