@@ -3,6 +3,7 @@ for its config type."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,10 +290,13 @@ def compress_(
         _check_seqlen(model, recipe.calibration.seqlen)
         if tokenizer is None:
             raise UserInputError("this recipe needs calibration data; pass tokenizer= (or calibration_ids=)")
-        from ..data import calibration_batches
+        from ..data import calibration_batches, training_corpus
 
         c = recipe.calibration
-        calibration_ids = calibration_batches(c.dataset, tokenizer, c.nsamples, c.seqlen, seed=c.seed, split=c.split)
+        dataset, split = training_corpus(c.dataset, c.split)  # C4 unreachable: the offline sample, said in one line
+        if (dataset, split) != (c.dataset, c.split):
+            recipe = Recipe(recipe.steps, dataclasses.replace(c, dataset=dataset, split=split))  # record what ran
+        calibration_ids = calibration_batches(dataset, tokenizer, c.nsamples, c.seqlen, seed=c.seed, split=split)
     if calibration_ids is not None:
         if calibration_ids.dim() != 2 or calibration_ids.numel() == 0:
             raise UserInputError(f"calibration_ids must be a non-empty (nsamples, seqlen) tensor, got shape {tuple(calibration_ids.shape)}")

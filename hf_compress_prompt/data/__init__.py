@@ -11,6 +11,7 @@ from .corpora import (
     load_rows,
     load_text,
     register_corpus,
+    training_corpus,
 )
 from .tokens import calibration_batches, eval_tokens
 
@@ -27,4 +28,5 @@ __all__ = [
     "load_rows",
     "load_text",
     "register_corpus",
+    "training_corpus",
 ]

@@ -5,8 +5,11 @@ Hugging Face Hub (``datasets.load_dataset``), and knows how its rows are joined 
 way GPTQ, SparseGPT and Wanda do it (WikiText-2: ``"\\n\\n".join``; PTB: ``" ".join`` of the sentences).
 
 ``source="auto"`` reads the local copy when it exists (the same bytes as the Hub's, and no network) and the Hub
-otherwise; ``"local"`` and ``"hub"`` force one. The local root is ``$HF_COMPRESS_PROMPT_DATA``, defaulting to
-``../shared/data`` beside the checkout (layout: ``../shared/data/SOURCES.md``). Nothing is copied into the project.
+otherwise; ``"local"`` and ``"hub"`` force one. Training and calibration text (never evaluation text) may fall back
+to a corpus that ships with an installed package when the asked one is unreachable (:func:`training_corpus`: C4 ->
+the Wikipedia sample's training part), announced in one warning line. The local root is
+``$HF_COMPRESS_PROMPT_DATA``, defaulting to ``../shared/data`` beside the checkout (layout:
+``../shared/data/SOURCES.md``). Nothing is copied into the project.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "data_root",
     "load_rows",
     "load_text",
+    "training_corpus",
 ]
 
 logger = get_logger(__name__)
@@ -76,6 +80,8 @@ class Corpus:
         read_local (`Callable[[Path], list[str]]`): reads a local file into rows, exactly as the Hub split's rows.
         hub_splits (`dict[str, HubSplit]`): split -> where it lives on the Hub.
         builtin (`Callable[[str], list[str]]`, *optional*): rows that ship with an installed package (no data root).
+        offline_fallback (`tuple[str, str]`, *optional*): ``(corpus, split)`` to train or calibrate on instead when
+            no copy of this corpus's training split is reachable (:func:`training_corpus`); never used for evaluation.
     """
 
     name: str
@@ -87,6 +93,7 @@ class Corpus:
     hub_splits: dict[str, HubSplit] = field(default_factory=dict)
     builtin: Callable[[str], list[str]] | None = None
     builtin_splits: tuple[str, ...] = ()
+    offline_fallback: tuple[str, str] | None = None
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -214,6 +221,7 @@ register_corpus(
         documents=True,
         local_splits={"train": "c4/c4-train.00000-of-01024.first1000.jsonl.gz"},
         read_local=_read_jsonl_text,
+        offline_fallback=("wiki_sample", "train"),
         hub_splits={
             "train": HubSplit(
                 "allenai/c4", split="train", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}
@@ -280,6 +288,26 @@ def load_rows(
     Raises:
         UserInputError: unknown name, split or source; MissingResourceError: no copy could be read.
     """
+    corpus, source = _checked(name, split, source)
+    kind, path, reasons = _locate(corpus, split, source, data_dir)
+    if kind == "builtin":
+        return corpus.builtin(split)
+    if kind == "local":
+        logger.info("reading %s/%s from %s", name, split, path)
+        return corpus.read_local(path)
+    if kind == "hub":
+        try:
+            return _load_hub(corpus, split)
+        except Exception as exc:  # offline, DNS, HTTP, parsing: all mean "not from the Hub"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reasons.append(f"the Hub could not be used ({type(exc).__name__}: {first[:160]})")
+    raise MissingResourceError(
+        f"dataset {name!r} split {split!r} is not available: {'; '.join(reasons)}; set {DATA_ENV_VAR} to a folder laid "
+        f"out like ../shared/data, allow Hub access, or use 'wiki_sample', which ships with gensim"
+    )
+
+
+def _checked(name: str, split: str, source: DataSource | str) -> tuple[Corpus, DataSource]:
     corpus = get_corpus(name)
     try:
         source = DataSource(source)
@@ -287,10 +315,14 @@ def load_rows(
         raise UserInputError(f"unknown data source {source!r}; choose one of auto, local, hub") from None
     if split not in corpus.splits:
         raise UserInputError(f"dataset {name!r} has no split {split!r}; choose one of {', '.join(corpus.splits)}")
+    return corpus, source
 
+
+def _locate(corpus: Corpus, split: str, source: DataSource, data_dir) -> tuple[str | None, Path | None, list[str]]:
+    """Where a split would be read from, without reading it: ``("builtin" | "local" | "hub" | None, local path,
+    reasons the earlier places failed)``. ``"hub"`` means the Hub is reachable and has the split."""
     if corpus.builtin is not None and split in corpus.builtin_splits and source is not DataSource.HUB:
-        return corpus.builtin(split)
-
+        return "builtin", None, []
     reasons = []
     if source is not DataSource.HUB:
         root = Path(data_dir).expanduser() if data_dir is not None else data_root()
@@ -302,21 +334,40 @@ def load_rows(
         elif not (root / relative).is_file():
             reasons.append(f"{str(root / relative)!r} is missing")
         else:
-            logger.info("reading %s/%s from %s", name, split, root / relative)
-            return corpus.read_local(root / relative)
+            return "local", root / relative, reasons
     if source is not DataSource.LOCAL:
-        if split in corpus.hub_splits:
-            try:
-                return _load_hub(corpus, split)
-            except Exception as exc:  # offline, DNS, HTTP, parsing: all mean "not from the Hub"
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                reasons.append(f"the Hub could not be used ({type(exc).__name__}: {first[:160]})")
-        else:
+        if split not in corpus.hub_splits:
             reasons.append(f"the Hub has no split {split!r} for it")
-    raise MissingResourceError(
-        f"dataset {name!r} split {split!r} is not available: {'; '.join(reasons)}; set {DATA_ENV_VAR} to a folder laid "
-        f"out like ../shared/data, allow Hub access, or use 'wiki_sample', which ships with gensim"
-    )
+        elif (unreachable := _hub_unreachable_reason()) is not None:
+            reasons.append(f"the Hub could not be used ({unreachable})")
+        else:
+            return "hub", None, reasons
+    return None, None, reasons
+
+
+def training_corpus(
+    name: str, split: str = "train", *, source: DataSource | str = DataSource.AUTO, data_dir: str | os.PathLike | None = None
+) -> tuple[str, str]:
+    """The ``(corpus, split)`` to calibrate or train on when ``name``/``split`` is asked for.
+
+    That is ``(name, split)`` itself when a copy is reachable (a local file, the Hub), and otherwise the corpus's
+    ``offline_fallback`` (C4 -> the Wikipedia sample's training part, which ships inside gensim; its test part,
+    which evaluation uses, is never trained on), said in one warning line. When the fallback is not available either,
+    ``(name, split)`` comes back unchanged, so reading it fails with the full reason. Evaluation never falls back.
+    """
+    corpus, source = _checked(name, split, source)
+    kind, _, reasons = _locate(corpus, split, source, data_dir)
+    if kind is not None or corpus.offline_fallback is None or source is not DataSource.AUTO:
+        return name, split
+    fallback, fallback_split = corpus.offline_fallback
+    try:
+        load_rows(fallback, fallback_split)
+    except MissingResourceError as exc:
+        logger.info("the offline fallback for %s is not available either: %s", name, exc)
+        return name, split
+    logger.warning("%s/%s is not available (%s): calibrating / training on %s/%s instead, which ships with an installed "
+                   "package (its held-out test part is never trained on)", name, split, "; ".join(reasons), fallback, fallback_split)
+    return fallback, fallback_split
 
 
 def load_text(

@@ -96,3 +96,55 @@ def test_wiki_sample_splits_are_disjoint_clean_text():
     text = "\n".join(train + test)
     assert "[[" not in text and "{{" not in text and "'''" not in text
     assert sum(map(len, test)) > 100_000  # enough held-out text for several 2048-token windows
+
+
+# --- the offline fallback for training and calibration text -------------------------------------------------
+
+
+@pytest.fixture
+def empty_data_dir(tmp_path, monkeypatch):
+    """No local data (an empty $HF_COMPRESS_PROMPT_DATA) and no Hub (the autouse fixture): a fresh offline machine."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("HF_COMPRESS_PROMPT_DATA", str(empty))
+    return empty
+
+
+def test_training_corpus_is_the_asked_one_when_it_is_there(data_dir, capsys):
+    from hf_compress_prompt.data import training_corpus
+
+    assert training_corpus("c4") == ("c4", "train")
+    assert capsys.readouterr().err == ""
+
+
+def test_training_corpus_falls_back_to_the_shipped_sample_offline_and_says_so_once(empty_data_dir, capsys):
+    pytest.importorskip("gensim", reason="the wiki_sample corpus ships inside gensim")
+    from hf_compress_prompt.data import training_corpus
+
+    assert training_corpus("c4") == ("wiki_sample", "train")  # never its test part, which evaluation uses
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c4/train is not available" in err[0] and "wiki_sample/train" in err[0]
+    assert "HF_HUB_OFFLINE" in err[0] and str(empty_data_dir) in err[0]
+
+
+@pytest.mark.parametrize("name, split, source", [("c4", "train", "local"), ("wikitext2", "test", "auto"),
+                                                 ("ptb", "validation", "auto")])
+def test_no_fallback_for_evaluation_text_or_a_forced_source(empty_data_dir, name, split, source):
+    from hf_compress_prompt.data import training_corpus
+
+    assert training_corpus(name, split, source=source) == (name, split)  # only C4 falls back, and only on "auto"
+    with pytest.raises(MissingResourceError):
+        load_rows(name, split, source=source)  # reading it still fails with the full reason
+
+
+def test_calibration_offline_uses_the_sample_and_records_it(empty_data_dir, byte_tokenizer):
+    pytest.importorskip("gensim", reason="the wiki_sample corpus ships inside gensim")
+    from builders import build_tiny_llama
+
+    from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, compress_
+
+    model = build_tiny_llama()
+    result = compress_(model, Recipe([GPTQConfig(bits=4, group_size=32)], CalibrationConfig(nsamples=2, seqlen=64)),
+                       tokenizer=byte_tokenizer, progress=False)
+    assert result.recipe.calibration.dataset == "wiki_sample" and result.recipe.calibration.split == "train"
+    assert model.config.compression_recipe["calibration"]["dataset"] == "wiki_sample"  # config.json says what ran
