@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -30,9 +31,12 @@ class BestValidationCallback(TrainerCallback):
     It also writes the best parameters into every checkpoint folder, so ``trainer.train(resume_from_checkpoint=...)``
     continues with the best parameters and validation history it had.
 
+    An evaluation run inside :meth:`measuring_baseline` (before training, with the adapter disabled: the model
+    as it was) is recorded first in the history as ``{"step": 0, ..., "baseline": True}`` and never competes.
+
     Attributes:
         best_loss (`float`), best_step (`int`): the best ``eval_loss`` and the step it was measured at.
-        history (`list[dict]`): ``{"step", "eval_loss", "perplexity"}`` per evaluation.
+        history (`list[dict]`): ``{"step", "eval_loss", "perplexity"}`` per evaluation, the baseline first.
         best_state (`dict[str, torch.Tensor]`): CPU copies of the best trainable parameters, by name.
     """
 
@@ -42,19 +46,36 @@ class BestValidationCallback(TrainerCallback):
         self.best_step = -1
         self.history: list[dict] = []
         self.best_state: dict[str, torch.Tensor] | None = None
+        self._measuring_baseline = False
 
     @property
     def best_perplexity(self) -> float:
         return math.exp(self.best_loss) if math.isfinite(self.best_loss) else math.inf
 
+    @property
+    def baseline(self) -> dict | None:
+        """The history entry measured before training (:meth:`measuring_baseline`), if any."""
+        return next((e for e in self.history if e.get("baseline")), None)
+
+    @contextlib.contextmanager
+    def measuring_baseline(self):
+        """Evaluations inside this context record the baseline (``trainer.evaluate()`` before ``trainer.train()``)."""
+        self._measuring_baseline = True
+        try:
+            yield self
+        finally:
+            self._measuring_baseline = False
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             return
         # resumed: rebuild the validation history from the trainer state, the best parameters from the checkpoint
-        self.history = [{"step": e["step"], "eval_loss": e[self.metric], "perplexity": math.exp(e[self.metric])}
-                        for e in state.log_history if self.metric in e]
-        if self.history:
-            best = min(self.history, key=lambda e: e["eval_loss"])
+        baseline = [self.baseline] if self.baseline else []
+        rebuilt = [{"step": e["step"], "eval_loss": e[self.metric], "perplexity": math.exp(e[self.metric])}
+                   for e in state.log_history if self.metric in e and e.get("step", 0) > 0]
+        self.history = baseline + rebuilt
+        if rebuilt:
+            best = min(rebuilt, key=lambda e: e["eval_loss"])
             self.best_loss, self.best_step = best["eval_loss"], best["step"]
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / BEST_STATE_FILE
         if saved.is_file():
@@ -71,7 +92,12 @@ class BestValidationCallback(TrainerCallback):
         if not metrics or self.metric not in metrics or model is None:
             return
         loss = float(metrics[self.metric])
-        if self.history and self.history[-1]["step"] == state.global_step:
+        if self._measuring_baseline:
+            self.history = [e for e in self.history if not e.get("baseline")]
+            self.history.insert(0, {"step": state.global_step, "eval_loss": loss, "perplexity": math.exp(loss),
+                                    "baseline": True})
+            return
+        if self.history and self.history[-1]["step"] == state.global_step and not self.history[-1].get("baseline"):
             return  # evaluated twice at one step (the final step was also an eval step)
         self.history.append({"step": state.global_step, "eval_loss": loss, "perplexity": math.exp(loss)})
         if loss < self.best_loss:

@@ -40,7 +40,7 @@ def tie_prompt(peft_model: nn.Module, partner: nn.Module, peft_config) -> nn.Mod
     (the same parameter, so gradients from both models add up in it)."""
     import copy
 
-    from peft import get_peft_model
+    from ..integrations.peft_compat import get_peft_model
 
     config = copy.deepcopy(peft_config)  # PEFT writes the partner's name into the config it is given
     config.base_model_name_or_path = None

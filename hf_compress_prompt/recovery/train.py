@@ -2,7 +2,7 @@
 
 The recipe of "Soft Prompt Recovers Compressed LLMs, Transferably" where it fits a CPU: AdamW (lr 1e-3, weight decay
 1e-5), batch 4, warm-up then linear decay, gradient clipping at 1.0, validation perplexity every ``eval_steps``
-and the best-validation prompt kept (:class:`~hf_compress_prompt.integrations.trainer_callbacks.BestPromptCallback`).
+and the best-validation prompt kept (:class:`~hf_compress_prompt.integrations.trainer_callbacks.BestValidationCallback`).
 Every weight of the model stays frozen; only the ``num_virtual_tokens x hidden`` prompt trains.
 
 Users with their own ``Trainer`` set-up use :func:`prompt_tuning_model`, :class:`~.data.PromptTuningCollator` and
@@ -11,6 +11,7 @@ the callback directly; :func:`recover` wires them together.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
@@ -85,8 +86,14 @@ class RecoveryConfig:
             raise UserInputError(f"max_steps={self.max_steps}: training needs at least one step")
         if self.init is PromptInit.TEXT and not self.init_text:
             raise UserInputError("init=TEXT needs init_text")
-        if not 0 <= self.warmup_ratio < 1 or self.learning_rate <= 0:
-            raise UserInputError(f"warmup_ratio={self.warmup_ratio}, learning_rate={self.learning_rate} out of range")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserInputError(f"{name}={getattr(self, name)} must be a finite number")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise UserInputError(f"learning_rate={self.learning_rate}, weight_decay={self.weight_decay}, max_grad_norm="
+                                 f"{self.max_grad_norm}: need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserInputError(f"warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "init": self.init.value, "method": self.method.value}
@@ -107,6 +114,7 @@ class RecoveryResult:
     trainable_parameters: int
     peak_rss_mb: float | None = None
     train_memory_mb: float | None = None  # peak resident memory during training minus just before it (this method)
+    baseline_perplexity: float | None = None  # validation perplexity before training, without the adapter (history[0])
 
 
 def _initial_prompt(model: nn.Module, config: RecoveryConfig, tokenizer) -> torch.Tensor | None:
@@ -133,7 +141,9 @@ def _initial_prompt(model: nn.Module, config: RecoveryConfig, tokenizer) -> torc
 def prompt_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, tokenizer=None):
     """``model`` wrapped as a PEFT prompt-tuning model (task CAUSAL_LM) with the prompt initialised per
     ``config.init``; every weight of ``model`` is frozen."""
-    from peft import PromptTuningConfig, get_peft_model
+    from peft import PromptTuningConfig
+
+    from ..integrations.peft_compat import get_peft_model
 
     config = config or RecoveryConfig()
     torch.manual_seed(config.seed)
@@ -149,9 +159,8 @@ def prompt_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, 
 
 def lora_model(model: nn.Module, config: RecoveryConfig | None = None):
     """``model`` wrapped as a PEFT LoRA model on every decoder-block linear (packed ones too)."""
-    from peft import get_peft_model
-
     from ..compressors.blocks import find_decoder_layers, find_linear_layers
+    from ..integrations.peft_compat import get_peft_model
     from ..integrations.peft_lora import lora_config_for
     from ..nn import PackedLinear
 
@@ -319,10 +328,16 @@ def recover(
             raise UserInputError("shared_with trains one soft prompt for several models: it needs method=PROMPT "
                                  "and no teacher")
         check_partners(model, partners)
+    if train_dataset is None or eval_dataset is None:
+        from ..data import training_corpus
+
+        dataset, split = training_corpus(config.dataset)  # C4 unreachable: the offline sample, said in one line
+        if dataset != config.dataset:
+            config = RecoveryConfig(**{**config.to_dict(), "dataset": dataset})  # the metadata records what ran
     if train_dataset is None:
-        train_dataset = TokenWindows(token_windows(config.dataset, tokenizer, config.seqlen, part="train"))
+        train_dataset = TokenWindows(token_windows(dataset, tokenizer, config.seqlen, part="train", split=split))
     if eval_dataset is None:
-        eval_dataset = TokenWindows(token_windows(config.dataset, tokenizer, config.seqlen, part="valid",
+        eval_dataset = TokenWindows(token_windows(dataset, tokenizer, config.seqlen, part="valid", split=split,
                                                   max_windows=config.eval_windows))
     if len(train_dataset) == 0 or len(eval_dataset) == 0:
         raise UserInputError("the training and validation datasets must not be empty")
@@ -390,6 +405,9 @@ def recover(
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)  # the history comes back in the result; keep stdout clean
+        with _without_adapters([trained, *tied]), callback.measuring_baseline():
+            trainer.evaluate()  # the validation perplexity before training: history[0], the gain's reference
+        logger.info("validation perplexity before training: %.3f", callback.baseline["perplexity"])
         start = time.perf_counter()
         try:
             with _RssPeak() as memory:
@@ -415,4 +433,18 @@ def recover(
     elif previous[0] is not None:
         attach_recovery_prompt(model, previous[0])
     return RecoveryResult(prompt, trained, callback.best_perplexity, callback.best_step, callback.history, seconds,
-                          output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb(), memory.increase_mb)
+                          output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb(), memory.increase_mb,
+                          callback.baseline["perplexity"])
+
+
+@contextlib.contextmanager
+def _without_adapters(models: list[nn.Module]):
+    """The PEFT models among ``models`` with their adapters (prompt, LoRA) disabled: the models as they were before
+    training. A model trained in full (FULL) is itself before its first step."""
+    from peft import PeftModel
+
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            if isinstance(m, PeftModel):
+                stack.enter_context(m.disable_adapter())
+        yield

@@ -44,9 +44,11 @@ def test_prompt_training_lowers_validation_loss_and_freezes_weights(llama, byte_
     after = tiny_llama.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # every weight frozen
     assert all(p.requires_grad for p in tiny_llama.parameters())  # and the flags given back
-    first, best = result.history[0]["eval_loss"], min(h["eval_loss"] for h in result.history)
+    baseline, *trained = result.history  # the validation before training comes first
+    assert baseline["step"] == 0 and baseline["baseline"] and result.baseline_perplexity == baseline["perplexity"]
+    first, best = trained[0]["eval_loss"], min(h["eval_loss"] for h in trained)
     assert best < first - 0.3 and math.isclose(result.best_perplexity, math.exp(best))
-    assert [h["step"] for h in result.history] == [4, 8, 12]
+    assert [h["step"] for h in trained] == [4, 8, 12]
     assert result.trainable_parameters == 4 * 128
     assert result.prompt.embedding.shape == (4, 128)
     assert recovery_prompt_of(tiny_llama) is result.prompt  # attached
@@ -71,7 +73,7 @@ def test_best_prompt_is_kept_not_the_last(llama, byte_tokenizer):
 
     result = recover(llama, byte_tokenizer, train_dataset=TokenWindows(_windows()), eval_dataset=TokenWindows(_windows(4)),
                      callbacks=[Spoil()], **{**FAST, "max_steps": 8, "eval_steps": 4})
-    assert result.best_step == 4 and result.history[1]["eval_loss"] > result.history[0]["eval_loss"]
+    assert result.best_step == 4 and result.history[2]["eval_loss"] > result.history[1]["eval_loss"]  # [0]: baseline
     torch.testing.assert_close(result.prompt.embedding, Spoil.seen)
 
 
@@ -80,7 +82,34 @@ def test_packed_model_trains_through_its_kernels(llama, byte_tokenizer):
     compress_(tiny_llama, RTNConfig(bits=4, group_size=64), progress=False)
     result = recover(tiny_llama, byte_tokenizer, max_steps=8, train_dataset=TokenWindows(_windows()),
                      eval_dataset=TokenWindows(_windows(4)), **FAST)
-    assert result.history[-1]["eval_loss"] < result.history[0]["eval_loss"] - 0.1
+    assert result.history[-1]["eval_loss"] < result.history[1]["eval_loss"] - 0.1  # [0]: the baseline
+
+
+def test_baseline_is_the_models_validation_loss_without_a_prompt(llama, byte_tokenizer):
+    """history[0] is measured before the first step on the model as it was (no prompt), with the same windows and
+    the same loss as every later validation, so the gain can be read off the history."""
+    windows = _windows(4)
+    with torch.no_grad():  # the bare model's mean next-token loss over the validation windows, batch 2 as in FAST
+        expected = sum(llama(input_ids=windows[i : i + 2], labels=windows[i : i + 2]).loss.item() for i in (0, 2)) / 2
+    result = recover(llama, byte_tokenizer, max_steps=4, train_dataset=TokenWindows(_windows()),
+                     eval_dataset=TokenWindows(windows), **FAST)
+    assert result.history[0]["baseline"] and result.history[0]["step"] == 0
+    assert math.isclose(result.history[0]["eval_loss"], expected, rel_tol=1e-4)
+    assert math.isclose(result.baseline_perplexity, math.exp(expected), rel_tol=1e-4)
+    assert result.best_perplexity < result.baseline_perplexity  # the trained prompt beats no prompt here
+    assert not any(h.get("baseline") for h in result.history[1:])
+
+
+def test_recover_raises_no_deprecation_warnings(llama, byte_tokenizer):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recover(llama, byte_tokenizer, max_steps=2, train_dataset=TokenWindows(_windows()),
+                eval_dataset=TokenWindows(_windows(4)), **{**FAST, "eval_steps": 2})
+    ours = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
+            and ("is_gradient_checkpointing" in str(w.message) or "hf_compress_prompt" in w.filename)]
+    assert not ours, [str(w.message) for w in ours]
 
 
 def test_training_resumes_from_a_checkpoint(llama, byte_tokenizer, tmp_path):
@@ -100,7 +129,7 @@ def test_training_resumes_from_a_checkpoint(llama, byte_tokenizer, tmp_path):
     recover(twin, byte_tokenizer, max_steps=8, output_dir=tmp_path / "b", callbacks=[Interrupt()], **data, **FAST)
     resumed = recover(twin, byte_tokenizer, max_steps=8, output_dir=tmp_path / "b",
                       resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"), **data, **FAST)
-    assert [h["step"] for h in resumed.history] == [4, 8]
+    assert [h["step"] for h in resumed.history] == [0, 4, 8]
     assert resumed.best_step == full.best_step
     torch.testing.assert_close(resumed.prompt.embedding, full.prompt.embedding, rtol=1e-4, atol=1e-5)
 
