@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -31,15 +32,49 @@ data: local copies are read from $HF_COMPRESS_PROMPT_DATA (default ../shared/dat
 otherwise; 'wiki_sample' ships with gensim and needs neither."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line naming the value and the fix, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0 (e.g. 3e-2)")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model: omit for the embedded SmolLM2-135M-Instruct; a .gguf file, folder or Hub id")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _add_ppl_args(p: argparse.ArgumentParser, windows_default: int | None) -> None:
-    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: 2048)")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="window length in tokens (default: 2048)")
     p.add_argument(
-        "--windows", type=int, default=windows_default,
+        "--windows", type=_positive_int, default=windows_default,
         help=f"score only the first N windows (default: {'all' if windows_default is None else windows_default})",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -48,14 +83,14 @@ def _add_ppl_args(p: argparse.ArgumentParser, windows_default: int | None) -> No
 def build_parser() -> argparse.ArgumentParser:
     from .data import list_corpora
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hf-compress-prompt",
         description="Compress a causal LM and recover its quality with a learned soft prompt.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     ev = commands.add_parser(
         "eval", help="perplexity of a model on standard test sets",
@@ -70,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--split", default="test", help="split to score (default: test)")
     _add_ppl_args(ev, None)
-    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    ev.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass (default: 1)")
     ev.add_argument("--bf16", action="store_true", help="run the forward under bf16 autocast (loss stays fp32)")
     ev.add_argument("--source", choices=["auto", "local", "hub"], default="auto", help="where data comes from (default: auto)")
     ev.add_argument("--data-dir", default=None, help="local data root (default: $HF_COMPRESS_PROMPT_DATA or ../shared/data)")
@@ -87,7 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fp32", action="store_true", help="also score the dense model in fp32 (the default is bf16 autocast)")
     demo.add_argument("--recipe", default="gptq-w3-g64", help="gptq-w3-g64 (default), sparsegpt-50%%+w4-g64, rtn-w4-g64, "
                       "or none (dense model only)")
-    demo.add_argument("--steps", type=int, default=40, help="prompt-training steps (default: 40)")
+    demo.add_argument("--steps", type=_positive_int, default=40, help="prompt-training steps (default: 40)")
+    demo.add_argument("--lr", type=_positive_float, default=3e-2, help="the prompt's learning rate (default: 3e-2)")
+    demo.add_argument("--dataset", default="c4", choices=list_corpora(), metavar="NAME",
+                      help="calibration and prompt-training corpus (default: c4; where it is unreachable, the "
+                           "Wikipedia sample inside gensim, said in one line)")
+    demo.add_argument("--nsamples", type=_positive_int, default=32, help="calibration windows of 512 tokens (default: 32)")
+    demo.add_argument("--datasets", nargs="+", default=None, choices=list_corpora(), metavar="NAME",
+                      help="evaluation sets (default: wikitext2 and ptb where reachable, else wiki_sample)")
     demo.add_argument("--output", default=None, help="also keep the packed model with its prompt in this folder")
 
     co = commands.add_parser(
@@ -110,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization grid")
     co.add_argument("--act-order", action="store_true", default=None, help="GPTQ act-order (static groups)")
     co.add_argument("--sparsity", help="pruning: a fraction such as 0.5, or N:M such as 2:4")
-    co.add_argument("--num-layers", type=int, help="layer_drop: how many layers to remove")
-    co.add_argument("--fraction", type=float, help="layer_drop: fraction of layers to remove")
+    co.add_argument("--num-layers", type=_positive_int, help="layer_drop: how many layers to remove")
+    co.add_argument("--fraction", type=_finite_float, help="layer_drop: fraction of layers to remove")
     co.add_argument("--layers", help="layer_drop: comma-separated indices to remove")
     co.add_argument("--score", help="layer_drop: angular_distance (default) or block_influence")
     co.add_argument("--dataset", help="calibration corpus (default: c4)")
-    co.add_argument("--nsamples", type=int, help="calibration windows (default: 64; the papers use 128)")
-    co.add_argument("--seqlen", type=int, help="calibration window length (default: 512; the papers use 2048)")
+    co.add_argument("--nsamples", type=_positive_int, help="calibration windows (default: 64; the papers use 128)")
+    co.add_argument("--seqlen", type=_positive_int, help="calibration window length (default: 512; the papers use 2048)")
     co.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -131,17 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(rc)
     rc.add_argument("--output", required=True, help="folder for the model with its prompt (LORA: the adapter)")
     rc.add_argument("--method", default="PROMPT", choices=["PROMPT", "LORA", "FULL"], help="default: PROMPT")
-    rc.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
-    rc.add_argument("--tokens", type=int, default=100, help="virtual tokens (default: 100)")
+    rc.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
+    rc.add_argument("--tokens", type=_positive_int, default=100, help="virtual tokens (default: 100)")
     rc.add_argument("--init", default="VOCAB", choices=["VOCAB", "TEXT", "SAMPLE_VOCAB", "RANDOM"], help="default: VOCAB")
     rc.add_argument("--init-text", default=None, help="text for --init TEXT")
     rc.add_argument("--dataset", default="c4", help="training corpus (default: c4)")
-    rc.add_argument("--seqlen", type=int, default=512, help="tokens per training window (default: 512)")
-    rc.add_argument("--batch-size", type=int, default=4, help="windows per step (default: 4)")
-    rc.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3, the paper's, for long runs; "
+    rc.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per training window (default: 512)")
+    rc.add_argument("--batch-size", type=_positive_int, default=4, help="windows per step (default: 4)")
+    rc.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (default: 1e-3, the paper's, for long runs; "
                     "at tens to hundreds of steps 3e-2 recovers about 3x more, see docs/results/recovery_sweep.md)")
-    rc.add_argument("--eval-steps", type=int, default=25, help="validate every N steps (default: 25)")
-    rc.add_argument("--eval-windows", type=int, default=8, help="validation windows (default: 8)")
+    rc.add_argument("--eval-steps", type=_positive_int, default=25, help="validate every N steps (default: 25)")
+    rc.add_argument("--eval-windows", type=_positive_int, default=8, help="validation windows (default: 8)")
     rc.add_argument("--teacher", default=None, metavar="MODEL",
                     help="distil from this model (usually the uncompressed one; 'default' = the embedded SmolLM2): "
                          "train on the KL to its next-token distributions instead of the corpus' next tokens")
@@ -165,13 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ps)
     ps.add_argument("--output", required=True, help="folder for the pruned model")
     ps.add_argument("--method", default="compresso", choices=["compresso", "l2", "random"], help="default: compresso")
-    ps.add_argument("--target", type=float, required=True, help="fraction of all parameters to remove, in (0, 1)")
-    ps.add_argument("--steps", type=int, default=200, help="compresso: training steps (default: 200)")
-    ps.add_argument("--seqlen", type=int, default=256, help="compresso: tokens per window (default: 256)")
-    ps.add_argument("--batch-size", type=int, default=4, help="compresso: windows per step (default: 4)")
+    ps.add_argument("--target", type=_finite_float, required=True, help="fraction of all parameters to remove, in (0, 1)")
+    ps.add_argument("--steps", type=_positive_int, default=200, help="compresso: training steps (default: 200)")
+    ps.add_argument("--seqlen", type=_positive_int, default=256, help="compresso: tokens per window (default: 256)")
+    ps.add_argument("--batch-size", type=_positive_int, default=4, help="compresso: windows per step (default: 4)")
     ps.add_argument("--dataset", default="c4", help="compresso: corpus name or Alpaca-style JSONL (default: c4)")
     ps.add_argument("--no-hidden", action="store_true", help="compresso: keep every hidden dimension")
-    ps.add_argument("--multiple-of", type=int, default=32, help="compresso: kept FFN channels and hidden dimensions "
+    ps.add_argument("--multiple-of", type=_positive_int, default=32, help="compresso: kept FFN channels and hidden dimensions "
                     "in multiples of this, so group quantization fits (default: 32)")
     ps.add_argument("--no-collaborative-prompt", action="store_true", help="compresso: train without the text prompt")
 
@@ -184,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--models", nargs="+", required=True, help="compressed model folders")
     tr.add_argument("--datasets", nargs="+", default=["wikitext2"], help="evaluation corpora (default: wikitext2)")
     _add_ppl_args(tr, 4)
-    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tr.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     tr.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="also write the cells as JSON")
 
     pu = commands.add_parser(
@@ -211,13 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--models", nargs="+", default=["dense=default"], metavar="NAME=PATH[:noprompt]",
                     help="models to compare (default: dense=default, the embedded SmolLM2)")
     et.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="task names (default: all registered)")
-    et.add_argument("--limit", type=int, default=None, help="first items per task (MMLU: per subject)")
+    et.add_argument("--limit", type=_positive_int, default=None, help="first items per task (MMLU: per subject)")
     et.add_argument("--reference", default="dense", help="the model others are held against (default: dense)")
-    et.add_argument("--epsilon", type=float, default=0.05, help="relative drop still counted as holding (0.05)")
-    et.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    et.add_argument("--epsilon", type=_finite_float, default=0.05, help="relative drop still counted as holding (0.05)")
+    et.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch (default: 8)")
     et.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     et.add_argument("--output", default=None, help="write the report as JSON here (input of `report`)")
-    et.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    et.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     et.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     rp = commands.add_parser(
@@ -278,13 +320,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     recipe = None if args.recipe == "none" else args.recipe
     result = run_demo(
-        args.model, windows=args.windows, seqlen=args.seqlen, modes=("bf16", "fp32") if args.fp32 else ("bf16",),
-        recipe=recipe, steps=args.steps, output=args.output, progress=not args.no_progress,
+        args.model, datasets=args.datasets, windows=args.windows, seqlen=args.seqlen,
+        modes=("bf16", "fp32") if args.fp32 else ("bf16",), recipe=recipe, steps=args.steps,
+        learning_rate=args.lr, dataset=args.dataset, nsamples=args.nsamples, output=args.output,
+        progress=not args.no_progress,
     )
     print(f"model: {result.model} (loaded in {result.load_seconds:.1f} s)")
     if recipe:
         print(f"compressed: {recipe} in {result.compress_seconds:.0f} s; recovery prompt: {result.train_steps} steps "
-              f"in {result.train_seconds:.0f} s")
+              f"in {result.train_seconds:.0f} s; calibration and training text: {result.train_dataset}")
+        print(f"prompt validation perplexity ({result.train_dataset}, held-out documents): before "
+              f"{result.baseline_validation:.3f}, best {result.best_validation:.3f}")
     print(_table([_row(d, m, r) for d, m, r in result.rows]))
     print(f"\ngenerate (greedy), dense: {result.prompt!r} -> {result.completion!r}")
     if result.reloaded_completion is not None:
@@ -378,9 +424,11 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     result = recover(model, tokenizer, config, output_dir=args.checkpoints, resume_from_checkpoint=args.resume or None,
                      teacher=teacher, shared_with=partners)
     for h in result.history:
-        print(f"step {h['step']}: validation perplexity {h['perplexity']:.3f}")
-    print(f"best: step {result.best_step}, validation perplexity {result.best_perplexity:.3f}; "
-          f"{result.trainable_parameters} trainable parameters, {result.seconds_per_step:.2f} s/step")
+        print(f"step {h['step']}: validation perplexity {h['perplexity']:.3f}"
+              + (" (before training)" if h.get("baseline") else ""))
+    print(f"before: validation perplexity {result.baseline_perplexity:.3f}; best: step {result.best_step}, "
+          f"validation perplexity {result.best_perplexity:.3f}; {result.trainable_parameters} trainable parameters, "
+          f"{result.seconds_per_step:.2f} s/step")
     if config.method.value == "LORA":
         result.trained.save_pretrained(args.output)
         print(f"saved the LoRA adapter to {args.output}")
@@ -517,8 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
-        logging.basicConfig(format="%(name)s: %(message)s")
-        logging.getLogger("hf_compress_prompt").setLevel(logging.INFO)
+        from ._logging import set_verbosity
+
+        set_verbosity(logging.INFO)
     if args.command in _PLANNED:
         print(f"hf-compress-prompt {args.command}: not implemented yet (issue {_PLANNED[args.command][1]})", file=sys.stderr)
         return EXIT_NOT_IMPLEMENTED

@@ -9,13 +9,14 @@ reloaded model generates through the packed layers' CPU kernels.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from ._logging import get_logger
-from .data import eval_tokens, load_rows
+from .data import eval_tokens, load_rows, training_corpus
 from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
 from .compressors import CalibrationConfig, GPTQConfig, Recipe, RTNConfig, SparseGPTConfig
@@ -51,6 +52,9 @@ class DemoResult:
     saved_to: str | None = None
     reloaded_completion: str | None = None  # the saved compressed model + prompt, loaded back with from_pretrained
     kernels: list[str] | None = None
+    train_dataset: str | None = None  # the corpus calibration and prompt training used (c4, or the offline fallback)
+    baseline_validation: float | None = None  # prompt-training validation perplexity before training (no prompt)
+    best_validation: float | None = None  # ... and with the best prompt
 
 
 def demo_datasets() -> list[str]:
@@ -64,6 +68,29 @@ def demo_datasets() -> list[str]:
         else:
             available.append(name)
     return available or ["wiki_sample"]
+
+
+def _check_settings(recipe: str | None, *, windows: int, seqlen: int, modes: tuple[str, ...], steps: int,
+                    num_virtual_tokens: int, train_seqlen: int, learning_rate: float, nsamples: int, dataset: str,
+                    datasets: list[str] | None) -> None:
+    """Every setting of :func:`run_demo` checked before the model loads: a bad one fails in a second, not minutes
+    into the run."""
+    from .data import get_corpus
+
+    if recipe is not None and recipe not in RECIPES:
+        raise UserInputError(f"recipe {recipe!r}: choose one of {', '.join(RECIPES)} or none")
+    for name, value in (("windows", windows), ("seqlen", seqlen), ("steps", steps),
+                        ("num_virtual_tokens", num_virtual_tokens), ("train_seqlen", train_seqlen), ("nsamples", nsamples)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserInputError(f"{name}={value!r} must be an integer >= 1")
+    if seqlen < 2 or train_seqlen < 2:
+        raise UserInputError(f"seqlen={seqlen}, train_seqlen={train_seqlen}: windows need at least 2 tokens")
+    if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise UserInputError(f"learning_rate={learning_rate!r} must be a finite number > 0 (e.g. 3e-2)")
+    if not modes or set(modes) - {"fp32", "bf16"}:
+        raise UserInputError(f"modes={modes!r}: use 'fp32' and/or 'bf16'")
+    for name in [dataset, *(datasets or [])]:
+        get_corpus(name)  # an unknown name lists the known ones
 
 
 def _complete(lm, tokenizer, text: str) -> str:
@@ -86,6 +113,7 @@ def run_demo(
     train_seqlen: int = 256,
     learning_rate: float = 3e-2,
     nsamples: int = 32,
+    dataset: str = "c4",
     output: str | None = None,
     progress: bool = True,
 ) -> DemoResult:
@@ -105,10 +133,16 @@ def run_demo(
             30,000 steps, and at tens of steps 3e-2 recovers about 3x more (docs/results/recovery_sweep.md).
         num_virtual_tokens (`int`, *optional*, defaults to 100), train_seqlen (`int`, defaults to 256),
         nsamples (`int`, defaults to 32): prompt length, training window, calibration windows (x 512 tokens).
+        dataset (`str`, *optional*, defaults to `"c4"`): the calibration and prompt-training corpus; where C4 is
+            unreachable (no data folder, no Hub) the Wikipedia sample's training part inside gensim is used instead,
+            said in one line (:func:`~hf_compress_prompt.data.training_corpus`).
         output (`str`, *optional*): where to save the packed model with its prompt (a temporary folder if `None`).
     """
     import tempfile
 
+    _check_settings(recipe, windows=windows, seqlen=seqlen, modes=modes, steps=steps, num_virtual_tokens=num_virtual_tokens,
+                    train_seqlen=train_seqlen, learning_rate=learning_rate, nsamples=nsamples, dataset=dataset,
+                    datasets=datasets)  # before any model work
     start = time.perf_counter()
     lm, tokenizer = load_model_and_tokenizer(model)
     load_seconds = time.perf_counter() - start
@@ -128,8 +162,6 @@ def run_demo(
     result = DemoResult(model or "SmolLM2-135M-Instruct (embedded)", load_seconds, rows, DEMO_PROMPT, completion)
     if not recipe:
         return result
-    if recipe not in RECIPES:
-        raise UserInputError(f"recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     from .compressors import compress_
     from .compressors.pack import pack_model
     from .integrations.checkpoints import from_pretrained, save_pretrained
@@ -138,14 +170,17 @@ def run_demo(
 
     mode = modes[0]
     start = time.perf_counter()
-    compressed = compress_(lm, Recipe(RECIPES[recipe][1](), CalibrationConfig(nsamples=nsamples)), tokenizer=tokenizer,
-                           pack=False, progress=progress)
-    result.recipe, result.compress_seconds = recipe, time.perf_counter() - start
+    train_dataset, train_split = training_corpus(dataset)  # C4 unreachable: the offline sample, said in one line
+    calibration = CalibrationConfig(dataset=train_dataset, split=train_split, nsamples=nsamples)
+    compressed = compress_(lm, Recipe(RECIPES[recipe][1](), calibration), tokenizer=tokenizer, pack=False,
+                           progress=progress)
+    result.recipe, result.compress_seconds, result.train_dataset = recipe, time.perf_counter() - start, train_dataset
     score("compressed", mode)
     trained = recover(lm, tokenizer, RecoveryConfig(num_virtual_tokens=num_virtual_tokens, seqlen=train_seqlen,
                                                      max_steps=steps, eval_steps=max(1, steps // 2), eval_windows=4,
-                                                     learning_rate=learning_rate))
+                                                     learning_rate=learning_rate, dataset=train_dataset))
     result.train_seconds, result.train_steps = trained.seconds, steps
+    result.baseline_validation, result.best_validation = trained.baseline_perplexity, trained.best_perplexity
     score("recovered", mode)  # the prompt is attached
     pack_model(lm, compressed)  # the packed runtime layers, keeping the attached prompt
     with tempfile.TemporaryDirectory(prefix="hcp-demo-") as tmp:

@@ -27,7 +27,24 @@ def resolve_model_source(model: str | os.PathLike | None = None) -> str:
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         return str(cached_gguf_conversion(path))
+    if not path.exists() and _looks_local(str(model)):
+        raise MissingResourceError(
+            f"model {str(model)!r} is neither a checkpoint folder with a config.json, a .gguf file, nor a Hub id: it "
+            "names a local path that does not exist (a Hub id is 'namespace/name'); pass an existing folder or .gguf "
+            "file, or omit it for the embedded default"
+        )
     return str(model)
+
+
+def _looks_local(name: str) -> bool:
+    """A name that can only mean a local path: it starts with ``./``, ``../``, ``/`` or ``~``, has more than one
+    ``/`` (a Hub id is ``namespace/name``), or its parent folder exists here (``out/missing`` beside ``out/``)."""
+    if name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name in (".", ".."):
+        return True
+    if name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        return True
+    parent = Path(name).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()
 
 
 def _first_line(exc: BaseException) -> str:
