@@ -1,6 +1,6 @@
 """Pushing recovery prompts and compressed models to the Hugging Face Hub with a model card.
 
-Cards are rendered from the templates in ``hub_cards/`` with ``huggingface_hub.ModelCard.from_template``, with
+Cards are rendered from the templates in ``hf_compress_prompt/hub_cards/`` (package data) with ``huggingface_hub.ModelCard.from_template``, with
 valid metadata (``base_model``, ``library_name``, tags, a ``model-index`` of the results given). Everything is
 written to a temporary folder and uploaded in one commit; the caller's files are never touched, and a failed
 upload raises :class:`HubUploadError` naming the step that failed. The endpoint is ``HF_ENDPOINT`` when set (read
@@ -24,7 +24,7 @@ __all__ = ["HubUploadError", "compressed_model_card", "push_compressed_model", "
 
 logger = get_logger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "hub_cards"
+TEMPLATES = Path(__file__).resolve().parents[1] / "hub_cards"  # package data: installed with the wheel
 LIBRARY_TAG = "hf-compress-prompt"
 DATASET_NAMES = {"wikitext2": ("wikitext", "WikiText-2"), "ptb": ("ptb_text_only", "Penn Treebank"),
                  "c4": ("allenai/c4", "C4")}
@@ -37,7 +37,7 @@ class HubUploadError(RuntimeError):
 def _template(name: str) -> Path:
     path = TEMPLATES / name
     if not path.is_file():
-        raise FileNotFoundError(f"model-card template {path} is missing (hub_cards/ ships with the source tree)")
+        raise FileNotFoundError(f"model-card template {path} is missing (hub_cards/ ships inside the package; reinstall hf_compress_prompt)")
     return path
 
 
