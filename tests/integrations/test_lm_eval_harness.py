@@ -43,3 +43,39 @@ def test_the_kick_group_and_the_model_name_are_registered(task_data_dir):
     assert get_model("hf_compress_prompt") is CompressedLM
     names = task_manager(include_defaults=False).all_tasks
     assert {"kick", "kick_factoid_qa", "kick_mmlu_5shot", "kick_summarization"} <= set(names)
+
+
+def _folder_with_prompt(tmp_path, tiny_llama, byte_tokenizer):
+    from hf_compress_prompt import save_pretrained
+
+    compress_(tiny_llama, RTNConfig(bits=4, group_size=64), progress=False)
+    attach_recovery_prompt(tiny_llama, RecoveryPrompt(torch.randn(4, 128, generator=torch.Generator().manual_seed(0)), {}))
+    return save_pretrained(tiny_llama, tmp_path / "packed", byte_tokenizer)
+
+
+def test_a_folder_scores_without_its_saved_prompt_on_request(tmp_path, tiny_llama, byte_tokenizer):
+    from hf_compress_prompt import from_pretrained
+    from hf_compress_prompt.integrations.lm_eval_harness import CompressedLM
+
+    folder = _folder_with_prompt(tmp_path, tiny_llama, byte_tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    bare = from_pretrained(folder)
+    bare.disable_recovery_prompt()
+    with torch.no_grad():
+        expected = bare(ids).logits
+        prompted = from_pretrained(folder)(ids).logits
+        for flag in (False, "False"):  # as a Python value and as lm_eval's --model_args text
+            lm = CompressedLM(pretrained=str(folder), recovery_prompt=flag, batch_size=1)
+            torch.testing.assert_close(lm.model(ids).logits, expected)
+        lm = CompressedLM(pretrained=str(folder), batch_size=1)  # the default keeps the prompt
+        torch.testing.assert_close(lm.model(ids).logits, prompted)
+    assert not torch.allclose(expected, prompted)
+
+
+@pytest.mark.parametrize("kwargs", [{"recovery_promt": False}, {"no_such_argument": 1}, {"recovery_prompt": "maybe"}])
+def test_unknown_or_bad_model_arguments_are_an_error(tmp_path, tiny_llama, byte_tokenizer, kwargs):
+    from hf_compress_prompt.errors import UserInputError
+    from hf_compress_prompt.integrations.lm_eval_harness import CompressedLM
+
+    with pytest.raises(UserInputError, match="recovery_promt|no_such_argument|maybe"):
+        CompressedLM(pretrained=tiny_llama, tokenizer=byte_tokenizer, batch_size=1, **kwargs)
