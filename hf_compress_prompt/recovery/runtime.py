@@ -65,6 +65,10 @@ class _State:
         self.bypass = False  # set while the prompt's own cache is computed
         self.cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # (dtype, device) -> per-layer (k, v)
         self.hooks: list = []
+        # While :func:`_generate` runs: every sequence starts with n placeholder ids, and ``generation_cache`` is the
+        # cache handed to transformers (the prompt's keys and values go in at its first forward), `None` without one.
+        self.generating = False
+        self.generation_cache = None
         self.original_generate = None
         self.original_save = None
 
@@ -191,21 +195,31 @@ def _prompt_kv(model: nn.Module, state: _State) -> list[tuple[torch.Tensor, torc
     return kv
 
 
-def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None, static_length: int | None = None):
-    """A cache holding the prompt's keys and values for ``batch`` sequences (``cache`` filled when given; else a
-    :class:`~hf_compress_prompt.nn.GrowingCache`, so decode steps do not copy the prompt's positions again at every
-    token as ``DynamicCache``'s concatenation would, or a static cache of ``static_length`` positions)."""
+def _new_cache(model: nn.Module, static_length: int | None = None):
+    """An empty :class:`~hf_compress_prompt.nn.GrowingCache` (decode steps do not copy the prompt's positions again
+    at every token as ``DynamicCache``'s concatenation would), or a static cache of ``static_length`` positions."""
     from transformers import StaticCache
 
     from ..nn.kv_cache import GrowingCache
 
-    if cache is None:
-        cache = (GrowingCache(config=model.config) if static_length is None
-                 else StaticCache(config=model.config, max_cache_len=static_length))
+    if static_length is None:
+        return GrowingCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=static_length)
+
+
+def _fill_prompt(model: nn.Module, state: _State, cache, batch: int):
+    """Writes the prompt's keys and values for ``batch`` sequences into the empty ``cache``; returns it."""
+    from ..nn.kv_cache import GrowingCache
+
     own = (lambda t: t) if isinstance(cache, GrowingCache) else torch.clone  # GrowingCache copies what it is given
     for i, (k, v) in enumerate(_prompt_kv(model, state)):
         cache.update(own(k.expand(batch, -1, -1, -1)), own(v.expand(batch, -1, -1, -1)), i)  # (B, h, n, d)
     return cache
+
+
+def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None):
+    """A cache holding the prompt's keys and values for ``batch`` sequences (``cache`` filled when given)."""
+    return _fill_prompt(model, state, _new_cache(model) if cache is None else cache, batch)
 
 
 # ----- forward --------------------------------------------------------------------------------------------------
@@ -243,6 +257,8 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
         return None
     kwargs = _as_kwargs(model, args, kwargs)
     past = _given_cache(kwargs)
+    if state.generating:
+        return _pre_forward_in_generate(model, state, past, kwargs)
     if past is not None and past.get_seq_length() > 0:
         return None  # a continuation: the prompt is already in the cache
     tokens = kwargs.get("input_ids")
@@ -263,6 +279,54 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     return (), kwargs
 
 
+def _pre_forward_in_generate(model: nn.Module, state: _State, past, kwargs: dict):
+    """A forward of :func:`_generate`, whose sequences start with ``n`` placeholder ids (mask and positions count
+    them: the prompt's positions are ``0..n-1``).
+
+    Without a cache every forward gets the whole sequence: the placeholders' embeddings are replaced by the prompt's
+    (prompt tuning by its definition). With one, the first forward is the first to know the real batch (beams and
+    ``num_return_sequences`` expand it inside transformers; assisted decoding sends the whole sequence): the
+    prompt's keys and values go into the empty cache for that batch, and the placeholders are dropped from the
+    inputs. Later forwards continue from the cache unchanged.
+    """
+    n = state.prompt.num_virtual_tokens
+    tokens = kwargs.get("input_ids")
+    if state.generation_cache is None:  # use_cache=False
+        if tokens is None or tokens.shape[1] <= n:
+            return None
+        embeds = model.get_input_embeddings()(tokens[:, n:])  # (B, L, hidden)
+        prompt = state.prompt.embedding.to(device=embeds.device, dtype=embeds.dtype)
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([prompt.expand(len(tokens), -1, -1), embeds], dim=1)  # (B, n + L, hidden)
+        return (), kwargs
+    if past is not state.generation_cache or past.get_seq_length() > 0:
+        return None  # a decode step: the prompt is already in the cache
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None or tokens.shape[1] <= n:
+        raise UserInputError(f"generate with a recovery prompt of {n} virtual tokens needs a first forward of more "
+                             f"than {n} positions; with prefill_chunk_size, make the chunks longer than {n}")
+    for name in ("input_ids", "inputs_embeds", "position_ids", "cache_position"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name][..., n:] if name != "inputs_embeds" else kwargs[name][:, n:]
+    kwargs["attention_mask"] = _drop_query_rows(kwargs.get("attention_mask"), n)
+    _fill_prompt(model, state, past, tokens.shape[0])
+    return (), kwargs
+
+
+def _drop_query_rows(mask, n: int):
+    """The attention mask without the first ``n`` queries: a 2D mask (keys only) is unchanged; a 4D one
+    ``(B, 1, queries, keys)`` (built by transformers for a static cache) loses its first ``n`` rows."""
+    if isinstance(mask, dict):
+        return {name: _drop_query_rows(m, n) for name, m in mask.items()}
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return mask
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        return mask[:, :, n:]
+    raise UserInputError(f"generate with a recovery prompt does not support this attention mask ({type(mask).__name__}); "
+                         "use attn_implementation='sdpa' or 'eager'")
+
+
 # ----- generate -------------------------------------------------------------------------------------------------
 def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     state = _active(model)
@@ -272,36 +336,70 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
     if ids is None or kwargs.get("inputs_embeds") is not None:
         raise UserInputError("generate with a recovery prompt takes input_ids (inputs_embeds are not supported)")
+    if state.generating:
+        raise UserInputError("generate of a model with a recovery prompt was called from inside its own generate "
+                             "(as its own assistant_model?); use a model without a recovery prompt as the assistant")
     given = _given_cache(kwargs)  # a Cache's truth value is its length: no `or` between the two names
     kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
     if given is not None and given.get_seq_length() > 0:
         raise UserInputError("generate with a recovery prompt takes an empty cache (the prompt's keys and values are "
                              "written into it first); this one already holds positions")
     batch, n = ids.shape[0], state.prompt.num_virtual_tokens
+    _count_placeholders_in_lengths(model, kwargs, n)
     static_length = _static_length(model, kwargs, n + ids.shape[1])
     if given is not None and static_length is not None:
         raise UserInputError("pass either a cache or cache_implementation='static' to generate, not both")
-    # The cache already holds n positions: generate skips that many input ids, so n placeholders stand for the
-    # prompt and are cut from the output.
+    if _setting(model, kwargs, "use_cache") is False:
+        if given is not None:
+            raise UserInputError("pass either a cache or use_cache=False to generate, not both")
+        cache = None  # every step recomputes [prompt; tokens] from embeddings (_pre_forward_in_generate)
+    else:
+        cache = given if given is not None else _new_cache(model, static_length)
+    # n placeholder ids stand for the prompt (in the cache from the first forward on, or replaced by its embeddings
+    # without a cache): positions and the attention mask count them, and they are cut from the output.
     placeholder = torch.zeros(batch, n, dtype=ids.dtype, device=ids.device)
     mask = kwargs.pop("attention_mask", None)
     if mask is None:
         mask = torch.ones_like(ids)
     default = model.generation_config.cache_implementation  # transformers would fill it in and refuse our cache
     model.generation_config.cache_implementation = None
+    state.generating, state.generation_cache = True, cache
     try:
         out = original(
             torch.cat([placeholder, ids], dim=1),
             attention_mask=torch.cat([mask.new_ones(batch, n), mask], dim=1),
-            **{_cache_kwarg(model): _prefix_cache(model, state, batch, given, static_length=static_length)},
+            **({_cache_kwarg(model): cache} if cache is not None else {}),
             **kwargs,
         )
     finally:
+        state.generating, state.generation_cache = False, None
         model.generation_config.cache_implementation = default
     if isinstance(out, torch.Tensor):
         return out[:, n:]
     out.sequences = out.sequences[:, n:]
     return out
+
+
+def _setting(model: nn.Module, kwargs: dict, name: str):
+    """A generation setting as generate will read it: the keyword, else the caller's generation config, else the
+    model's (`None` when none sets it)."""
+    for source in (kwargs, vars(kwargs.get("generation_config") or model.generation_config),
+                   vars(model.generation_config)):
+        if source.get(name) is not None:
+            return source[name]
+    return None
+
+
+def _count_placeholders_in_lengths(model: nn.Module, kwargs: dict, n: int) -> None:
+    """``max_length`` and ``min_length`` count the caller's tokens; the sequences transformers sees also hold the
+    ``n`` placeholders, so an absolute length set anywhere grows by ``n`` (``max_new_tokens`` and
+    ``min_new_tokens`` count new tokens and are left alone; they take precedence when both are set)."""
+    for name, relative in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if _setting(model, kwargs, relative) is not None and kwargs.get(name) is None:
+            continue
+        value = _setting(model, kwargs, name)
+        if value is not None:
+            kwargs[name] = value + n  # a keyword overrides either config; the caller's config is left as it was
 
 
 def _static_length(model: nn.Module, kwargs: dict, start: int) -> int | None:
