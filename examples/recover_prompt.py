@@ -11,10 +11,12 @@ import hf_compress_prompt as hcp  # registers the compressed-model loader with t
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, compress_
 from hf_compress_prompt.compressors.pack import pack_model
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
+from hf_compress_prompt.demo import demo_datasets
 
 torch.set_num_threads(2)
 model, tokenizer = hcp.load_model_and_tokenizer()
-wikitext = hcp.eval_tokens("wikitext2", tokenizer, "test")  # needs ../shared/data (or the Hub)
+dataset = demo_datasets()[0]  # wikitext2 with ../shared/data or the Hub, else the Wikipedia sample inside gensim
+wikitext = hcp.eval_tokens(dataset, tokenizer, "test")
 
 
 def ppl(m) -> float:
@@ -28,8 +30,8 @@ result = compress_(model, Recipe([GPTQConfig(bits=3, group_size=64)], Calibratio
 compressed = ppl(model)
 trained = recover(model, tokenizer, RecoveryConfig(num_virtual_tokens=100, seqlen=256, max_steps=40, eval_steps=20))
 recovered = ppl(model)  # the prompt is attached to the model now
-print(f"WikiText-2 perplexity: dense {dense:.2f}, GPTQ 3-bit {compressed:.2f}, + prompt {recovered:.2f} "
-      f"(best C4 validation {trained.best_perplexity:.2f} at step {trained.best_step})")
+print(f"{dataset} perplexity: dense {dense:.2f}, GPTQ 3-bit {compressed:.2f}, + prompt {recovered:.2f} "
+      f"(validation before training {trained.baseline_perplexity:.2f}, best {trained.best_perplexity:.2f} at step {trained.best_step})")
 
 pack_model(model, result)
 hcp.save_pretrained(model, "out/smollm2-gptq3-recovered", tokenizer)  # recovery_prompt/ is written beside the weights

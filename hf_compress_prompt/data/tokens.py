@@ -9,7 +9,7 @@ import torch
 
 from .._logging import get_logger
 from ..errors import UserInputError
-from .corpora import DataSource, get_corpus, load_rows, load_text
+from .corpora import DataSource, get_corpus, load_rows, load_text, training_corpus
 
 __all__ = ["eval_tokens", "calibration_batches"]
 
@@ -56,13 +56,15 @@ def calibration_batches(
     Document corpora (C4, the Wikipedia sample) follow GPTQ: pick a random document at least ``seqlen`` tokens long,
     then a random window inside it. When no document is long enough, or the corpus is one running text
     (WikiText-2, PTB), windows are cut from the rows joined into one stream. Deterministic for a given ``seed``
-    (a private RNG; the global one is untouched).
+    (a private RNG; the global one is untouched). Where the corpus is unreachable and has an offline fallback (C4),
+    the windows come from that instead, said in one line (:func:`~.corpora.training_corpus`).
 
     Returns:
         `torch.LongTensor` of shape `(nsamples, seqlen)`.
     """
     if nsamples < 1 or seqlen < 2:
         raise UserInputError(f"nsamples={nsamples}, seqlen={seqlen}: need nsamples >= 1 and seqlen >= 2")
+    name, split = training_corpus(name, split, source=source, data_dir=data_dir)  # C4 offline: the shipped sample
     corpus = get_corpus(name)
     rows = load_rows(name, split, source=source, data_dir=data_dir)
     rng = random.Random(seed)

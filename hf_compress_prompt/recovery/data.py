@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from ..data.corpora import DataSource, load_rows
+from ..data.corpora import DataSource, load_rows, training_corpus
 from ..errors import UserInputError
 
 __all__ = ["PromptTuningCollator", "TokenWindows", "token_windows"]
@@ -30,7 +30,9 @@ def token_windows(
     """Non-overlapping windows of ``seqlen`` tokens from a corpus split, documents joined with the EOS token.
 
     The split's documents (rows) are divided once, deterministically: the last ``valid_fraction`` of them form the
-    ``"valid"`` part, the rest ``"train"``, so validation text is never trained on.
+    ``"valid"`` part, the rest ``"train"``, so validation text is never trained on. Where the corpus is unreachable
+    and has an offline fallback (C4), its windows come from that instead, said in one line
+    (:func:`~hf_compress_prompt.data.training_corpus`).
 
     Returns:
         `torch.LongTensor` of shape `(windows, seqlen)`.
@@ -39,6 +41,7 @@ def token_windows(
         raise UserInputError(f"part={part!r}; use 'train' or 'valid'")
     if seqlen < 2 or not 0 < valid_fraction < 1:
         raise UserInputError(f"seqlen={seqlen}, valid_fraction={valid_fraction}: need seqlen >= 2 and 0 < fraction < 1")
+    name, split = training_corpus(name, split, source=source, data_dir=data_dir)  # C4 offline: the shipped sample
     rows = [r for r in load_rows(name, split, source=source, data_dir=data_dir) if r and r.strip()]
     if len(rows) < 2:
         raise UserInputError(f"dataset {name!r} split {split!r} has {len(rows)} non-empty rows; need at least 2")

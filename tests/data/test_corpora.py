@@ -148,3 +148,18 @@ def test_calibration_offline_uses_the_sample_and_records_it(empty_data_dir, byte
                        tokenizer=byte_tokenizer, progress=False)
     assert result.recipe.calibration.dataset == "wiki_sample" and result.recipe.calibration.split == "train"
     assert model.config.compression_recipe["calibration"]["dataset"] == "wiki_sample"  # config.json says what ran
+
+
+def test_token_windows_and_calibration_batches_fall_back_offline_too(empty_data_dir, byte_tokenizer, capsys):
+    """The public data functions users call directly (examples/own_trainer.py) follow the same rule."""
+    pytest.importorskip("gensim", reason="the wiki_sample corpus ships inside gensim")
+    import torch
+
+    from hf_compress_prompt.data import calibration_batches
+    from hf_compress_prompt.recovery.data import token_windows
+
+    windows = token_windows("c4", byte_tokenizer, 64, part="valid", max_windows=3)
+    assert torch.equal(windows, token_windows("wiki_sample", byte_tokenizer, 64, part="valid", max_windows=3))
+    batches = calibration_batches("c4", byte_tokenizer, 2, 64)
+    assert torch.equal(batches, calibration_batches("wiki_sample", byte_tokenizer, 2, 64))
+    assert capsys.readouterr().err.count("c4/train is not available") == 2  # once per call that fell back
