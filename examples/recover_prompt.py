@@ -31,7 +31,8 @@ compressed = ppl(model)
 trained = recover(model, tokenizer, RecoveryConfig(num_virtual_tokens=100, seqlen=256, max_steps=40, eval_steps=20))
 recovered = ppl(model)  # the prompt is attached to the model now
 print(f"{dataset} perplexity: dense {dense:.2f}, GPTQ 3-bit {compressed:.2f}, + prompt {recovered:.2f} "
-      f"(validation before training {trained.baseline_perplexity:.2f}, best {trained.best_perplexity:.2f} at step {trained.best_step})")
+      f"(validation before training {trained.baseline_perplexity:.2f}, best {trained.best_perplexity:.2f} "
+      f"at step {trained.best_step})")
 
 pack_model(model, result)
 hcp.save_pretrained(model, "out/smollm2-gptq3-recovered", tokenizer)  # recovery_prompt/ is written beside the weights
