@@ -67,3 +67,17 @@ def test_a_hub_id_is_not_mistaken_for_a_path(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert resolve_model_source("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_a_hub_id_fails_at_once_when_the_hub_is_unreachable_and_nothing_is_cached(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    monkeypatch.chdir(tmp_path)  # "out/does-not-exist" with no out/ here: it may be a Hub id
+
+    def no_retries(*args, **kwargs):
+        raise AssertionError("transformers was asked to reach the Hub")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_retries)
+    assert main(["eval", "--model", "out/does-not-exist", "--datasets", "wiki_sample"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the Hub is unreachable" in err[0] and "HF_HUB_OFFLINE" in err[0]

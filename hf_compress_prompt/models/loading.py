@@ -47,6 +47,29 @@ def _looks_local(name: str) -> bool:
     return str(parent) not in ("", ".") and parent.is_dir()
 
 
+def _check_hub_id_reachable(source: str) -> None:
+    """A Hub id that is neither a local folder nor in the local Hub cache fails at once when the Hub is unreachable
+    (one quick probe), instead of after transformers' retries (about half a minute)."""
+    if Path(source).expanduser().exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..data.corpora import _hub_unreachable_reason
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except Exception:  # not a valid repo id: transformers' own error says so  # noqa: BLE001
+        return
+    if isinstance(cached, str):
+        return  # transformers can load it from the cache
+    reason = _hub_unreachable_reason()
+    if reason is not None:
+        raise MissingResourceError(
+            f"model {source!r} is not a local folder, not in the Hub cache, and the Hub is unreachable ({reason}); "
+            "pass an existing folder or .gguf file, allow Hub access, or omit it for the embedded default"
+        )
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -79,6 +102,7 @@ def load_model_and_tokenizer(
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     source = resolve_model_source(model)
+    _check_hub_id_reachable(source)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
