@@ -277,6 +277,44 @@ def test_peft_loads_a_saved_prompt(tiny_llama, tmp_path):
     torch.testing.assert_close(twin.prompt_encoder["default"].embedding.weight.detach(), prompt.embedding)
     reread = load_recovery_prompt(tmp_path / "p")
     assert torch.equal(reread.embedding, prompt.embedding) and reread.metadata["vocab_size"] == tiny_llama.config.vocab_size
+    attach_recovery_prompt(tiny_llama, prompt)
+    ids = _ids()
+    with torch.no_grad(), hcp.kernels.reference_only():
+        torch.testing.assert_close(tiny_llama(ids).logits, twin(input_ids=ids).logits[:, N:], rtol=1e-4, atol=1e-4)
+
+
+def _transformers_at_least(version: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(version)
+
+
+@pytest.mark.xfail(
+    _transformers_at_least("5.24.0"), raises=AssertionError, strict=True,
+    reason="upstream: PEFT <= 0.21.2 PeftModel.generate with prompt tuning on transformers >= 5.24.0 reads "
+           "model_kwargs['past_key_values'], which transformers 5.24 renamed to 'cache', so it re-injects the prompt "
+           "at every decode step and gives wrong tokens after the first few (right on transformers 5.23.0); "
+           "from_pretrained / attach_recovery_prompt is the working path",
+)
+def test_peft_generate_with_a_saved_prompt_equals_ours(tiny_llama, tmp_path):
+    # What a user gets by wrapping our saved prompt with PEFT: the same greedy tokens as our runtime and as the
+    # cache-free definition. peft 0.21.2 + transformers 5.24.0 give [124, 39, 166, 39, 166, 39, 166, 39] where the
+    # definition gives [124, 39, 196, 181, 13, 127, 13, 107]. XPASS (an error under strict) means upstream fixed it:
+    # drop the mark.
+    from peft import PeftModel
+
+    prompt = _prompt()
+    save_recovery_prompt(prompt, tmp_path / "p", tiny_llama)
+    twin = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "p").eval()
+    ids = _ids(batch=1)
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    truth = _greedy_without_cache(tiny_llama, prompt, ids, 8)
+    attach_recovery_prompt(tiny_llama, prompt)
+    ours = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert ours[:, 10:].tolist() == truth.tolist()  # ours is right (not the upstream bug)
+    theirs = twin.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert theirs[:, -8:].tolist() == truth.tolist()
 
 
 def test_bad_prompts_are_refused(tiny_llama, tmp_path):
