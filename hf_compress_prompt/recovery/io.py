@@ -64,13 +64,20 @@ def write_recovery_prompt(prompt: RecoveryPrompt, directory: str | os.PathLike, 
     return directory
 
 
-def save_recovery_prompt(prompt: RecoveryPrompt, save_directory: str | os.PathLike, model=None) -> Path:
-    """Saves ``prompt`` to ``save_directory`` atomically (a failed save leaves any earlier folder intact)."""
+def save_recovery_prompt(prompt: RecoveryPrompt, save_directory: str | os.PathLike, model=None, *,
+                         overwrite: bool = False) -> Path:
+    """Saves ``prompt`` to ``save_directory`` atomically (a failed save leaves any earlier folder intact:
+    :func:`~hf_compress_prompt.integrations.checkpoints.atomic_directory`).
+
+    Args:
+        overwrite (`bool`, *optional*, defaults to `False`): replace a prompt (or model) folder saved there before;
+            a path that is a file, or a folder holding other files, is refused either way.
+    """
     from ..integrations.checkpoints import atomic_directory
 
-    with atomic_directory(save_directory) as tmp:
+    with atomic_directory(save_directory, overwrite=overwrite) as tmp:
         write_recovery_prompt(prompt, tmp, model)
-    return Path(save_directory).resolve()
+    return Path(save_directory).expanduser().resolve()
 
 
 def _resolve(path_or_repo: str | os.PathLike) -> Path:

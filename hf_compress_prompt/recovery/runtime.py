@@ -424,16 +424,25 @@ def _static_length(model: nn.Module, kwargs: dict, start: int) -> int | None:
     return max(merged.max_length, start + 1)
 
 
-def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
-    """``save_pretrained`` that also writes the attached prompt into ``recovery_prompt/``."""
-    from pathlib import Path
-
+def _save_pretrained(model: nn.Module, save_directory, *args, overwrite: bool = True, **kwargs):
+    """``save_pretrained`` that also writes the attached prompt into ``recovery_prompt/``: the model and the prompt
+    go into one new folder that then replaces ``save_directory`` in one step
+    (:func:`~hf_compress_prompt.integrations.checkpoints.atomic_directory`), so an interrupted save leaves the
+    previous folder loadable with its prompt, never a folder that loads without one. As transformers' own does,
+    it replaces an earlier save at that path (``overwrite=False`` refuses to); a path that is a file, or a folder
+    holding a file no ``save_pretrained`` writes, is refused rather than emptied."""
+    from ..integrations.checkpoints import atomic_directory
     from .io import PROMPT_SUBFOLDER, write_recovery_prompt
 
     state = getattr(model, _STATE)
-    out = state.original_save(save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
-        write_recovery_prompt(state.prompt, Path(save_directory) / PROMPT_SUBFOLDER, model)
+    if not kwargs.get("is_main_process", args[0] if args else True):  # the main process writes the folder
+        return state.original_save(save_directory, *args, **kwargs)
+    if kwargs.get("push_to_hub"):
+        raise UserInputError("save_pretrained(push_to_hub=True) would upload this model without its recovery prompt; "
+                             "save it, then call model.push_to_hub(repo_id), which uploads both")
+    with atomic_directory(save_directory, overwrite=overwrite) as folder:
+        out = state.original_save(folder, *args, **kwargs)
+        write_recovery_prompt(state.prompt, folder / PROMPT_SUBFOLDER, model)
     return out
 
 

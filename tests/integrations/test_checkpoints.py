@@ -1,6 +1,11 @@
-"""Atomic saving, and GPTQ checkpoints (AutoGPTQ / GPTQModel / optimum layout) loaded into our modules on CPU."""
+"""Atomic saving (never deleting what a user owns), and GPTQ checkpoints (AutoGPTQ / GPTQModel / optimum layout)
+loaded into our modules on CPU."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -30,7 +35,7 @@ def test_save_is_atomic(tiny_llama, tmp_path, monkeypatch):
     hcp.save_pretrained(tiny_llama, target)
     first = (target / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(Interrupted):
-        hcp.save_pretrained(tiny_llama, target, tokenizer=BrokenTokenizer())
+        hcp.save_pretrained(tiny_llama, target, tokenizer=BrokenTokenizer(), overwrite=True)
     assert (target / "model.safetensors").stat().st_mtime_ns == first  # the previous good save is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -142,3 +147,265 @@ def test_sharded_save_loads(tiny_llama, tmp_path):
 
     with pytest.raises(UserInputError, match=f"missing tensor '{victim}'"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+# --- what a save may replace, interruptions, leftovers and permissions (issue 21) ---
+
+from hf_compress_prompt.errors import UserInputError  # noqa: E402
+from hf_compress_prompt.integrations import checkpoints  # noqa: E402
+from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt, recovery_prompt_of  # noqa: E402
+
+
+def _prompt(seed=0, n=4, hidden=128):
+    return RecoveryPrompt(torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed)), {"base_model": "tiny"})
+
+
+def _tree(folder):
+    """Every path under ``folder`` with its bytes (files) or None (folders): a folder's full state."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def _hidden(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_save_to_a_file_path_is_refused(tiny_llama, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(UserInputError, match=r"notes\.txt' is a file, not a folder"):
+        hcp.save_pretrained(tiny_llama, target, overwrite=True)
+    assert target.read_text() == "mine"
+    with pytest.raises(UserInputError, match=r"notes\.txt' is a file, not a folder"):
+        hcp.save_pretrained(tiny_llama, target / "model")  # nor can a folder be made inside a file
+
+
+@pytest.mark.parametrize("user_file,named", [("notes.txt", "notes.txt"), ("data/train.jsonl", "data/"),
+                                             ("recovery_prompt/mine.txt", "recovery_prompt/mine.txt"), (".env", ".env")])
+@pytest.mark.parametrize("model_folder", [False, True], ids=["plain-folder", "model-folder"])
+def test_save_never_deletes_a_users_file(tiny_llama, tmp_path, user_file, named, model_folder):
+    target = tmp_path / "out"
+    if model_folder:
+        attach_recovery_prompt(tiny_llama, _prompt())
+        hcp.save_pretrained(tiny_llama, target)
+    (target / user_file).parent.mkdir(parents=True, exist_ok=True)
+    (target / user_file).write_text("mine")
+    before = _tree(target)
+    with pytest.raises(UserInputError, match=f"holds '{named}', which no save_pretrained writes"):
+        hcp.save_pretrained(tiny_llama, target, overwrite=True)
+    assert _tree(target) == before and _hidden(tmp_path) == []
+
+
+def test_replacing_a_saved_model_needs_overwrite(tiny_llama, tmp_path, byte_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    target = tmp_path / "m"
+    target.mkdir()
+    hcp.save_pretrained(tiny_llama, target, tokenizer=byte_tokenizer)  # an empty folder is fine without overwrite
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"stale shard of an older save")
+    with pytest.raises(UserInputError, match=r"/m' already holds a saved model; pass overwrite=True .*--overwrite"):
+        hcp.save_pretrained(tiny_llama, target)
+    assert (target / "model-00001-of-00002.safetensors").is_file()
+    with torch.no_grad():
+        tiny_llama.lm_head.weight.add_(1.0)
+    hcp.save_pretrained(tiny_llama, target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(target).lm_head.weight, tiny_llama.lm_head.weight)
+    assert _hidden(tmp_path) == []
+
+
+def test_save_into_the_current_folder_is_refused(tiny_llama, tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for path in (".", "..", str(tmp_path)):
+        with pytest.raises(UserInputError, match="is the current folder or holds it"):
+            hcp.save_pretrained(tiny_llama, path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_saved_folders_follow_the_umask(tiny_llama, tmp_path):
+    attach_recovery_prompt(tiny_llama, _prompt())
+    for umask, folder_mode, file_mode in [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664), (0o077, 0o700, 0o600)]:
+        old = os.umask(umask)
+        try:
+            folder = hcp.save_pretrained(tiny_llama, tmp_path / f"m{umask:o}")
+        finally:
+            os.umask(old)
+        modes = {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+        assert "model.safetensors" in modes and "recovery_prompt/adapter_model.safetensors" in modes
+        assert modes == {name: folder_mode if (folder / name).is_dir() else file_mode for name in modes}
+
+
+def _exchange_available(tmp_path) -> bool:
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.mkdir(), b.mkdir()
+    try:
+        return checkpoints._renameat2(a, b, checkpoints._RENAME_EXCHANGE)
+    finally:
+        a.rmdir(), b.rmdir()
+
+
+def test_replace_is_one_exchange(tiny_llama, tmp_path, monkeypatch):
+    # renameat2(RENAME_EXCHANGE): the old folder is at the path until the new one takes its place, in one step
+    if not _exchange_available(tmp_path):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this system / file system")
+    from transformers import AutoModelForCausalLM
+
+    target = hcp.save_pretrained(tiny_llama, tmp_path / "m")
+
+    def no_rename(*args):
+        raise AssertionError("a plain rename would leave the path empty for a moment")
+
+    monkeypatch.setattr(checkpoints.os, "rename", no_rename)
+    monkeypatch.setattr(checkpoints.os, "replace", no_rename)
+    with torch.no_grad():
+        tiny_llama.lm_head.weight.add_(1.0)
+    hcp.save_pretrained(tiny_llama, target, overwrite=True)
+    monkeypatch.undo()
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(target).lm_head.weight, tiny_llama.lm_head.weight)
+    assert _hidden(tmp_path) == []
+
+
+def test_interrupted_between_the_two_renames_keeps_the_old_folder(tiny_llama, tmp_path, monkeypatch):
+    # where renameat2 is missing: a failure after the old folder moved aside puts it back
+    target = hcp.save_pretrained(tiny_llama, tmp_path / "m")
+    before = _tree(target)
+    monkeypatch.setattr(checkpoints, "_renameat2", lambda *args: False)
+    real_rename, calls = os.rename, []
+
+    def rename(source, destination):
+        calls.append((source, destination))
+        if len(calls) == 2:  # the new folder into place
+            raise KeyboardInterrupt
+        real_rename(source, destination)
+
+    monkeypatch.setattr(checkpoints.os, "rename", rename)
+    with torch.no_grad():
+        tiny_llama.lm_head.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        hcp.save_pretrained(tiny_llama, target, overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) == 3 and _tree(target) == before and _hidden(tmp_path) == []
+
+
+_KILLED_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from builders import build_tiny_llama
+import hf_compress_prompt as hcp
+from hf_compress_prompt.integrations import checkpoints
+model = build_tiny_llama()
+with torch.no_grad():
+    model.lm_head.weight.add_(1.0)
+if {between_renames}:  # no renameat2: killed after the old folder moved aside, before the new one moved in
+    checkpoints._renameat2 = lambda *args: False
+    real_rename, calls = os.rename, []
+    def rename(source, destination):
+        calls.append(source)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_rename(source, destination)
+    checkpoints.os.rename = rename
+    hcp.save_pretrained(model, {target!r}, overwrite=True)
+else:  # killed while writing
+    with checkpoints.atomic_directory({target!r}, overwrite=True) as folder:
+        model.save_pretrained(folder)
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("between_renames", [False, True], ids=["while-writing", "between-renames"])
+def test_a_killed_save_is_cleaned_up_by_the_next_one(tiny_llama, tmp_path, between_renames):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    target = hcp.save_pretrained(tiny_llama, tmp_path / "m")
+    before = _tree(target)
+    tests = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", _KILLED_SAVE.format(tests=tests, target=str(target),
+                                                                     between_renames=between_renames)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -9, done.stderr[-2000:]
+    leftovers = _hidden(tmp_path)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".m.tmp-")  # what a killed save leaves
+    assert target.is_dir() != between_renames  # (between the renames nothing is at the path)
+    # somebody else's hidden folders beside it, one like ours without our marker, and ours of a live process stay
+    (tmp_path / ".m.tmp-unmarked").mkdir()
+    (tmp_path / ".m.tmp-unmarked" / "x").write_text("not ours")
+    live = tmp_path / ".m.tmp-live"
+    (live / "model").mkdir(parents=True)
+    marker = json.loads((tmp_path / leftovers[0] / checkpoints._STAGING_MARKER).read_text())
+    (live / checkpoints._STAGING_MARKER).write_text(json.dumps({**marker, "pid": os.getppid()}))
+    checkpoints.check_save_target(target, overwrite=True)  # what every save (and the CLI, first) runs
+    assert _hidden(tmp_path) == [".m.tmp-live", ".m.tmp-unmarked"]
+    assert _tree(target) == before  # the old folder, put back if the kill left the path empty
+    loaded = AutoModelForCausalLM.from_pretrained(target)
+    assert torch.equal(loaded.lm_head.weight, tiny_llama.lm_head.weight)
+
+
+def _prompt_of(folder):
+    from hf_compress_prompt.recovery import load_recovery_prompt
+
+    return load_recovery_prompt(folder / "recovery_prompt").embedding
+
+
+@pytest.mark.parametrize("interrupt", ["prompt-writer", "exchange"])
+def test_model_save_pretrained_with_a_prompt_is_atomic(tiny_llama, tmp_path, monkeypatch, interrupt):
+    # the README's alternative to hcp.save_pretrained: the model's own save_pretrained, wrapped by the prompt
+    import hf_compress_prompt.recovery.io as prompt_io
+
+    compress_(tiny_llama, RTNConfig(bits=4, group_size=32), progress=False)
+    attach_recovery_prompt(tiny_llama, _prompt(0))
+    fresh = tmp_path / "fresh"
+    if interrupt == "prompt-writer":
+        monkeypatch.setattr(prompt_io, "write_recovery_prompt", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    else:
+        monkeypatch.setattr(checkpoints, "_move_into_place", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        tiny_llama.save_pretrained(fresh)
+    assert not fresh.exists() and _hidden(tmp_path) == []  # never a folder that loads without its prompt
+    monkeypatch.undo()
+    target = tmp_path / "m"
+    tiny_llama.save_pretrained(target)
+    tiny_llama.save_pretrained(target)  # as transformers' own, it replaces its earlier save
+    before = _tree(target)
+    attach_recovery_prompt(tiny_llama, _prompt(1))
+    if interrupt == "prompt-writer":
+        monkeypatch.setattr(prompt_io, "write_recovery_prompt", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    else:
+        monkeypatch.setattr(checkpoints, "_move_into_place", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        tiny_llama.save_pretrained(target)
+    monkeypatch.undo()
+    assert _tree(target) == before and _hidden(tmp_path) == []
+    loaded = hcp.from_pretrained(target)  # the old folder loads, with its own prompt
+    assert torch.equal(recovery_prompt_of(loaded).embedding, _prompt(0).embedding)
+    assert torch.equal(_prompt_of(target), _prompt(0).embedding)
+
+
+def test_model_save_pretrained_with_a_prompt_keeps_a_users_files(tiny_llama, tmp_path):
+    attach_recovery_prompt(tiny_llama, _prompt())
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="holds 'notes.txt', which no save_pretrained writes"):
+        tiny_llama.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    target = tmp_path / "m"
+    tiny_llama.save_pretrained(target)
+    with pytest.raises(UserInputError, match="already holds a saved model"):
+        tiny_llama.save_pretrained(target, overwrite=False)
+    with pytest.raises(UserInputError, match="without its recovery prompt"):
+        tiny_llama.save_pretrained(tmp_path / "hub", push_to_hub=True)
+
+
+def test_saving_a_prompt_folder_follows_the_same_rules(tmp_path):
+    from hf_compress_prompt.recovery import load_recovery_prompt, save_recovery_prompt
+
+    folder = save_recovery_prompt(_prompt(0), tmp_path / "p")
+    with pytest.raises(UserInputError, match="already holds a saved model"):
+        save_recovery_prompt(_prompt(1), folder)
+    save_recovery_prompt(_prompt(1), folder, overwrite=True)
+    assert torch.equal(load_recovery_prompt(folder).embedding, _prompt(1).embedding)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="holds 'notes.txt'"):
+        save_recovery_prompt(_prompt(2), folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine" and _hidden(tmp_path) == []
