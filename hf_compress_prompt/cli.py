@@ -71,6 +71,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a model saved in --output before (the new folder "
+                   "replaces it whole); a folder holding other files is refused either way")
+
+
 def _add_ppl_args(p: argparse.ArgumentParser, windows_default: int | None) -> None:
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="window length in tokens (default: 2048)")
     p.add_argument(
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--datasets", nargs="+", default=None, choices=list_corpora(), metavar="NAME",
                       help="evaluation sets (default: wikitext2 and ptb where reachable, else wiki_sample)")
     demo.add_argument("--output", default=None, help="also keep the packed model with its prompt in this folder")
+    _add_overwrite_arg(demo)
 
     co = commands.add_parser(
         "compress", help="compress a model with one method or a recipe file, and save it",
@@ -144,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(co)
     co.add_argument("--output", required=True, help="folder to save the compressed model and tokenizer in")
+    _add_overwrite_arg(co)
     what = co.add_mutually_exclusive_group(required=True)
     what.add_argument("--recipe", help="a .json/.yaml recipe: {steps: [{method: ..., ...}], calibration: {...}}")
     what.add_argument("--method", choices=["rtn", "gptq", "sparsegpt", "wanda", "magnitude", "layer_drop"], help="one method")
@@ -172,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(rc)
     rc.add_argument("--output", required=True, help="folder for the model with its prompt (LORA: the adapter)")
+    _add_overwrite_arg(rc)
     rc.add_argument("--method", default="PROMPT", choices=["PROMPT", "LORA", "FULL"], help="default: PROMPT")
     rc.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
     rc.add_argument("--tokens", type=_positive_int, default=100, help="virtual tokens (default: 100)")
@@ -206,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(ps)
     ps.add_argument("--output", required=True, help="folder for the pruned model")
+    _add_overwrite_arg(ps)
     ps.add_argument("--method", default="compresso", choices=["compresso", "l2", "random"], help="default: compresso")
     ps.add_argument("--target", type=_finite_float, required=True, help="fraction of all parameters to remove, in (0, 1)")
     ps.add_argument("--steps", type=_positive_int, default=200, help="compresso: training steps (default: 200)")
@@ -323,7 +332,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.model, datasets=args.datasets, windows=args.windows, seqlen=args.seqlen,
         modes=("bf16", "fp32") if args.fp32 else ("bf16",), recipe=recipe, steps=args.steps,
         learning_rate=args.lr, dataset=args.dataset, nsamples=args.nsamples, output=args.output,
-        progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"model: {result.model} (loaded in {result.load_seconds:.1f} s)")
     if recipe:
@@ -386,7 +395,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             "dropped_layers": report.dropped_layers,
         })
     report = json.dumps({"recipe": recipe.to_dict(), "steps": summary}, indent=2) + "\n"
-    save_pretrained(model, output, tokenizer=tokenizer, extra_files={"compression_report.json": report})
+    save_pretrained(model, output, tokenizer=tokenizer, overwrite=args.overwrite,
+                    extra_files={"compression_report.json": report})
     for row in summary:
         extra = f", dropped layers {row['dropped_layers']}" if row["dropped_layers"] else ""
         print(f"{row['method']}: {row['linears']} linear layers in {row['seconds']} s, mean sparsity {row['mean_sparsity']:.3f}{extra}")
@@ -430,10 +440,13 @@ def _cmd_recover(args: argparse.Namespace) -> int:
           f"validation perplexity {result.best_perplexity:.3f}; {result.trainable_parameters} trainable parameters, "
           f"{result.seconds_per_step:.2f} s/step")
     if config.method.value == "LORA":
-        result.trained.save_pretrained(args.output)
+        from .integrations.checkpoints import atomic_directory
+
+        with atomic_directory(args.output, overwrite=args.overwrite) as folder:
+            result.trained.save_pretrained(folder)
         print(f"saved the LoRA adapter to {args.output}")
     else:
-        save_pretrained(model, args.output, tokenizer)
+        save_pretrained(model, args.output, tokenizer, overwrite=args.overwrite)
         print(f"saved to {args.output}" + (" (recovery prompt in recovery_prompt/)" if result.prompt else ""))
         if partners:
             print(f"the prompt is shared with {', '.join(args.shared_with)}: attach it to them with "
@@ -467,7 +480,7 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     print(f"parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed); heads per layer "
           f"{pruned.config.layer_num_attention_heads}; FFN channels per layer {pruned.config.layer_intermediate_size}; "
           f"hidden {pruned.config.hidden_size}")
-    save_pretrained(pruned, args.output, tokenizer)
+    save_pretrained(pruned, args.output, tokenizer, overwrite=args.overwrite)
     print(f"saved to {args.output}")
     return EXIT_OK
 
@@ -576,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "overwrite", None) is not None and args.output:  # a refused --output fails before model work
+            from .integrations.checkpoints import check_save_target
+
+            check_save_target(args.output, args.overwrite)
         commands = {"eval": _cmd_eval, "demo": _cmd_demo, "compress": _cmd_compress, "recover": _cmd_recover,
                     "prune-structured": _cmd_prune_structured,
                     "transfer": _cmd_transfer, "push": _cmd_push, "evaluate-tasks": _cmd_evaluate_tasks,

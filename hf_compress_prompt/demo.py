@@ -115,6 +115,7 @@ def run_demo(
     nsamples: int = 32,
     dataset: str = "c4",
     output: str | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> DemoResult:
     """Runs the demo and returns its figures.
@@ -137,12 +138,18 @@ def run_demo(
             unreachable (no data folder, no Hub) the Wikipedia sample's training part inside gensim is used instead,
             said in one line (:func:`~hf_compress_prompt.data.training_corpus`).
         output (`str`, *optional*): where to save the packed model with its prompt (a temporary folder if `None`).
+        overwrite (`bool`, *optional*, defaults to `False`): replace a model saved in ``output`` before
+            (:func:`~hf_compress_prompt.integrations.checkpoints.check_save_target`, checked before any model work).
     """
     import tempfile
 
     _check_settings(recipe, windows=windows, seqlen=seqlen, modes=modes, steps=steps, num_virtual_tokens=num_virtual_tokens,
                     train_seqlen=train_seqlen, learning_rate=learning_rate, nsamples=nsamples, dataset=dataset,
                     datasets=datasets)  # before any model work
+    if output is not None:
+        from .integrations.checkpoints import check_save_target
+
+        check_save_target(output, overwrite)
     start = time.perf_counter()
     lm, tokenizer = load_model_and_tokenizer(model)
     load_seconds = time.perf_counter() - start
@@ -184,7 +191,7 @@ def run_demo(
     score("recovered", mode)  # the prompt is attached
     pack_model(lm, compressed)  # the packed runtime layers, keeping the attached prompt
     with tempfile.TemporaryDirectory(prefix="hcp-demo-") as tmp:
-        folder = save_pretrained(lm, output or f"{tmp}/model", tokenizer)
+        folder = save_pretrained(lm, output or f"{tmp}/model", tokenizer, overwrite=overwrite)
         reloaded = from_pretrained(folder)  # transformers' loader, through the registered quantization method
         result.saved_to = str(folder) if output else None
         result.kernels = sorted(set(layer_status(reloaded).values()))

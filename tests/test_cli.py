@@ -219,3 +219,83 @@ def test_prune_structured_bad_target_exits_2_before_loading(tmp_path, capsys):
         assert main(["prune-structured", "--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o"),
                      "--method", method, "--target", "1.5"]) == EXIT_USAGE
         assert "1.5" in capsys.readouterr().err
+
+
+# --- --output never destroys what a user owns; --overwrite replaces an earlier save (issue 21) ---
+
+_SAVING = {  # each command that saves a model to --output, with settings that pass its own checks
+    "compress": ["compress", "--method", "rtn", "--bits", "4", "--group-size", "32", "--no-progress"],
+    "recover": ["recover", "--steps", "2", "--tokens", "2", "--seqlen", "4", "--batch-size", "2"],
+    "prune-structured": ["prune-structured", "--method", "l2", "--target", "0.3"],
+    "demo": ["demo", "--recipe", "rtn-w4-g64", "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("user-folder", "holds 'notes.txt', which no save_pretrained writes"),
+    ("file", "is a file, not a folder"),
+    ("current-folder", "is the current folder or holds it"),
+])
+@pytest.mark.parametrize("command", sorted(_SAVING))
+def test_output_holding_a_users_files_is_refused_before_model_work(command, kind, message, tmp_path, monkeypatch,
+                                                                   capsys):
+    import os
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    monkeypatch.chdir(mine if kind == "current-folder" else tmp_path)
+    output = {"user-folder": str(mine), "file": str(mine / "notes.txt"), "current-folder": "."}[kind]
+    # the model does not exist: the output is checked first, in a second, not after minutes of model work
+    code = main([*_SAVING[command], "--model", str(tmp_path / "absent"), "--output", output, "--overwrite"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and f"hf-compress-prompt {command}: error:" in err[0]
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["mine"]
+
+
+def test_run_demo_checks_its_output_before_model_work(tmp_path):
+    from hf_compress_prompt.demo import run_demo
+    from hf_compress_prompt.errors import UserInputError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="holds 'notes.txt'"):
+        run_demo(str(tmp_path / "absent"), recipe="rtn-w4-g64", output=str(tmp_path), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_compress_replaces_its_earlier_output_only_with_overwrite(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+
+    def argv(bits):
+        return ["compress", "--model", str(tiny_llama_dir), "--method", "rtn", "--bits", bits, "--group-size", "32",
+                "--output", str(out), "--no-progress"]
+
+    assert main(argv("4")) == EXIT_OK
+    capsys.readouterr()
+    assert main(argv("8")) == EXIT_USAGE  # refused: the 4-bit save stays
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a saved model" in err[0] and "--overwrite" in err[0]
+    assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].self_attn.q_proj.fmt.bits == 4
+    assert main([*argv("8"), "--overwrite"]) == EXIT_OK
+    assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].self_attn.q_proj.fmt.bits == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny-llama"]  # no staging folder left
+
+
+def test_recover_lora_adapter_output_follows_the_same_rules(tiny_llama_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    argv = ["recover", "--model", str(tiny_llama_dir), "--output", str(out), "--method", "LORA", "--steps", "1",
+            "--seqlen", "4", "--batch-size", "2", "--eval-steps", "1", "--eval-windows", "1"]
+    assert main(argv) == EXIT_OK
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(argv) == EXIT_USAGE
+    assert "already holds a saved model" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert main([*argv, "--overwrite"]) == EXIT_USAGE
+    assert "holds 'notes.txt'" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert main([*argv, "--overwrite"]) == EXIT_OK
