@@ -32,7 +32,7 @@ from .._logging import get_logger
 from ..errors import MissingResourceError, UserInputError
 from .transformers_quantizer import QUANT_METHOD, CompressedConfig
 
-__all__ = ["atomic_directory", "check_save_target", "save_pretrained", "from_pretrained"]
+__all__ = ["atomic_directory", "check_save_target", "from_pretrained", "save_pretrained"]
 
 logger = get_logger(__name__)
 
@@ -179,7 +179,7 @@ def check_save_target(save_directory: str | os.PathLike, overwrite: bool = False
     entries = [e for e in target.iterdir() if _staging_info(e) is None]
     if entries and not any((target / name).is_file() for name in _MODEL_MARKERS):
         raise UserInputError(f"{str(path)!r} is not a saved model folder (no config.json) but holds "
-                             f"{sorted(e.name for e in entries)[0]!r}; save into a new or empty folder")
+                             f"{min(e.name for e in entries)!r}; save into a new or empty folder")
     if entries and not overwrite:
         raise UserInputError(f"{str(path)!r} already holds a saved model; pass overwrite=True (command line: "
                              "--overwrite) to replace it, or choose a new folder")
