@@ -107,7 +107,7 @@ def run(args) -> list[dict]:
                 compress_(model, Recipe(steps), progress=False)
                 with torch.no_grad():
                     expected = model(ids).logits
-                hcp.save_pretrained(model, tmp / "fp32")
+                hcp.save_pretrained(model, tmp / "fp32", overwrite=True)  # one folder per loop
                 reloaded = AutoModelForCausalLM.from_pretrained(tmp / "fp32", dtype=torch.float32)
                 with torch.no_grad():
                     record["round_trip_max_abs_logit_diff"] = float((reloaded(ids).logits - expected).abs().max())
@@ -119,7 +119,7 @@ def run(args) -> list[dict]:
             if steps:
                 compress_(model, Recipe(steps), progress=False)
             folder = tmp / "fp16"
-            hcp.save_pretrained(model, folder)
+            hcp.save_pretrained(model, folder, overwrite=True)
             record["disk_bytes"] = _file_bytes(folder)
             record["disk_linear_bytes"] = _header_bytes(folder, _is_block_linear_tensor)
             seconds = []
