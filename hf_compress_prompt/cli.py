@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--output", required=True, help="folder for the model with its prompt (LORA: the adapter)")
     _add_overwrite_arg(rc)
     rc.add_argument("--method", default="PROMPT", choices=["PROMPT", "LORA", "FULL"], help="default: PROMPT")
-    rc.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default: 100)")
+    rc.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
     rc.add_argument("--tokens", type=_positive_int, default=100, help="virtual tokens (default: 100)")
     rc.add_argument("--init", default="VOCAB", choices=["VOCAB", "TEXT", "SAMPLE_VOCAB", "RANDOM"], help="default: VOCAB")
     rc.add_argument("--init-text", default=None, help="text for --init TEXT")

@@ -26,7 +26,7 @@ BAD = [
     (["demo", "--recipe", "gptq-w5"], "recipe 'gptq-w5': choose one of"),
     (["demo", "--windows", "0"], "--windows: 0 must be >= 1"),
     (["recover", "--lr", "inf", "--output", "x"], "--lr: 'inf' is not a finite number"),
-    (["recover", "--steps", "0", "--output", "x"], "--steps: 0 must be >= 1"),
+    (["recover", "--steps", "0", "--output", "x"], "max_steps=0: training needs at least one step"),
     (["eval", "--threads", "-1"], "--threads: -1 must be >= 1"),
     (["eval", "--threads", "0"], "--threads: 0 must be >= 1"),
     (["demo", "--threads", "two"], "--threads: 'two' is not an integer"),
