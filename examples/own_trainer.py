@@ -29,5 +29,5 @@ print("validation perplexity by step:", [(h["step"], round(h["perplexity"], 2)) 
 
 peft_model.save_pretrained("out/own-trainer/prompt")  # PEFT's own format works too
 prompt = RecoveryPrompt(peft_model.get_prompt_embedding_to_save("default").detach().float())
-save_recovery_prompt(prompt, "out/own-trainer/recovery_prompt", model)
+save_recovery_prompt(prompt, "out/own-trainer/recovery_prompt", model, overwrite=True)
 attach_recovery_prompt(model, prompt)  # KV-cached prompt for generate / pipeline

@@ -35,7 +35,7 @@ print(f"{dataset} perplexity: dense {dense:.2f}, GPTQ 3-bit {compressed:.2f}, + 
       f"at step {trained.best_step})")
 
 pack_model(model, result)
-hcp.save_pretrained(model, "out/smollm2-gptq3-recovered", tokenizer)  # recovery_prompt/ is written beside the weights
+hcp.save_pretrained(model, "out/smollm2-gptq3-recovered", tokenizer, overwrite=True)  # + recovery_prompt/
 reloaded = AutoModelForCausalLM.from_pretrained("out/smollm2-gptq3-recovered")  # the prompt is attached again
 ids = tokenizer("The capital of France is", return_tensors="pt")
 print(tokenizer.decode(reloaded.generate(**ids, max_new_tokens=20, do_sample=False)[0]))

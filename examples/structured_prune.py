@@ -36,7 +36,7 @@ print(f"Compresso: {result.parameters_after:,} parameters ({result.removed_fract
 
 compress_(pruned, RTNConfig(bits=4, group_size=32), progress=False)  # kept widths are multiples of 32
 print(f"+ RTN 4-bit g32: {dataset} {ppl(pruned):.2f}")
-hcp.save_pretrained(pruned, "out/compresso20-w4", tokenizer)
+hcp.save_pretrained(pruned, "out/compresso20-w4", tokenizer, overwrite=True)  # replaces an earlier run's
 loaded = AutoModelForCausalLM.from_pretrained("out/compresso20-w4")  # per-layer sizes, packed layers and prompt
 ids = tokenizer("The capital of France is", return_tensors="pt")
 print(tokenizer.decode(loaded.generate(**ids, max_new_tokens=12, do_sample=False)[0]))
