@@ -23,6 +23,7 @@ Tensor names (``<module>.`` + name):
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -34,6 +35,19 @@ __all__ = ["FORMAT_VERSION", "LinearFormat", "TensorSpec"]
 
 FORMAT_VERSION = 1
 _SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _is_integer(value) -> bool:
+    """An integer other than a bool: Python's, NumPy's, or a symbolic size while tracing (``torch.SymInt``)."""
+    if isinstance(value, (bool, str, bytes, float)):
+        return False
+    if isinstance(value, (int, torch.SymInt)):
+        return True
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class LinearFormat:
     act_order: bool = False
 
     def __post_init__(self):
+        self._check_types()
         where = f"layer format {self.out_features}x{self.in_features}"
         if self.bits is None and self.sparsity is None:
             raise UserInputError(f"{where}: neither quantized nor sparse; a plain nn.Linear stores it")
@@ -88,6 +103,28 @@ class LinearFormat:
             n, m = self.nm
             if self.in_features % m:
                 raise UserInputError(f"{where}: {self.sparsity} needs in_features divisible by {m}")
+
+    def _check_types(self) -> None:
+        """Each field has its JSON type (a format read from an edited ``config.json`` may hold ``"4"`` for ``4``):
+        a wrong type is named as such, with the fix, rather than compared as a value."""
+        for name, optional in (("in_features", False), ("out_features", False), ("bits", True), ("group_size", False),
+                               ("nnz", True)):
+            value = getattr(self, name)
+            if (value is None and optional) or _is_integer(value):
+                continue
+            example = f" ({value}, not \"{value}\")" if isinstance(value, str) else ""
+            raise UserInputError(f"layer format: {name}={value!r} is a {type(value).__name__}, not an integer"
+                                 f"{' (or null)' if optional else ''}; write it as a number{example}")
+        for name in ("in_features", "out_features"):
+            if isinstance(getattr(self, name), int) and getattr(self, name) <= 0:
+                raise UserInputError(f"layer format: {name}={getattr(self, name)} is not a positive size")
+        if self.sparsity is not None and not isinstance(self.sparsity, str):
+            raise UserInputError(f"layer format: sparsity={self.sparsity!r} is a {type(self.sparsity).__name__}, not "
+                                 "a string ('N:M' such as '2:4', or 'bitmask') or null")
+        for name in ("bias", "symmetric", "g_idx", "act_order"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                raise UserInputError(f"layer format: {name}={value!r} is a {type(value).__name__}, not true or false")
 
     # ----- derived quantities -----------------------------------------------------------------------------------
     @property

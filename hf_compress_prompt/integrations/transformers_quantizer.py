@@ -7,6 +7,7 @@ Both are registered with transformers when ``hf_compress_prompt`` is imported (:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .._logging import get_logger
 from ..errors import UserInputError
 from ..formats import FORMAT_VERSION, LinearFormat
 from ..nn import packed_linear_class
-from .safetensors_check import CheckpointError, checkpoint_tensors
+from .safetensors_check import CheckpointError, check_folder, checkpoint_tensors
 
 __all__ = [
     "QUANT_METHOD",
@@ -75,10 +76,31 @@ class CompressedConfig(QuantizationConfigMixin):
             logger.warning("ignoring unknown quantization_config keys %s", sorted(kwargs))
         self.post_init()
 
-    def post_init(self) -> None:
-        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        """The config read back from ``config.json``: unlike a config built in memory, it must say its
+        ``format_version`` (a folder without one was not written by this package, or was edited)."""
+        if not isinstance(config_dict, dict):
+            raise UserInputError(f"config.json: quantization_config is a {type(config_dict).__name__}, not an object; "
+                                 "save the model again")
+        if "format_version" not in config_dict:
             raise UserInputError(
-                f"compressed checkpoint format_version={self.format_version!r} is not supported by this "
+                f"config.json: quantization_config (quant_method {QUANT_METHOD!r}) has no format_version; the folder "
+                f"was edited or not written by hf_compress_prompt: save the model again (or add \"format_version\": "
+                f"{FORMAT_VERSION} if you know it is this package's format {FORMAT_VERSION})"
+            )
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def post_init(self) -> None:
+        version = self.format_version
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise UserInputError(
+                f"config.json: quantization_config format_version={version!r} is a {type(version).__name__}, not an "
+                f"integer; write it as a number (e.g. {FORMAT_VERSION}, not \"{FORMAT_VERSION}\") or save the model again"
+            )
+        if not 1 <= version <= FORMAT_VERSION:
+            raise UserInputError(
+                f"compressed checkpoint format_version={version!r} is not supported by this "
                 f"hf_compress_prompt (it reads versions 1..{FORMAT_VERSION}); upgrade hf_compress_prompt"
             )
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
@@ -93,7 +115,7 @@ class CompressedConfig(QuantizationConfigMixin):
             try:
                 formats[name] = LinearFormat.from_dict(spec)
             except (TypeError, UserInputError) as exc:
-                raise UserInputError(f"quantization_config layer {name!r}: {exc}") from None
+                raise UserInputError(f"config.json: quantization_config layer {name!r}: {exc}") from None
         return formats
 
     @classmethod
@@ -120,18 +142,89 @@ def install_packed_modules(model: nn.Module, formats: dict[str, LinearFormat], d
         _set_module(model, name, packed_linear_class(fmt)(fmt, dtype=dtype, device=device))
 
 
+def _where(found: dict[str, dict]) -> str:
+    """The checkpoint as a message names it: its one file, or its folder and shard count."""
+    files = sorted({info["file"] for info in found.values()})
+    if len(files) == 1:
+        return files[0]
+    return f"{Path(files[0]).parent if files else 'the checkpoint'} ({len(files)} shards)"
+
+
 def _check_tensors(expected: dict[str, tuple[tuple[int, ...], str | None]], found: dict[str, dict]) -> None:
     """Every expected tensor is present with its shape (and dtype, when fixed); errors name the tensor and file."""
     for name, (shape, dtype) in expected.items():
         info = found.get(name)
         if info is None:
-            raise CheckpointError(f"compressed checkpoint is missing tensor {name!r}; the folder is incomplete, save it again")
+            raise CheckpointError(f"compressed checkpoint {_where(found)} is missing tensor {name!r}; the folder is "
+                                  "incomplete, save the model again")
         if tuple(info["shape"]) != tuple(shape):
             raise CheckpointError(
-                f"tensor {name!r} in {info['file']} has shape {list(info['shape'])}, the config says {list(shape)}"
+                f"tensor {name!r} in {info['file']} has shape {list(info['shape'])}, the config says {list(shape)}; "
+                "save the model again"
             )
         if dtype is not None and info["dtype"] != dtype:
-            raise CheckpointError(f"tensor {name!r} in {info['file']} has dtype {info['dtype']}, the format needs {dtype}")
+            raise CheckpointError(f"tensor {name!r} in {info['file']} has dtype {info['dtype']}, the format needs "
+                                  f"{dtype}; save the model again")
+
+
+def _checkpoint_to_model_names(model: nn.Module, names, hf_quantizer=None) -> dict[str, tuple[str, bool]]:
+    """Model parameter name -> (the checkpoint tensor that loads into it, whether it loads as is), renaming the
+    checkpoint's names the way transformers does while loading (its per-model renamings and conversions, and the
+    base-model prefix). A tensor that a conversion fuses with others (``converted``) keeps no shape of its own."""
+    meta = model.state_dict()
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model, None, hf_quantizer)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    except (ImportError, AttributeError, TypeError):  # another transformers: names as they are
+        return {name: (name, True) for name in names}
+    out: dict[str, tuple[str, bool]] = {}
+    for name in names:
+        target, pattern = rename_source_key(name, renamings, converters, getattr(model, "base_model_prefix", None), meta)
+        if target not in out or pattern is None:
+            out[target] = (name, pattern is None)
+    return out
+
+
+def _check_dense_tensors(model: nn.Module, found: dict[str, dict], skip: set[str], hf_quantizer=None) -> None:
+    """Every tensor the (meta) model will load, other than those under the modules in ``skip`` (checked against
+    their format), is in the checkpoint with its shape, and a float tensor holds floats: a missing dense tensor
+    (say ``lm_head.weight``) would otherwise load as random values. Tied weights need only one of their group, and
+    the model's ``_keys_to_ignore_on_load_missing`` may be absent."""
+    present = _checkpoint_to_model_names(model, found, hf_quantizer)
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    partners: dict[str, set[str]] = {}
+    for target, source in tied.items():
+        partners.setdefault(target, set()).add(source)
+        partners.setdefault(source, set()).add(target)
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or ())]
+    missing = []
+    for key, tensor in model.state_dict().items():
+        if key.rpartition(".")[0] in skip:
+            continue
+        if key not in present:
+            if not (partners.get(key, set()) & present.keys()) and not any(p.search(key) for p in ignored):
+                missing.append(key)
+            continue
+        name, as_is = present[key]
+        info = found[name]
+        if as_is and tuple(info["shape"]) != tuple(tensor.shape):
+            raise CheckpointError(f"tensor {name!r} in {info['file']} has shape {list(info['shape'])}, the model "
+                                  f"expects {list(tensor.shape)}; the folder does not match its config.json, save "
+                                  "the model again")
+        stored_float = info["dtype"].startswith(("float", "bfloat"))
+        if as_is and stored_float != tensor.is_floating_point():
+            raise CheckpointError(f"tensor {name!r} in {info['file']} has dtype {info['dtype']}, the model expects "
+                                  f"{str(tensor.dtype).removeprefix('torch.')}; save the model again")
+    if missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" \
+            if len(missing) > 1 else ""
+        raise CheckpointError(f"compressed checkpoint {_where(found)} is missing tensor {missing[0]!r}{more}, which "
+                              "would load as random values; the folder is incomplete or was edited, save the model "
+                              "again")
 
 
 def _attach_saved_prompt(model, directory: Path | None) -> None:
@@ -162,15 +255,26 @@ class CompressedHfQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs):
         return
 
+    def update_attn_implementation(self, config):
+        """The last hook that sees the model before transformers resolves its weight files: a local folder's
+        layout is checked here (:func:`~.safetensors_check.check_folder`), so shards without their index, an
+        unreadable index or a missing shard fail with one line naming the file instead of transformers' error."""
+        folder = Path(str(getattr(config, "name_or_path", "") or ""))
+        if folder.is_dir() and _saved_quantized(folder):
+            check_folder(folder)
+        return super().update_attn_implementation(config)
+
     def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
         config = self.quantization_config
         float_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
         found = checkpoint_tensors(checkpoint_files) if checkpoint_files else None
         self._checkpoint_dir = Path(checkpoint_files[0]).parent if checkpoint_files else None
         if config.checkpoint_format == "gptq":
-            from ..nn.gptq_import import install_gptq_modules
+            from ..nn.gptq_import import GPTQImportLinear, install_gptq_modules
 
             install_gptq_modules(model, config.gptq, found, float_dtype)
+            _check_dense_tensors(model, found, {n for n, m in model.named_modules() if isinstance(m, GPTQImportLinear)},
+                                 self)
             return model
         formats = config.layer_formats()
         if found is not None:
@@ -180,6 +284,8 @@ class CompressedHfQuantizer(HfQuantizer):
                     expected[f"{name}.{tensor}"] = (spec.shape, None if spec.dtype is None else str(spec.dtype).split(".")[1])
             _check_tensors(expected, found)
         install_packed_modules(model, formats, float_dtype)
+        if found is not None:
+            _check_dense_tensors(model, found, set(formats), self)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -253,6 +359,17 @@ def attach_quantization_config(model: nn.Module, formats: dict[str, LinearFormat
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     return config
+
+
+def _saved_quantized(folder: Path) -> bool:
+    """Whether ``folder/config.json`` records a quantization config (this package's, or a GPTQ one it loads)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict)
 
 
 def _get(model: nn.Module, name: str):

@@ -94,6 +94,17 @@ def _resolve(path_or_repo: str | os.PathLike) -> Path:
     raise MissingResourceError(f"{path_or_repo} is not a folder with a recovery prompt (nor a Hub repo id)")
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object read from ``path``; invalid JSON (or another JSON value) is an error naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path} is not valid JSON ({exc}); save the recovery prompt again") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path} holds a JSON {type(data).__name__}, not an object; save the recovery prompt again")
+    return data
+
+
 def load_recovery_prompt(path_or_repo: str | os.PathLike) -> RecoveryPrompt:
     """Reads a prompt saved by :func:`save_recovery_prompt` or by PEFT (``PeftModel.save_pretrained`` of a
     prompt-tuning adapter), from a folder or a Hub repo.
@@ -106,10 +117,7 @@ def load_recovery_prompt(path_or_repo: str | os.PathLike) -> RecoveryPrompt:
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not config_file.is_file() or not weights_file.is_file():
         raise MissingResourceError(f"{directory} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a PEFT prompt-tuning adapter)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{config_file} is not valid JSON: {exc}") from None
+    config = _read_json_object(config_file)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise UserInputError(f"{directory} holds a {config.get('peft_type')!r} adapter; a recovery prompt is PROMPT_TUNING")
     from safetensors import SafetensorError
@@ -126,7 +134,7 @@ def load_recovery_prompt(path_or_repo: str | os.PathLike) -> RecoveryPrompt:
     if tuple(embedding.shape) != expected:
         raise UserInputError(f"{weights_file}: prompt of shape {tuple(embedding.shape)}, the adapter config says {expected}")
     metadata_file = directory / METADATA
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    metadata = _read_json_object(metadata_file) if metadata_file.is_file() else {}
     metadata.setdefault("base_model", config.get("base_model_name_or_path"))
     return RecoveryPrompt(embedding, metadata)
 
