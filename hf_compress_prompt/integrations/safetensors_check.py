@@ -168,6 +168,10 @@ def check_folder(directory: str | os.PathLike) -> list[Path]:
                                   f"but no {INDEX_NAME}, which says which tensor is in which shard; copy the index "
                                   f"file too, or {_SAVE_AGAIN}")
         if not any(directory.glob("*.safetensors")):
+            pickles = sorted(p.name for p in directory.glob("*.bin"))
+            if pickles:
+                raise CheckpointError(f"{directory} holds only pickle weights ({', '.join(pickles[:2])}); compressed "
+                                      "checkpoints are safetensors only: save the model again (safetensors)")
             raise CheckpointError(f"{directory} has no {WEIGHTS_NAME} (nor {INDEX_NAME}); {_SAVE_AGAIN}")
         return []  # a variant's file name (model.<variant>.safetensors): transformers picks it
     checkpoint_tensors(files)

@@ -260,7 +260,8 @@ class CompressedHfQuantizer(HfQuantizer):
         layout is checked here (:func:`~.safetensors_check.check_folder`), so shards without their index, an
         unreadable index or a missing shard fail with one line naming the file instead of transformers' error."""
         folder = Path(str(getattr(config, "name_or_path", "") or ""))
-        if folder.is_dir() and _saved_quantized(folder):
+        explicit = getattr(config, "transformers_weights", None)  # the config names its weights file: transformers'
+        if folder.is_dir() and explicit is None and _saved_quantized(folder):
             check_folder(folder)
         return super().update_attn_implementation(config)
 

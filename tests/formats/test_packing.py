@@ -103,3 +103,29 @@ def test_format_round_trips_through_json():
     assert LinearFormat.from_dict(fmt.to_dict()) == fmt
     with pytest.raises(UserInputError, match="unknown layer format keys"):
         LinearFormat.from_dict({**fmt.to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("bits", "4", r"bits='4' is a str, not an integer \(or null\); write it as a number \(4, not \"4\"\)"),
+    ("bits", 4.0, r"bits=4\.0 is a float, not an integer"),
+    ("bits", True, r"bits=True is a bool, not an integer"),
+    ("group_size", "32", r"group_size='32' is a str, not an integer"),
+    ("in_features", "128", r"in_features='128' is a str"),
+    ("nnz", "10", r"nnz='10' is a str"),
+    ("sparsity", 0.5, r"sparsity=0\.5 is a float, not a string"),
+    ("symmetric", "true", r"symmetric='true' is a str, not true or false"),
+])
+def test_mistyped_fields_are_named_as_such(field, value, message):
+    """A format read from an edited config.json: the wrong type is the error, not a comparison of values."""
+    spec = {"in_features": IN, "out_features": OUT, "bits": 4, "group_size": 32, **{field: value}}
+    if field == "nnz":
+        spec.update(sparsity="bitmask")
+    with pytest.raises(UserInputError, match=message):
+        LinearFormat.from_dict(spec)
+
+
+def test_integer_like_sizes_are_accepted():
+    import numpy as np
+
+    fmt = LinearFormat(np.int64(IN), OUT, bits=4, group_size=32)
+    assert fmt.groups == IN // 32

@@ -83,6 +83,8 @@ CASES = {  # name -> (sharded folder?, damage(folder), what the one line must sa
     "shard missing": (
         True, _remove("model-00002-of-00004.safetensors"),
         r"model\.safetensors\.index\.json lists shard 'model-00002-of-00004\.safetensors', which is missing"),
+    "weights file missing": (
+        False, _remove("model.safetensors"), r"has no model\.safetensors \(nor model\.safetensors\.index\.json\)"),
     "index missing": (
         True, _remove("model.safetensors.index.json"),
         r"holds shards \(model-00001-of-00004\.safetensors.*but no model\.safetensors\.index\.json.*copy the index"),
