@@ -21,13 +21,16 @@ from .reference import dense_weight, reference_linear
 def _cpu_description(kind: str):
     def describe() -> str:
         reason = _cpu.unavailable_reason()  # builds the C kernels on first call (about a second, then cached)
+        note = _cpu.cache_note()  # a refused cache folder or a rebuilt library: said even when the kernels run
         if reason is not None:
-            return f"reference (pure PyTorch): {reason}"
+            return f"reference (pure PyTorch): {reason}" + (f" ({note})" if note else "")
         if kind == "int":
-            return (f"{_cpu.kernel_name(kind)} for int4, {_cpu.kernel_name(kind, 8)} for int8, group size a multiple "
+            text = (f"{_cpu.kernel_name(kind)} for int4, {_cpu.kernel_name(kind, 8)} for int8, group size a multiple "
                     "of 64; reference otherwise")
-        return (f"{_cpu.kernel_name(kind)} for int4 values (group size a multiple of 64); "
-                f"{_cpu.kernel_name(kind, None)} for bf16 values; reference otherwise")
+        else:
+            text = (f"{_cpu.kernel_name(kind)} for int4 values (group size a multiple of 64); "
+                    f"{_cpu.kernel_name(kind, None)} for bf16 values; reference otherwise")
+        return text + (f" ({note})" if note else "")
 
     return describe
 

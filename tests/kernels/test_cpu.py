@@ -221,3 +221,153 @@ def test_cache_bytes_counts_copies_not_views():
     before = cpu.cache_bytes()
     cpu.int_linear(torch.randn(1, 128), fmt, tensors, None)
     assert cpu.cache_bytes() - before == 64 * 128 // 2 + 64 * groups * (4 + 1)  # int4 tiles: a copy of the codes
+
+
+# ----- the cached library is verified before it is loaded ------------------------------------------------------------
+_SYMBOLS = ("hcp_quantize_activations", "hcp_int8_gemm", "hcp_tiled_int4_gemm", "hcp_prepare_activations",
+            "hcp_finish_output", "hcp_plan_linear", "hcp_has_vnni", "hcp_has_tiled", "hcp_sparse_bf16_gemm",
+            "hcp_has_bf16", "hcp_has_openmp")  # what linear.c and tiled.c export
+
+
+def test_the_loader_binds_every_exported_symbol():
+    assert set(cpu._SIGNATURES) == set(_SYMBOLS)
+
+
+def _stub_source(folder, missing=(), constructor_marker=None):
+    """A C file defining every symbol the loader binds (as no-ops) except ``missing``; with ``constructor_marker``,
+    a constructor that writes that file when the library is loaded (what a swapped library could do)."""
+    lines = [f"int {name}(void) {{ return 0; }}" for name in _SYMBOLS if name not in missing]
+    if constructor_marker is not None:
+        lines = ["#include <stdio.h>",
+                 f'__attribute__((constructor)) static void ran(void) {{ fclose(fopen("{constructor_marker}", "w")); }}',
+                 *lines]
+    path = folder / f"stub{len(list(folder.glob('stub*.c')))}.c"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def fresh_loader(tmp_path, monkeypatch):
+    """The CPU loader as in a new process, with its cache in ``tmp_path / "cache"``; ``use(**stub)`` builds from a
+    stub source (fast) and forgets what was loaded. Everything is restored afterwards, so later tests see the real
+    kernels again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(cpu.CACHE_ENV, str(cache))
+    monkeypatch.delenv("HF_COMPRESS_PROMPT_KERNELS", raising=False)
+    state = ("_lib", "_reason", "_private_dir", "_cache_reason", "_rebuild_reason")
+    for name in state:
+        monkeypatch.setattr(cpu, name, None, raising=False)
+    for name in ("_use_vnni", "_use_tiled", "_use_bf16", "_use_openmp", "_SOURCES"):
+        monkeypatch.setattr(cpu, name, getattr(cpu, name))
+    monkeypatch.setattr(cpu, "_prepared", {})
+    sources = tmp_path / "src"
+    sources.mkdir()
+
+    def use(**stub):
+        cpu._SOURCES = [_stub_source(sources, **stub)]
+        for name in state:
+            setattr(cpu, name, None)
+
+    return cache, use
+
+
+def _swap(path, data: bytes):
+    """Replaces a file by a new one (a new inode, as a swapped file would be)."""
+    import os
+
+    tmp = path.with_name(path.name + ".swap")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def test_a_swapped_library_fails_its_digest_and_is_rebuilt_unrun(fresh_loader, tmp_path):
+    import hashlib
+    import json
+
+    cache, use = fresh_loader
+    use()
+    library = cpu.build()  # built (with its manifest), not loaded
+    sources = cpu._SOURCES
+    manifest = json.loads(library.with_suffix(".json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest() and manifest["flags"]
+    assert manifest["source_sha256"] == hashlib.sha256(sources[0].read_bytes()).hexdigest()
+    # someone swaps in another library whose constructor runs on load
+    marker = tmp_path / "constructor-ran"
+    use(constructor_marker=marker)
+    evil = tmp_path / "evil.so"
+    subprocess.run([cpu._compiler(), *cpu._FLAGS, "-o", str(evil), str(cpu._SOURCES[0])], check=True)
+    _swap(library, evil.read_bytes())
+    use()
+    cpu._SOURCES = sources  # the original sources, in a new process
+    assert cpu.available()
+    assert not marker.exists()  # the swapped library was never loaded
+    note = cpu.cache_note()
+    assert note is not None and str(library) in note and "sha256" in note and "rebuilt" in note
+    assert hashlib.sha256(library.read_bytes()).hexdigest() == json.loads(library.with_suffix(".json").read_text())["sha256"]
+    assert "rebuilt" in status()["ops"]["int_linear"]["cpu"]
+
+
+def test_a_library_missing_a_symbol_falls_back_to_the_reference(fresh_loader):
+    from hf_compress_prompt.nn import packed_linear_from
+
+    _, use = fresh_loader
+    use(missing=("hcp_tiled_int4_gemm",))
+    assert not cpu.available()
+    assert "lacks symbol hcp_tiled_int4_gemm" in cpu.unavailable_reason()
+    assert "hcp_tiled_int4_gemm" in status()["ops"]["int_linear"]["cpu"]
+    fmt, tensors = _layer(64, 128, 64)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(cpu.int_linear(x, fmt, tensors, None), reference_linear(x, fmt, tensors, None),
+                               rtol=0, atol=0)
+    module = packed_linear_from(fmt, tensors)
+    with reference_only():
+        exact = module(x)
+    torch.testing.assert_close(module(x), exact, rtol=0, atol=0)  # the op runs the reference, not a dead kernel
+    assert layer_status(torch.nn.Sequential(module))["0"].startswith("reference: ")
+
+
+def test_a_library_that_does_not_load_falls_back_with_the_reason(fresh_loader):
+    import hashlib
+    import json
+
+    _, use = fresh_loader
+    use()
+    library = cpu.build()
+    _swap(library, b"not a shared library")  # with a manifest that vouches for it: the digest passes, dlopen fails
+    manifest = library.with_suffix(".json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()),
+                                    "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}))
+    assert not cpu.available()
+    assert f"the CPU kernel library {library} could not be loaded" in cpu.unavailable_reason()
+    assert "could not be loaded" in status()["ops"]["bitmask_linear"]["cpu"]
+
+
+@pytest.mark.parametrize("damage", ["world-writable", "group-writable", "another owner"])
+def test_an_unsafe_cache_folder_is_refused_for_a_private_one(fresh_loader, monkeypatch, damage):
+    import os
+    import stat
+
+    cache, use = fresh_loader
+    cache.mkdir()
+    if damage == "another owner":  # the folder's stat says another uid
+        real_stat = os.stat
+
+        def stat_of(path, *args, **kwargs):
+            st = real_stat(path, *args, **kwargs)
+            if os.fspath(path) != str(cache):
+                return st
+            return os.stat_result((*st[:4], st.st_uid + 1, *st[5:10]))
+
+        monkeypatch.setattr(os, "stat", stat_of)
+    else:
+        cache.chmod(0o777 if damage == "world-writable" else 0o770)
+    use()
+    assert cpu.available()
+    assert not list(cache.rglob("*.so"))  # nothing built (or loaded) where others can write
+    note = cpu.cache_note()
+    why = {"world-writable": "writable by others", "group-writable": "writable by its group",
+           "another owner": "not by this user"}[damage]
+    assert note is not None and str(cache) in note and why in note and "private folder" in note
+    private = cpu._private_dir
+    assert private is not None and stat.S_IMODE(private.stat().st_mode) == 0o700 and list(private.rglob("*.so"))
+    assert "private folder" in status()["ops"]["nm_linear"]["cpu"]

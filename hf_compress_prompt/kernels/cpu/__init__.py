@@ -12,10 +12,13 @@ Set ``HF_COMPRESS_PROMPT_KERNELS=reference`` to disable them.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ __all__ = [
     "bitmask_int4_linear",
     "build",
     "cache_bytes",
+    "cache_note",
     "int_linear",
     "kernel_name",
     "prepare",
@@ -57,39 +61,124 @@ _use_tiled = False  # int4 in 16-row tiles (dense and sparse): VNNI + VBMI2
 _use_bf16 = False
 _use_openmp = False  # rows split over torch's OpenMP team inside C (else over a Python thread pool)
 _pool: ThreadPoolExecutor | None = None
+_private_dir: Path | None = None  # the private build folder used instead of a refused cache folder
+_cache_reason: str | None = None  # why the cache folder was refused
+_rebuild_reason: str | None = None  # why a cached library was not loaded (and was rebuilt)
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why ``path`` (an existing folder or file) is not safe to load code from, or ``None``: someone else owns it,
+    or others may write to it (group- or world-writable), so they could swap the library we load."""
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"writable by {'others' if st.st_mode & 0o002 else 'its group'} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def _cache_dir() -> Path:
+    """The folder the compiled library is cached in: ``$HF_COMPRESS_PROMPT_KERNEL_CACHE`` or
+    ``~/.cache/hf_compress_prompt/kernels`` (created private, 0700). One that another user owns or others can write
+    to is refused for a fresh private (0700) temporary folder, with the reason in :func:`cache_note`."""
+    global _private_dir, _cache_reason
     root = os.environ.get(CACHE_ENV)
-    return Path(root) if root else Path.home() / ".cache" / "hf_compress_prompt" / "kernels"
+    root = Path(root).expanduser() if root else Path.home() / ".cache" / "hf_compress_prompt" / "kernels"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = _unsafe(root)
+    except OSError as exc:
+        why = f"not usable ({exc})"
+    if why is None:
+        return root
+    if _private_dir is None or not _private_dir.is_dir():
+        _private_dir = Path(tempfile.mkdtemp(prefix=f"hf_compress_prompt-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}-"))
+        _cache_reason = f"kernel cache folder {root} is {why}; built into the private folder {_private_dir} instead"
+        atexit.register(shutil.rmtree, _private_dir, True)  # the loaded library stays mapped; the folder goes
+        logger.warning("%s", _cache_reason)
+    return _private_dir
+
+
+def cache_note() -> str | None:
+    """Why the kernel library did not come from the cache as is (a refused cache folder, a library that failed its
+    digest and was rebuilt), or ``None``."""
+    _load()
+    notes = [n for n in (_cache_reason, _rebuild_reason) if n]
+    return "; ".join(notes) or None
 
 
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build_with(cc: str, version: list[str], flags: list[str]) -> Path:
-    digest = hashlib.sha256()
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build_key(cc: str, version: list[str], flags: list[str]) -> dict:
+    """What a cached library was built from: its C sources' digest, the compiler (and version) and the flags."""
+    sources = hashlib.sha256()
     for source in _SOURCES:
-        digest.update(source.read_bytes())
-    digest.update(" ".join([cc, *version, *flags, sys.platform]).encode())
-    target = _cache_dir() / digest.hexdigest()[:16] / "libhcp_cpu.so"
+        sources.update(source.read_bytes())
+    return {"source_sha256": sources.hexdigest(), "compiler": [cc, *version], "flags": list(flags),
+            "platform": sys.platform}
+
+
+def _check_manifest(target: Path, key: dict) -> str | None:
+    """Why the cached ``target`` must not be loaded, or ``None``: its manifest (``<library>.json``, written when it
+    was built) must describe this build and record the library's sha256; the folder must be private."""
+    manifest = target.with_suffix(".json")
+    why = _unsafe(target.parent) or _unsafe(target)
+    if why is not None:
+        return f"its folder or file is {why}"
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        return f"its manifest {manifest.name} is missing or unreadable ({type(exc).__name__})"
+    if not isinstance(recorded, dict) or {k: recorded.get(k) for k in key} != key:
+        return f"its manifest {manifest.name} describes another build"
+    digest = _sha256(target)
+    if recorded.get("sha256") != digest:
+        return f"its sha256 {digest[:16]}... differs from the {str(recorded.get('sha256'))[:16]}... recorded when it was built"
+    return None
+
+
+def _build_with(cc: str, version: list[str], flags: list[str]) -> Path:
+    global _rebuild_reason
+    key = _build_key(cc, version, flags)
+    folder_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    target = _cache_dir() / folder_key / "libhcp_cpu.so"
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+        why = _check_manifest(target, key)
+        if why is None:
+            return target
+        _rebuild_reason = f"the cached kernel library {target} was not loaded: {why}; rebuilt it"
+        logger.warning("%s", _rebuild_reason)
+    if _unsafe(target.parent) is not None:
+        raise RuntimeError(f"kernel cache folder {target.parent} is {_unsafe(target.parent)}")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         proc = subprocess.run([cc, *flags, "-o", str(out), *map(str, _SOURCES), "-lm"], capture_output=True,
                               text=True, check=False)
         if proc.returncode:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(out, target)  # atomic: a concurrent builder finds either nothing or the whole file
+        manifest = Path(tmp) / "manifest.json"
+        manifest.write_text(json.dumps({**key, "sha256": _sha256(out)}, indent=2, sort_keys=True))
+        # atomic, library first: a concurrent builder finds either nothing, or the library with the old manifest
+        # (a digest mismatch: it rebuilds), or both whole
+        os.replace(out, target)
+        os.replace(manifest, target.with_suffix(".json"))
+    why = _check_manifest(target, key)
+    if why is not None:  # another process replaced it in between, or the folder changed under us
+        raise RuntimeError(f"the kernel library just built at {target} fails its check: {why}")
     logger.info("built CPU kernels %s", target)
     return target
 
 
 def build() -> Path:
-    """Compiles the kernels (once per source and compiler; cached) and returns the shared library's path.
+    """Compiles the kernels (once per source and compiler; cached, with a manifest holding the library's sha256,
+    checked before every load) and returns the shared library's path.
 
     With OpenMP when the compiler has it: the library then shares torch's OpenMP runtime (libgomp is loaded once
     per process), so large layers split their rows over torch's own thread team; without it, rows are split over
@@ -105,6 +194,22 @@ def build() -> Path:
         return _build_with(cc, version, _FLAGS)
 
 
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {  # symbol -> (argtypes, restype), as declared in linear.c / tiled.c
+    "hcp_quantize_activations": ([_P, _I64, _I64, _I64, _P, _P, _P], None),
+    "hcp_int8_gemm": ([_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I32], None),
+    "hcp_tiled_int4_gemm": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I32], None),
+    "hcp_prepare_activations": ([_P, _I32, _I64, _I64, _I64, _P, _P, _P], _I32),
+    "hcp_finish_output": ([_P, _I64, _I64, _P, _P, _I32, _I64, _I64], None),
+    "hcp_plan_linear": ([_P, _P, _I32, _I64, _P, _P], _I32),
+    "hcp_has_vnni": ([], _I32),
+    "hcp_has_tiled": ([], _I32),
+    "hcp_sparse_bf16_gemm": ([_P, _P, _P, _I64, _I64, _P, _I64, _P, _I64, _I64, _I32], None),
+    "hcp_has_bf16": ([], _I32),
+    "hcp_has_openmp": ([], _I32),
+}
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib, _reason, _use_vnni, _use_tiled, _use_bf16, _use_openmp
     if _lib is not None or _reason is not None:
@@ -116,30 +221,26 @@ def _load() -> ctypes.CDLL | None:
             _reason = "disabled by HF_COMPRESS_PROMPT_KERNELS=reference"
             return None
         try:
-            lib = ctypes.CDLL(str(build()))
+            path = build()  # verified: the manifest's sha256 matches the file about to be loaded
         except (OSError, RuntimeError) as exc:
             _reason = f"CPU kernels could not be built: {exc}"
             logger.warning("%s; using the reference ops", _reason)
             return None
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.hcp_quantize_activations.argtypes = [p, i64, i64, i64, p, p, p]
-        lib.hcp_quantize_activations.restype = None
-        lib.hcp_int8_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
-        lib.hcp_int8_gemm.restype = None
-        lib.hcp_tiled_int4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, p, p, p, i64, p, i64, i64, i32]
-        lib.hcp_tiled_int4_gemm.restype = None
-        lib.hcp_prepare_activations.argtypes = [p, i32, i64, i64, i64, p, p, p]
-        lib.hcp_prepare_activations.restype = i32
-        lib.hcp_finish_output.argtypes = [p, i64, i64, p, p, i32, i64, i64]
-        lib.hcp_finish_output.restype = None
-        lib.hcp_plan_linear.argtypes = [p, p, i32, i64, p, p]
-        lib.hcp_plan_linear.restype = i32
-        lib.hcp_has_vnni.restype = i32
-        lib.hcp_has_tiled.restype = i32
-        lib.hcp_sparse_bf16_gemm.argtypes = [p, p, p, i64, i64, p, i64, p, i64, i64, i32]
-        lib.hcp_sparse_bf16_gemm.restype = None
-        lib.hcp_has_bf16.restype = i32
-        lib.hcp_has_openmp.restype = i32
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            _reason = f"the CPU kernel library {path} could not be loaded: {exc}"
+            logger.warning("%s; using the reference ops", _reason)
+            return None
+        missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+        if missing:
+            _reason = (f"the CPU kernel library {path} lacks symbol{'s' if len(missing) > 1 else ''} "
+                       f"{', '.join(missing)} (built from other sources)")
+            logger.warning("%s; using the reference ops", _reason)
+            return None
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
         _use_openmp = bool(lib.hcp_has_openmp())
         _use_bf16 = bool(lib.hcp_has_bf16())
         _use_vnni = bool(lib.hcp_has_vnni())
