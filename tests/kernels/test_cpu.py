@@ -284,7 +284,7 @@ def test_a_swapped_library_fails_its_digest_and_is_rebuilt_unrun(fresh_loader, t
     import hashlib
     import json
 
-    cache, use = fresh_loader
+    _, use = fresh_loader
     use()
     library = cpu.build()  # built (with its manifest), not loaded
     sources = cpu._SOURCES
