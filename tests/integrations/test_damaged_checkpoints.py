@@ -103,6 +103,9 @@ CASES = {  # name -> (sharded folder?, damage(folder), what the one line must sa
     "recovery_prompt.json not JSON": (
         False, _write("recovery_prompt/recovery_prompt.json", "{oops"),
         r"recovery_prompt/recovery_prompt\.json is not valid JSON .*save the recovery prompt again"),
+    "adapter_config.json a list": (
+        False, _write("recovery_prompt/adapter_config.json", "[1]"),
+        r"recovery_prompt/adapter_config\.json holds a JSON list, not an object; save the recovery prompt again"),
     "format_version missing": (
         False, _quant_config(lambda q: q.pop("format_version")),
         r"config\.json: quantization_config .* has no format_version.*save the model again"),
