@@ -345,7 +345,11 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
         raise UserInputError("generate with a recovery prompt takes an empty cache (the prompt's keys and values are "
                              "written into it first); this one already holds positions")
     batch, n = ids.shape[0], state.prompt.num_virtual_tokens
+    if (_setting(model, kwargs, "guidance_scale") or 1) != 1:
+        raise UserInputError("generate with a recovery prompt does not support classifier-free guidance "
+                             "(guidance_scale); disable the prompt (model.disable_recovery_prompt()) to use it")
     _count_placeholders_in_lengths(model, kwargs, n)
+    _hide_placeholders_from_callbacks(kwargs, n)
     static_length = _static_length(model, kwargs, n + ids.shape[1])
     if given is not None and static_length is not None:
         raise UserInputError("pass either a cache or cache_implementation='static' to generate, not both")
@@ -364,6 +368,9 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     default = model.generation_config.cache_implementation  # transformers would fill it in and refuse our cache
     model.generation_config.cache_implementation = None
     state.generating, state.generation_cache = True, cache
+    overridden = model.__dict__.get("_get_logits_processor")
+    model._get_logits_processor = functools.partial(_logits_processor_without_placeholders, model,
+                                                    model._get_logits_processor, n)
     try:
         out = original(
             torch.cat([placeholder, ids], dim=1),
@@ -374,10 +381,89 @@ def _generate(model: nn.Module, inputs: torch.Tensor | None = None, **kwargs):
     finally:
         state.generating, state.generation_cache = False, None
         model.generation_config.cache_implementation = default
+        if overridden is None:
+            model.__dict__.pop("_get_logits_processor", None)
+        else:
+            model._get_logits_processor = overridden
     if isinstance(out, torch.Tensor):
         return out[:, n:]
     out.sequences = out.sequences[:, n:]
     return out
+
+
+# What reads the token ids of the sequences: these see them without the n placeholders, as the caller wrote them.
+# (Length-counting processors, MinLength, MinNewTokensLength, ExponentialDecayLengthPenalty, ForcedEOS,
+# SuppressTokensAtBegin, are built by transformers from lengths that count the placeholders and see them.)
+_READS_TOKENS = ("RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "SequenceBiasLogitsProcessor",
+                 "NoBadWordsLogitsProcessor")
+
+
+class _WithoutPlaceholders:
+    """A logits processor or stopping criterion of the caller's, or one of :data:`_READS_TOKENS`, called with the
+    sequences without their ``n`` leading placeholder ids; other attributes are the wrapped object's."""
+
+    def __init__(self, inner, n: int):
+        self.__dict__.update(inner=inner, n=n)
+
+    def __getattr__(self, name):
+        if "inner" not in self.__dict__:  # half-built (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.__dict__["inner"], name)
+
+
+class _ProcessorWithoutPlaceholders(_WithoutPlaceholders):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.inner(input_ids[:, self.n:], scores)
+
+
+class _CriterionWithoutPlaceholders(_WithoutPlaceholders):
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return self.inner(input_ids[:, self.n:], scores, **kwargs)
+
+
+class _StreamerWithoutPlaceholders(_WithoutPlaceholders):
+    """A streamer whose first ``put`` (the input sequences) comes without the placeholders."""
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.__dict__.get("started"):
+            self.__dict__["started"] = True
+            value = value[..., self.n:]
+        self.inner.put(value)
+
+
+def _hide_placeholders_from_callbacks(kwargs: dict, n: int) -> None:
+    """The caller's logits processors, stopping criteria, ``prefix_allowed_tokens_fn`` and streamer see the
+    sequences they passed, not the placeholders."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    if kwargs.get("logits_processor"):
+        kwargs["logits_processor"] = LogitsProcessorList(
+            _ProcessorWithoutPlaceholders(p, n) for p in kwargs["logits_processor"])
+    if kwargs.get("stopping_criteria"):
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            _CriterionWithoutPlaceholders(c, n) for c in kwargs["stopping_criteria"])
+    if kwargs.get("prefix_allowed_tokens_fn") is not None:
+        allowed = kwargs["prefix_allowed_tokens_fn"]
+        kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, sequence: allowed(batch_id, sequence[n:])  # (length,)
+    if kwargs.get("streamer") is not None:
+        kwargs["streamer"] = _StreamerWithoutPlaceholders(kwargs["streamer"], n)
+
+
+def _logits_processor_without_placeholders(model: nn.Module, original, n: int, *args, **kwargs):
+    """transformers' ``_get_logits_processor`` for sequences that start with ``n`` placeholders: what penalises
+    or bans the tokens already in a sequence (:data:`_READS_TOKENS`; the encoder-repetition processors, given the
+    inputs) does not count the placeholders, and padding is found after them."""
+    kwargs = {**inspect.signature(original).bind_partial(*args, **kwargs).arguments}
+    if kwargs.get("encoder_input_ids") is not None and kwargs["encoder_input_ids"].dim() == 2:
+        kwargs["encoder_input_ids"] = kwargs["encoder_input_ids"][:, n:]
+    model_kwargs = kwargs.get("model_kwargs")
+    if model_kwargs is not None and model_kwargs.get("attention_mask") is not None:
+        kwargs["model_kwargs"] = {**model_kwargs, "attention_mask": model_kwargs["attention_mask"][:, n:]}
+    processors = original(**kwargs)
+    for i, processor in enumerate(processors):
+        if type(processor).__name__ in _READS_TOKENS:
+            processors[i] = _ProcessorWithoutPlaceholders(processor, n)
+    return processors
 
 
 def _setting(model: nn.Module, kwargs: dict, name: str):

@@ -73,6 +73,40 @@ def _assistant():
     return build_tiny_llama(num_layers=1)
 
 
+class _RepeatFirstToken:
+    """A caller's logits processor: always the first token of the sequence the caller passed."""
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter(1, input_ids[:, :1], 0.0)
+
+
+class _StopAtLength:
+    """A caller's stopping criterion: stop once the sequence the caller passed has grown by 3 tokens."""
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((len(input_ids),), input_ids.shape[1] >= L + 3, dtype=torch.bool)
+
+
+def _allowed_after(batch_id, sequence):  # prefix_allowed_tokens_fn: depends on the caller's first two tokens
+    return [int(sequence[0]), int(sequence[1]), 7]
+
+
+def _logits_processors():
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList([_RepeatFirstToken()])
+
+
+def _stopping_criteria():
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([_StopAtLength()])
+
+
+ZERO_LIKED = {(0,): 10.0}  # token 0 (the placeholders' id) made the likeliest: options that read the ids tell
+
+
 # (id, inputs, generate kwargs, what the oracle leaves out: the options that only change how the tokens are found)
 CASES = [
     ("greedy", "one", {}, ()),
@@ -99,6 +133,12 @@ CASES = [
     ("prompt_lookup", "one", {"prompt_lookup_num_tokens": 3}, ("prompt_lookup_num_tokens",)),
     ("max_length", "padded", {"max_length": L + NEW, "max_new_tokens": None}, ()),
     ("min_length", "one", {"min_length": L + NEW, "eos_token_id": "likely"}, ()),
+    ("repetition_penalty_left_padded", "padded", {"repetition_penalty": 100.0, "sequence_bias": ZERO_LIKED}, ()),
+    ("no_repeat_ngram_size", "one", {"no_repeat_ngram_size": 1, "sequence_bias": ZERO_LIKED}, ()),
+    ("encoder_repetition_penalty", "one", {"encoder_repetition_penalty": 100.0, "sequence_bias": ZERO_LIKED}, ()),
+    ("prefix_allowed_tokens_fn", "one", {"prefix_allowed_tokens_fn": lambda: _allowed_after}, ()),
+    ("logits_processor", "one", {"logits_processor": _logits_processors}, ()),
+    ("stopping_criteria", "one", {"stopping_criteria": _stopping_criteria, "min_new_tokens": None}, ()),
 ]
 
 
@@ -132,10 +172,11 @@ def test_generate_equals_the_full_recompute_oracle(model, inputs, options, oracl
     torch.manual_seed(0)
     theirs = oracle.generate(ids, attention_mask=mask, **{**reference, "use_cache": False})
     expand = kwargs.get("num_return_sequences", 1)
-    assert ours.shape == (len(ids) * expand, L + NEW)
+    assert ours.shape == (len(ids) * expand, L + (3 if "stopping_criteria" in kwargs else NEW))
     assert torch.equal(ours[:, :L], ids.repeat_interleave(expand, dim=0))
     assert ours[:, L:].tolist() == theirs[:, L:].tolist()
-    if inputs == "one" and not kwargs.get("do_sample") and kwargs.get("num_beams", 1) == 1 and "eos_token_id" not in kwargs:
+    if inputs == "one" and set(options) <= {"use_cache", "cache_implementation", "assistant_model",
+                                            "prompt_lookup_num_tokens"}:  # plain greedy decoding
         assert torch.equal(theirs, _greedy_loop(oracle, prompt, ids, NEW))  # the oracle itself is right
 
 
@@ -164,3 +205,26 @@ def test_options_that_cannot_work_are_refused(tiny_llama):
                             max_new_tokens=2)
     with pytest.raises(UserInputError, match="assistant_model"):  # the model as its own draft: prompts nest
         tiny_llama.generate(ids, attention_mask=mask, assistant_model=tiny_llama, max_new_tokens=2)
+    with pytest.raises(UserInputError, match="guidance_scale"):  # would run the model without the prompt inside
+        tiny_llama.generate(ids, attention_mask=mask, guidance_scale=1.5, max_new_tokens=2)
+
+
+def test_a_streamer_gets_the_callers_tokens(model):
+    # The placeholders standing for the prompt are not streamed: the first put is the caller's input ids.
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(1, -1))
+
+        def end(self):
+            self.ended = True
+
+    attach_recovery_prompt(model, _prompt())
+    ids, mask = _inputs("one")
+    recorder = Recorder()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                         streamer=recorder)
+    assert torch.equal(recorder.puts[0], ids) and recorder.ended
+    assert torch.equal(torch.cat(recorder.puts, dim=1), out)
