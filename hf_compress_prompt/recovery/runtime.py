@@ -9,6 +9,15 @@ come back for the tokens only (PEFT also returns the ``n`` prompt positions), an
 same ``L - 1`` next tokens as the model without a prompt (PEFT's also scores the first token, predicted from the last
 virtual token), so perplexities with and without the prompt compare like for like.
 
+``generate`` gives the tokens of that definition (the prompt's embeddings before the tokens, everything recomputed)
+in every decoding mode transformers offers for input ids: greedy, sampling, beams, ``num_return_sequences``, left
+padding, static caches, assisted and prompt-lookup decoding, ``use_cache=False``. ``n`` placeholder ids stand for the
+prompt in the sequences transformers sees (positions and the attention mask count them); the first forward writes the
+prompt's keys and values into the cache for the batch as transformers expanded it (beams, returned sequences) and
+drops the placeholders, a forward without a cache gets the prompt's embeddings in their place. ``max_length`` and
+``min_length``, token penalties, the caller's logits processors, stopping criteria and streamer count the caller's
+ids only; the placeholders are cut from the output.
+
 Attached with :func:`attach_recovery_prompt` (``from_pretrained`` does it for a checkpoint saved with one), it adds
 ``model.load_recovery_prompt(path)``, ``model.disable_recovery_prompt()`` and ``model.enable_recovery_prompt()``.
 """

@@ -131,6 +131,7 @@ CASES = [
      ("cache_implementation",)),
     ("assisted", "one", {"assistant_model": _assistant}, ("assistant_model",)),
     ("prompt_lookup", "one", {"prompt_lookup_num_tokens": 3}, ("prompt_lookup_num_tokens",)),
+    ("prefill_chunks", "padded", {"prefill_chunk_size": N + 2}, ("prefill_chunk_size",)),
     ("max_length", "padded", {"max_length": L + NEW, "max_new_tokens": None}, ()),
     ("min_length", "one", {"min_length": L + NEW, "eos_token_id": "likely"}, ()),
     ("repetition_penalty_left_padded", "padded", {"repetition_penalty": 100.0, "sequence_bias": ZERO_LIKED}, ()),
@@ -205,6 +206,8 @@ def test_options_that_cannot_work_are_refused(tiny_llama):
                             max_new_tokens=2)
     with pytest.raises(UserInputError, match="assistant_model"):  # the model as its own draft: prompts nest
         tiny_llama.generate(ids, attention_mask=mask, assistant_model=tiny_llama, max_new_tokens=2)
+    with pytest.raises(UserInputError, match="prefill_chunk_size"):  # a first chunk of placeholders only
+        tiny_llama.generate(ids, attention_mask=mask, prefill_chunk_size=N, max_new_tokens=2)
     with pytest.raises(UserInputError, match="guidance_scale"):  # would run the model without the prompt inside
         tiny_llama.generate(ids, attention_mask=mask, guidance_scale=1.5, max_new_tokens=2)
 
