@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-
 from builders import build_tiny_llama
+
 from hf_compress_prompt.compressors import RTNConfig, compress_
 from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt
@@ -139,7 +139,7 @@ CASES = [
     ("encoder_repetition_penalty", "one", {"encoder_repetition_penalty": 100.0, "sequence_bias": ZERO_LIKED}, ()),
     ("prefix_allowed_tokens_fn", "one", {"prefix_allowed_tokens_fn": lambda: _allowed_after}, ()),
     ("logits_processor", "one", {"logits_processor": _logits_processors}, ()),
-    ("stopping_criteria", "one", {"stopping_criteria": _stopping_criteria, "min_new_tokens": None}, ()),
+    ("stopping_criteria", "one", {"stopping_criteria": _stopping_criteria}, ()),
 ]
 
 
