@@ -10,8 +10,8 @@ def test_optimum_style_quantizer_calibrates_saves_and_reloads(tiny_llama, byte_t
     quantizer = GPTQQuantizer(bits=4, group_size=32, dataset="c4", nsamples=4, seqlen=16)
     model = quantizer.quantize_model(tiny_llama, byte_tokenizer, progress=False)
     assert quantizer.result is not None and len(quantizer.result.quantized) == 14
-    quantizer.save(model, tmp_path, tokenizer=byte_tokenizer)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    quantizer.save(model, tmp_path / "model", tokenizer=byte_tokenizer)  # tmp_path holds the data folder too
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert reloaded.config.to_dict()[RECIPE_CONFIG_KEY]["steps"][0] == {
         "method": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "act_order": False, "damp": 0.01,
         "block_size": 128, "true_sequential": True, "lm_head": False, "lm_head_bits": None,
