@@ -41,6 +41,7 @@ from hf_compress_prompt.compressors import (  # noqa: E402
 SETTINGS: dict[str, list] = {
     "dense": [],
     "rtn-w4-perchannel": [RTNConfig(bits=4)],
+    "rtn-w4-g64": [RTNConfig(bits=4, group_size=64)],  # GPTQ's g64 rows must beat this on the same grid
     "gptq-w4-perchannel": [GPTQConfig(bits=4)],
     "gptq-w4-g64": [GPTQConfig(bits=4, group_size=64)],
     "gptq-w4-g64-actorder": [GPTQConfig(bits=4, group_size=64, act_order=True)],
@@ -54,7 +55,6 @@ SETTINGS: dict[str, list] = {
     "drop-20%-layers": [LayerDropConfig(fraction=0.2)],
 }
 OPTIONAL_SETTINGS: dict[str, list] = {
-    "rtn-w4-g64": [RTNConfig(bits=4, group_size=64)],
     "sparsegpt-50% then gptq-w4-g64": [SparseGPTConfig(sparsity=0.5), GPTQConfig(bits=4, group_size=64)],
     "drop-20%-layers (block influence)": [LayerDropConfig(fraction=0.2, score="block_influence")],
 }
