@@ -25,12 +25,16 @@ from .blocks import (
     sequential_groups,
 )
 
-__all__ = ["LinearCompressor", "compress_layerwise"]
+__all__ = ["CLIP_TOKEN_NORM", "LinearCompressor", "compress_layerwise"]
 
 logger = get_logger(__name__)
 
 # (qualified name, module, weight (out, in) fp32, accumulator) -> None; the callback writes the new weight.
 LinearCompressor = Callable[[str, nn.Module, torch.Tensor, HessianAccumulator], None]
+
+
+# Token norms above 4x the batch median are scaled down to it in GPTQ's / SparseGPT's Hessians.
+CLIP_TOKEN_NORM = 4.0
 
 
 class _StopForward(Exception):
@@ -52,12 +56,17 @@ def compress_layerwise(
     diagonal_only: bool = False,
     desc: str = "compress",
     progress: bool = True,
+    clip_token_norm: float | None = CLIP_TOKEN_NORM,
 ) -> None:
     """Runs ``compress_linear`` on every linear layer of every decoder block, with input statistics gathered from
     ``calibration_ids`` (shape `(nsamples, seqlen)`) flowing through the already-compressed earlier blocks.
 
     Args:
         diagonal_only (`bool`): collect only ``||X_j||^2`` (Wanda) instead of the full Hessian.
+        clip_token_norm (`float`, *optional*, defaults to `CLIP_TOKEN_NORM`): cap each token's input norm at this many
+            times its batch's median before it enters a full Hessian, so a few massive-activation tokens do not
+            dominate it (see `HessianAccumulator`); `None` for the reference's unweighted ``H``. Wanda's diagonal
+            statistics are never clipped.
     """
     path, layers = find_decoder_layers(model)
     batches = list(torch.split(calibration_ids, batch_size))
@@ -73,7 +82,8 @@ def compress_layerwise(
             accumulators, handles = {}, []
             for group in round_groups:
                 in_features = linear_weight(linears[group[0]]).shape[1]
-                acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only)
+                acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only,
+                                         clip_token_norm=None if diagonal_only else clip_token_norm)
                 for name in group:
                     accumulators[name] = acc
                 handles.append(

@@ -19,10 +19,20 @@ class HessianAccumulator:
         in_features (`int`): the layer's input width.
         diagonal_only (`bool`, *optional*, defaults to `False`): keep only the diagonal (all Wanda needs), in O(d)
             memory and time per token instead of O(d^2).
+        clip_token_norm (`float`, *optional*): cap each token's input norm at this many times the median norm of
+            its batch before it enters ``H``. A few massive-activation tokens (attention sinks: the first position,
+            some delimiters) have inputs to ``o_proj``/``down_proj`` tens of times larger than the rest, so
+            unclipped they dominate ``H`` and GPTQ fits them at the expense of every ordinary token (on SmolLM2's
+            layer-2 ``down_proj``, 2% of the tokens hold 20% of ``trace(H)``, and GPTQ's error on the other 98% is
+            then 1.15x round-to-nearest's on WikiText). `None` keeps every token's weight (the reference's ``H``).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", diagonal_only: bool = False):
+    def __init__(
+        self, in_features: int, device: torch.device | str = "cpu", diagonal_only: bool = False,
+        clip_token_norm: float | None = None,
+    ):
         self.diagonal_only = diagonal_only
+        self.clip_token_norm = clip_token_norm
         shape = (in_features,) if diagonal_only else (in_features, in_features)
         self._sum = torch.zeros(shape, dtype=torch.float32, device=device)
         self.tokens = 0
@@ -33,6 +43,10 @@ class HessianAccumulator:
         n = x.shape[0]
         if n == 0:
             return
+        if self.clip_token_norm is not None:
+            norms = x.norm(dim=1)  # (n,)
+            cap = self.clip_token_norm * norms.median()
+            x = x * torch.clamp(cap / norms.clamp_min(1e-12), max=1.0)[:, None]  # massive tokens scaled down to cap
         total = self.tokens + n
         self._sum.mul_(self.tokens / total)  # rescale the running mean to the new count
         x = x * (2.0 / total) ** 0.5

@@ -136,3 +136,38 @@ def test_gptq_keeps_an_earlier_pruning_mask(layer):
         assert bool((deq[mask] == 0).all())
         naive = rtn_quantize(pruned, 4, 32).dequantize()
         assert output_error(W, deq, X) < output_error(W, naive, X)
+
+
+def test_hessian_clips_massive_tokens_to_a_multiple_of_the_median_norm():
+    X = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    X[0] *= 100  # an attention-sink-like token
+    clipped = HessianAccumulator(16, clip_token_norm=4.0)
+    clipped.add_batch(X)
+    norms = X.norm(dim=1)
+    expected = X * torch.clamp(4.0 * norms.median() / norms, max=1.0)[:, None]  # only the massive token changes
+    assert int((expected != X).any(dim=1).sum()) == 1
+    torch.testing.assert_close(clipped.H, 2 * expected.T @ expected / 200)
+
+
+def test_massive_tokens_do_not_cost_gptq_its_accuracy_on_ordinary_tokens():
+    # 32 tokens 100x larger than the rest along one direction (what attention sinks feed o_proj / down_proj in
+    # SmolLM2) hold most of an unclipped Hessian: GPTQ then fits them and its error on ordinary held-out tokens
+    # climbs towards round-to-nearest's. Clipped, GPTQ keeps its usual margin on ordinary tokens and still fits
+    # the massive ones far better than round-to-nearest does.
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 128, generator=g)
+    mix = torch.eye(128) + 2 * torch.randn(128, 128, generator=g) / 128**0.5
+    ordinary, held_out = torch.randn(2048, 128, generator=g) @ mix, torch.randn(1024, 128, generator=g) @ mix
+    sink = torch.randn(128, generator=g)
+    sink[[3, 40, 99]] *= 10
+    massive = 100 * (sink + 0.1 * torch.randn(32, 128, generator=g))
+    full, clipped = HessianAccumulator(128), HessianAccumulator(128, clip_token_norm=4.0)
+    for acc in (full, clipped):
+        acc.add_batch(torch.cat([ordinary, massive]))
+    rtn = rtn_quantize(W, 4, 64).dequantize()
+    for act_order in (False, True):
+        unclipped = gptq_quantize(W, full.H, 4, 64, act_order=act_order).dequantize()
+        fixed = gptq_quantize(W, clipped.H, 4, 64, act_order=act_order).dequantize()
+        assert output_error(W, unclipped, held_out) > 0.75 * output_error(W, rtn, held_out)  # the failure
+        assert output_error(W, fixed, held_out) < 0.65 * output_error(W, rtn, held_out)
+        assert output_error(W, fixed, massive) < 0.1 * output_error(W, rtn, massive)
