@@ -67,3 +67,15 @@ TRIVIA = [("What type of animal is a dik-dik?", "Antelope", ["Antelope", "Antelo
 STORY = ("(CNN) -- Maria Lopez opened a bakery in Springfield on Monday.\n\nThe bakery sells bread made by Maria "
          "Lopez herself, and the mayor of Springfield attended.\n\n@highlight\n\nMaria Lopez opens a bakery in "
          "Springfield\n\n@highlight\n\nThe mayor came to the opening\n")
+
+
+def greedy_with_prompt_recomputed(model, prompt, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by the definition of prompt tuning (batch without padding): the prompt's embeddings before the
+    tokens, everything recomputed every step, no cache. Returns the whole sequence `(batch, len + steps)`."""
+    seq = ids.clone()
+    with torch.no_grad():
+        for _ in range(steps):
+            embeds = torch.cat([prompt.embedding.unsqueeze(0).expand(len(seq), -1, -1),
+                                model.get_input_embeddings()(seq)], dim=1)
+            seq = torch.cat([seq, model(inputs_embeds=embeds, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return seq

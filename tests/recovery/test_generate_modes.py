@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from builders import build_tiny_llama
+from builders import build_tiny_llama, greedy_with_prompt_recomputed
 
 from hf_compress_prompt.compressors import RTNConfig, compress_
 from hf_compress_prompt.errors import UserInputError
@@ -29,7 +29,7 @@ def _oracle(model, prompt):
 
     def prepend(module, args, kwargs):
         if kwargs.get("input_ids") is None:
-            return None  # _greedy_loop's forward: the prompt is in its inputs_embeds already
+            return None  # greedy_with_prompt_recomputed's forward: the prompt is in inputs_embeds already
         assert not args and kwargs.get("cache") is None and kwargs.get("past_key_values") is None
         ids = kwargs.pop("input_ids")
         batch = len(ids)
@@ -44,17 +44,6 @@ def _oracle(model, prompt):
 
     oracle.register_forward_pre_hook(prepend, with_kwargs=True)
     return oracle
-
-
-def _greedy_loop(model, prompt, ids, steps):
-    """Greedy decoding written out (batch without padding): argmax of a full recomputation per step."""
-    seq = ids.clone()
-    with torch.no_grad():
-        for _ in range(steps):
-            embeds = torch.cat([prompt.embedding.unsqueeze(0).expand(len(seq), -1, -1),
-                                model.get_input_embeddings()(seq)], dim=1)
-            seq = torch.cat([seq, model(inputs_embeds=embeds, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    return seq
 
 
 def _inputs(kind):
@@ -153,7 +142,7 @@ def model(request):
 
 def _likely_token(model, prompt, ids):
     """The token greedy decoding picks first: as an eos id, min_length is what keeps it from ending the sequence."""
-    return _greedy_loop(model, prompt, ids[:1], 1)[0, -1].item()
+    return greedy_with_prompt_recomputed(model, prompt, ids[:1], 1)[0, -1].item()
 
 
 @pytest.mark.parametrize("inputs, options, oracle_drops", [pytest.param(*c[1:], id=c[0]) for c in CASES])
@@ -178,7 +167,7 @@ def test_generate_equals_the_full_recompute_oracle(model, inputs, options, oracl
     assert ours[:, L:].tolist() == theirs[:, L:].tolist()
     if inputs == "one" and set(options) <= {"use_cache", "cache_implementation", "assistant_model",
                                             "prompt_lookup_num_tokens"}:  # plain greedy decoding
-        assert torch.equal(theirs, _greedy_loop(oracle, prompt, ids, NEW))  # the oracle itself is right
+        assert torch.equal(theirs, greedy_with_prompt_recomputed(oracle, prompt, ids, NEW))  # the oracle is right
 
 
 def test_pipeline_equals_the_oracle(model, byte_tokenizer):

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from builders import greedy_with_prompt_recomputed
 
 import hf_compress_prompt as hcp
 from hf_compress_prompt.compressors import RTNConfig, compress_
@@ -96,13 +97,7 @@ def test_loss_with_labels_scores_the_same_tokens_as_without_prompt(model):
 
 def _greedy_without_cache(model, prompt, ids, steps):
     """The truth, by the definition of prompt tuning: prompt embeddings before the tokens, every step recomputed."""
-    seq = ids.clone()
-    with torch.no_grad():
-        for _ in range(steps):
-            embeds = torch.cat([prompt.embedding.unsqueeze(0).expand(len(seq), -1, -1),
-                                model.get_input_embeddings()(seq)], dim=1)
-            seq = torch.cat([seq, model(inputs_embeds=embeds, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
-    return seq[:, ids.shape[1]:]
+    return greedy_with_prompt_recomputed(model, prompt, ids, steps)[:, ids.shape[1]:]
 
 
 @pytest.mark.parametrize("sampling", [False, True])
