@@ -142,7 +142,7 @@ def test_recover_distils_from_a_teacher(tiny_llama_dir, data_dir, tmp_path):
 
 def test_recover_shares_one_prompt_between_two_models(tiny_llama_dir, data_dir, tmp_path, capsys):
     from hf_compress_prompt import from_pretrained
-    from hf_compress_prompt.compressors import RECIPE_CONFIG_KEY
+    from hf_compress_prompt.formats import RECIPE_CONFIG_KEY
     from hf_compress_prompt.recovery import load_recovery_prompt
 
     packed, out = tmp_path / "packed", tmp_path / "shared"

@@ -3,6 +3,7 @@
 The maths lives in ``hf_compress_prompt.methods``; this package feeds it activations and writes results back.
 """
 
+from ..formats.schema import RECIPE_CONFIG_KEY
 from .api import (
     Compressor,
     GPTQQuantizer,
@@ -13,7 +14,7 @@ from .api import (
     WandaPruner,
 )
 from .blocks import find_decoder_layers, find_linear_layers
-from .compress import RECIPE_CONFIG_KEY, CompressionResult, compress_, register_compressor
+from .compress import CompressionResult, compress_, register_compressor
 from .configs import (
     CalibrationConfig,
     CompressionConfig,

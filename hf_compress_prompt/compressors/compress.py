@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from ..errors import UserInputError
+from ..formats.schema import RECIPE_CONFIG_KEY
 from ..methods.gptq import gptq_quantize
 from ..methods.magnitude import magnitude_prune
 from ..methods.masks import parse_sparsity
@@ -41,7 +42,6 @@ __all__ = ["CompressionResult", "register_compressor", "compress_", "RECIPE_CONF
 
 logger = get_logger(__name__)
 
-RECIPE_CONFIG_KEY = "compression_recipe"  # where the recipe is recorded in model.config / config.json
 
 Handler = Callable[[nn.Module, CompressionConfig, CompressionState, StepReport, Recipe, bool], None]
 _HANDLERS: dict[type[CompressionConfig], Handler] = {}

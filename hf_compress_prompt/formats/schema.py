@@ -31,9 +31,10 @@ import torch
 from ..errors import UserInputError
 from .bitpack import packed_bytes
 
-__all__ = ["FORMAT_VERSION", "LinearFormat", "TensorSpec"]
+__all__ = ["FORMAT_VERSION", "RECIPE_CONFIG_KEY", "LinearFormat", "TensorSpec"]
 
 FORMAT_VERSION = 1
+RECIPE_CONFIG_KEY = "compression_recipe"  # where the compression recipe is recorded in model.config / config.json
 _SUPPORTED_BITS = (2, 3, 4, 8)
 
 

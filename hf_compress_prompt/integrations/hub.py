@@ -18,6 +18,7 @@ from torch import nn
 
 from .._logging import get_logger
 from ..errors import UserInputError
+from ..formats.schema import RECIPE_CONFIG_KEY
 
 __all__ = ["HubUploadError", "compressed_model_card", "push_compressed_model", "push_recovery_prompt",
            "recovery_prompt_card"]
@@ -118,7 +119,6 @@ def compressed_model_card(model: nn.Module, repo_id: str, *, results: dict[str, 
     """The model card of a compressed model (``results``: dataset -> perplexity of the pushed model)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..compressors import RECIPE_CONFIG_KEY
     from ..nn import PackedLinear
     from ..recovery.runtime import recovery_prompt_of
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .._logging import get_logger
 from ..errors import UserInputError
+from ..formats.schema import RECIPE_CONFIG_KEY
 from .runtime import RecoveryPrompt
 
 __all__ = ["PromptInit", "RecoveryConfig", "RecoveryMethod", "RecoveryResult", "lora_model", "prompt_tuning_model", "recover"]
@@ -190,8 +191,6 @@ def _full_model(model: nn.Module) -> nn.Module:
 
 def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, teacher: nn.Module | None = None,
               partners: list[nn.Module] | None = None) -> dict:
-    from ..compressors import RECIPE_CONFIG_KEY
-
     shared = {} if not partners else {"shared_with_recipes": [getattr(p.config, RECIPE_CONFIG_KEY, None)
                                                                for p in partners]}
     return {
