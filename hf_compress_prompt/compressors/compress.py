@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .._logging import get_logger
+from ..data import calibration_batches, training_corpus
 from ..errors import UserInputError
 from ..formats.schema import RECIPE_CONFIG_KEY
 from ..methods.gptq import gptq_quantize
@@ -22,6 +22,7 @@ from ..methods.quant_grid import QuantizedWeight, check_group_size
 from ..methods.rtn import rtn_quantize
 from ..methods.sparsegpt import sparsegpt_prune
 from ..methods.wanda import wanda_prune
+from ..nn import PackedLinear
 from .blocks import find_decoder_layers, find_linear_layers, linear_weight, set_linear_weight
 from .configs import (
     CalibrationConfig,
@@ -36,7 +37,8 @@ from .configs import (
 )
 from .layer_drop import choose_layers_to_drop, drop_layers
 from .layerwise import compress_layerwise
-from .state import CompressionState, StepReport
+from .pack import pack_model
+from .state import CompressionResult, CompressionState, StepReport
 
 __all__ = ["CompressionResult", "register_compressor", "compress_", "RECIPE_CONFIG_KEY"]
 
@@ -59,17 +61,6 @@ def register_compressor(config_cls: type[CompressionConfig]) -> Callable[[Handle
         return handler
 
     return decorator
-
-
-@dataclass
-class CompressionResult:
-    """What ``compress_`` did: the recipe, a report per step, and per linear (by qualified name) the final pruning
-    mask (True = pruned) and quantization grid."""
-
-    recipe: Recipe
-    reports: list[StepReport]
-    masks: dict[str, torch.Tensor]
-    quantized: dict[str, QuantizedWeight]
 
 
 def _block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -194,8 +185,6 @@ def _run_layer_drop(model, step: LayerDropConfig, state, report, recipe, progres
 def _validate(model: nn.Module, recipe: Recipe) -> None:
     """Every check that can fail, before any work starts."""
     _, layers = find_decoder_layers(model)  # unsupported architectures fail here
-    from ..nn import PackedLinear
-
     if any(s.prunes or s.quantizes for s in recipe.steps) and any(isinstance(m, PackedLinear) for m in model.modules()):
         raise UserInputError(
             "this model already holds packed (compressed) layers; prune or quantize the dense model instead "
@@ -290,8 +279,6 @@ def compress_(
         _check_seqlen(model, recipe.calibration.seqlen)
         if tokenizer is None:
             raise UserInputError("this recipe needs calibration data; pass tokenizer= (or calibration_ids=)")
-        from ..data import calibration_batches, training_corpus
-
         c = recipe.calibration
         dataset, split = training_corpus(c.dataset, c.split)  # C4 unreachable: the offline sample, said in one line
         if (dataset, split) != (c.dataset, c.split):
@@ -323,7 +310,5 @@ def compress_(
     setattr(model.config, RECIPE_CONFIG_KEY, recorded)
     result = CompressionResult(recipe, state.reports, state.by_name(model, state.masks), state.by_name(model, state.quantized))
     if pack:
-        from .pack import pack_model
-
         pack_model(model, result)
     return result

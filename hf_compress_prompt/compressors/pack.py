@@ -10,7 +10,7 @@ from ..formats import LinearFormat
 from ..methods.masks import parse_sparsity
 from ..nn import PackedLinear, pack_module
 from .blocks import linear_weight
-from .compress import CompressionResult
+from .state import CompressionResult
 
 __all__ = ["pack_model", "has_packed_layers"]
 

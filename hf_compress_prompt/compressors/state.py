@@ -1,4 +1,5 @@
-"""What compression steps hand to each other and to the caller: per-layer masks, grids and statistics."""
+"""What compression steps hand to each other and to the caller: per-layer masks, grids and statistics, and the
+:class:`CompressionResult` that ``compress_`` returns and ``pack_model`` reads."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 from torch import nn
 
 from ..methods.quant_grid import QuantizedWeight
+from .configs import Recipe
 
-__all__ = ["CompressionState", "StepReport"]
+__all__ = ["CompressionResult", "CompressionState", "StepReport"]
 
 
 @dataclass
@@ -37,3 +39,14 @@ class CompressionState:
     def by_name(self, model: nn.Module, table: WeakKeyDictionary) -> dict[str, object]:
         """``table`` re-keyed by the modules' current qualified names in ``model``."""
         return {name: table[m] for name, m in model.named_modules() if m in table}
+
+
+@dataclass
+class CompressionResult:
+    """What ``compress_`` did: the recipe, a report per step, and per linear (by qualified name) the final pruning
+    mask (True = pruned) and quantization grid."""
+
+    recipe: Recipe
+    reports: list[StepReport]
+    masks: dict[str, torch.Tensor]
+    quantized: dict[str, QuantizedWeight]
