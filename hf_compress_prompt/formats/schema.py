@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..errors import UserInputError
+from ..validation import check_bits, parse_sparsity, resolve_group_size
 from .bitpack import packed_bytes
 
 __all__ = ["FORMAT_VERSION", "RECIPE_CONFIG_KEY", "LinearFormat", "TensorSpec"]
 
 FORMAT_VERSION = 1
 RECIPE_CONFIG_KEY = "compression_recipe"  # where the compression recipe is recorded in model.config / config.json
-_SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def _is_integer(value) -> bool:
@@ -93,15 +93,16 @@ class LinearFormat:
         if self.bits is None and self.sparsity is None:
             raise UserInputError(f"{where}: neither quantized nor sparse; a plain nn.Linear stores it")
         if self.bits is not None:
-            if self.bits not in _SUPPORTED_BITS:
-                raise UserInputError(f"{where}: bits={self.bits} is not one of {_SUPPORTED_BITS}")
-            if self.group_size != -1 and (self.group_size <= 0 or self.in_features % self.group_size):
-                raise UserInputError(f"{where}: group_size={self.group_size} does not divide in_features")
+            try:
+                check_bits(self.bits)
+                resolve_group_size(self.group_size, self.in_features)
+            except UserInputError as exc:
+                raise UserInputError(f"{where}: {exc}") from None
         if self.sparsity == "bitmask":
             if self.nnz is None or not 0 <= self.nnz <= self.in_features * self.out_features:
                 raise UserInputError(f"{where}: a bitmask layer needs nnz in [0, {self.in_features * self.out_features}], got {self.nnz}")
         elif self.sparsity is not None:
-            n, m = self.nm
+            _, m = self.nm
             if self.in_features % m:
                 raise UserInputError(f"{where}: {self.sparsity} needs in_features divisible by {m}")
 
@@ -130,13 +131,10 @@ class LinearFormat:
     # ----- derived quantities -----------------------------------------------------------------------------------
     @property
     def nm(self) -> tuple[int, int]:
-        try:
-            n, m = (int(p) for p in str(self.sparsity).split(":"))
-        except ValueError:
-            raise UserInputError(f"sparsity={self.sparsity!r} is not 'N:M' or 'bitmask'") from None
-        if not 0 < n < m:
-            raise UserInputError(f"sparsity={self.sparsity!r} needs 0 < N < M")
-        return n, m
+        if ":" not in str(self.sparsity):
+            raise UserInputError(f"sparsity={self.sparsity!r} is not 'N:M' (such as '2:4') or 'bitmask'")
+        pattern = parse_sparsity(str(self.sparsity))
+        return pattern.n, pattern.m
 
     @property
     def groups(self) -> int:

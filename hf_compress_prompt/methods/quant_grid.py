@@ -14,19 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserInputError
+from ..validation import SUPPORTED_BITS, check_bits, resolve_group_size
 
 __all__ = [
     "SUPPORTED_BITS",
     "QuantizedWeight",
     "check_group_size",
+    "dequantize_codes",
     "grid_params",
     "quantize_codes",
-    "dequantize_codes",
 ]
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-
 
 @dataclass
 class QuantizedWeight:
@@ -63,27 +60,19 @@ class QuantizedWeight:
 
 
 def check_group_size(group_size: int, in_features: int) -> int:
-    """Returns the group size to use (``in_features`` for -1); a size that does not divide ``in_features`` is an error."""
-    if group_size == -1:
-        return in_features
-    if group_size <= 0 or in_features % group_size:
-        options = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0] + [-1]
-        raise UserInputError(
-            f"group_size={group_size} does not divide in_features={in_features}; use one of "
-            f"{', '.join(map(str, options))} (-1 = one group per output channel)"
-        )
-    return group_size
+    """Returns the group size to use (``in_features`` for -1); a size that does not divide ``in_features`` is an error
+    listing the sizes that do (:func:`hf_compress_prompt.validation.resolve_group_size`)."""
+    return resolve_group_size(group_size, in_features)
 
 
-def _check_bits(bits: int) -> int:
-    if bits not in SUPPORTED_BITS:
-        raise UserInputError(f"bits={bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+def _max_code(bits: int) -> int:
+    check_bits(bits)
     return 2**bits - 1
 
 
 def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of each row of ``w`` (shape `(rows, n)`); both returned with shape `(rows,)`."""
-    maxq = _check_bits(bits)
+    maxq = _max_code(bits)
     w = w.float()
     zeros = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zeros)  # the range always holds 0
