@@ -4,10 +4,10 @@ otherwise. Every reader checks each record and names the file and line of a malf
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from ...data.corpora import _hub_unreachable_reason, data_root
+from ...data.jsonl import read_jsonl
 from ...errors import MissingResourceError, UserInputError
 
 __all__ = ["read_jsonl", "triviaqa", "mmlu", "mmlu_subjects", "cnn_dailymail_stories", "retrieval_qa"]
@@ -36,28 +36,6 @@ def _hub(path: str, *args, **kwargs):
         raise MissingResourceError(
             f"dataset {path!r} is not in the local data root ({data_root()}) and could not be read from the Hub "
             f"({type(error).__name__}); set $HF_COMPRESS_PROMPT_DATA to a folder that holds it") from None
-
-
-def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    """Records of a JSON-lines file; each must be an object with the ``required`` keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingResourceError(f"{path} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserInputError(f"{path}:{line_no} is not valid JSON ({error.msg}); fix or remove that line") from None
-            if not isinstance(record, dict) or any(k not in record for k in required):
-                raise UserInputError(f"{path}:{line_no} must be a JSON object with keys {list(required)}")
-            records.append(record)
-    if not records:
-        raise UserInputError(f"{path} holds no records")
-    return records
 
 
 # ----- factoid QA ---------------------------------------------------------------------------------------------------
