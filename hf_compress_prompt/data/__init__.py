@@ -1,4 +1,5 @@
-"""Data: registered text corpora (local files, the Hub, or the built-in Wikipedia sample) and token batches."""
+"""Data: registered text corpora (local files, the Hub, or the built-in Wikipedia sample), token batches, and
+instruction sets (Alpaca-style JSONL) as training windows."""
 
 from .corpora import (
     DATA_ENV_VAR,
@@ -13,6 +14,7 @@ from .corpora import (
     register_corpus,
     training_corpus,
 )
+from .instructions import instruction_windows
 from .tokens import calibration_batches, eval_tokens
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "data_root",
     "eval_tokens",
     "get_corpus",
+    "instruction_windows",
     "list_corpora",
     "load_rows",
     "load_text",

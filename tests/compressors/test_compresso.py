@@ -2,7 +2,6 @@
 reaches its target with LoRA merged and the collaborative prompt attached, and bad input fails before training."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from hf_compress_prompt.compressors.compresso import (
     CompressoConfig,
     StructureGates,
     compresso_prune,
-    instruction_windows,
 )
 from hf_compress_prompt.compressors.structured import apply_structure, count_parameters
 from hf_compress_prompt.errors import UserInputError
@@ -133,13 +131,5 @@ def test_other_model_families_are_refused_before_data_is_read():
         compresso_prune(opt, _CharTokenizer(), dataset="no-such-corpus")
 
 
-def test_instruction_jsonl_becomes_windows(tmp_path):
-    path = tmp_path / "alpaca.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [{"instruction": "Add", "input": "1 2", "output": "3"},
-                                                       {"instruction": "Name a colour", "output": "red"}]))
-    windows = instruction_windows(path, _CharTokenizer(), 64)
-    assert windows.shape == (2, 64) and windows[1, -1] == 0
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}))
-    with pytest.raises(UserInputError, match="instruction"):
-        instruction_windows(tmp_path / "bad.jsonl", _CharTokenizer(), 64)
+def test_the_collaborative_prompt_is_on_by_default():
     assert CompressoConfig().collaborative_prompt
