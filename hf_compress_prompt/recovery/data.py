@@ -91,24 +91,31 @@ class PromptTuningCollator:
     next tokens as the model without a prompt does, and the attached runtime prompt
     (:mod:`hf_compress_prompt.recovery.runtime`) does.
 
+    A text prompt (``prefix_ids``, e.g. Compresso's collaborative prompt) goes in front of every example, attended
+    and never scored; the first token after it is masked as above, so the loss scores what it would without it.
+
     Examples are dicts with ``input_ids`` (list or 1-D tensor) and optionally ``attention_mask`` and ``labels``.
     """
 
     pad_token_id: int = 0
+    prefix_ids: tuple[int, ...] = ()
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise UserInputError("cannot collate an empty batch")
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
-        width = max(t.numel() for t in ids)
-        batch = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)  # (B, L)
+        p = len(self.prefix_ids)
+        width = p + max(t.numel() for t in ids)
+        batch = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)  # (B, P + L)
         mask = torch.zeros(len(ids), width, dtype=torch.long)
         labels = torch.full((len(ids), width), -100, dtype=torch.long)
+        batch[:, :p] = torch.tensor(self.prefix_ids, dtype=torch.long)
+        mask[:, :p] = 1
         for i, (t, f) in enumerate(zip(ids, features)):
             n = t.numel()
-            batch[i, :n] = t
-            mask[i, :n] = torch.as_tensor(f["attention_mask"]) if "attention_mask" in f else 1
-            labels[i, :n] = torch.as_tensor(f["labels"]) if "labels" in f else t
+            batch[i, p:p + n] = t
+            mask[i, p:p + n] = torch.as_tensor(f["attention_mask"]) if "attention_mask" in f else 1
+            labels[i, p:p + n] = torch.as_tensor(f["labels"]) if "labels" in f else t
         labels[mask == 0] = -100
-        labels[:, 0] = -100
+        labels[:, p] = -100  # the first token of the text (the prefix's labels are -100 already)
         return {"input_ids": batch, "attention_mask": mask, "labels": labels}

@@ -157,6 +157,14 @@ def test_collator_pads_and_masks_labels():
     assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, -100]]
 
 
+def test_collator_puts_a_text_prompt_in_front_and_never_scores_it():
+    # Compresso's collaborative prompt: attended, not scored, and the first text token masked as without it
+    batch = PromptTuningCollator(pad_token_id=9, prefix_ids=(5, 6))([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 1, 2, 3], [5, 6, 4, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 2, 3], [-100, -100, -100, -100, -100]]
+
+
 def test_token_windows_split_documents(byte_tokenizer, data_dir):
     # the test corpus: 3 documents; the last third (the third document, 6 bytes + EOS) is the validation part
     train = token_windows("c4", byte_tokenizer, 8, part="train", valid_fraction=0.34)
