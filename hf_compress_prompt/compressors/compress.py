@@ -17,8 +17,7 @@ from ..errors import UserInputError
 from ..formats.schema import RECIPE_CONFIG_KEY
 from ..methods.gptq import gptq_quantize
 from ..methods.magnitude import magnitude_prune
-from ..methods.masks import parse_sparsity
-from ..methods.quant_grid import QuantizedWeight, check_group_size
+from ..methods.quant_grid import QuantizedWeight
 from ..methods.rtn import rtn_quantize
 from ..methods.sparsegpt import sparsegpt_prune
 from ..methods.wanda import wanda_prune
@@ -38,6 +37,7 @@ from .configs import (
 from .layer_drop import choose_layers_to_drop, drop_layers
 from .layerwise import compress_layerwise
 from .pack import pack_model
+from .presets import preset_steps
 from .state import CompressionResult, CompressionState, StepReport
 
 __all__ = ["CompressionResult", "register_compressor", "compress_", "RECIPE_CONFIG_KEY"]
@@ -184,41 +184,16 @@ def _run_layer_drop(model, step: LayerDropConfig, state, report, recipe, progres
 
 def _validate(model: nn.Module, recipe: Recipe) -> None:
     """Every check that can fail, before any work starts."""
-    _, layers = find_decoder_layers(model)  # unsupported architectures fail here
+    find_decoder_layers(model)  # unsupported architectures fail here
     if any(s.prunes or s.quantizes for s in recipe.steps) and any(isinstance(m, PackedLinear) for m in model.modules()):
         raise UserInputError(
             "this model already holds packed (compressed) layers; prune or quantize the dense model instead "
             "(compress_(..., pack=False) keeps dense weights between calls)"
         )
-    linears = [(name, linear_weight(m).shape) for name, m in _block_linears(model)]
     for step in recipe.steps:
         if type(step) not in _HANDLERS:
             raise UserInputError(f"no compressor is registered for {type(step).__name__}")
-        group_size = getattr(step, "group_size", -1) if step.quantizes else -1
-        sparsity = getattr(step, "sparsity", None)
-        pattern = parse_sparsity(sparsity) if sparsity is not None else None
-        for name, (_, in_features) in linears:
-            try:
-                check_group_size(group_size, in_features)
-                if pattern is not None:
-                    pattern.check_width(in_features)
-            except UserInputError as exc:
-                raise UserInputError(f"{step.method} on {name}: {exc}") from None
-        if getattr(step, "lm_head", False):
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            if not isinstance(head, nn.Linear):
-                raise UserInputError(f"{step.method}: lm_head=True, but {type(model).__name__} has no linear output head")
-            try:
-                check_group_size(group_size, head.in_features)
-            except UserInputError as exc:
-                raise UserInputError(f"{step.method} on the output head: {exc}") from None
-        if isinstance(step, LayerDropConfig):
-            n = len(layers)
-            count = step.count(n)
-            if count >= n:
-                raise UserInputError(f"layer_drop would remove {count} of {n} layers; keep at least one")
-            if step.layers is not None and any(not 0 <= i < n for i in step.layers):
-                raise UserInputError(f"layer_drop layers={step.layers} are out of range 0..{n - 1}")
+        step.validate_for(model)  # each step checks what its own fields ask of the model
     seen_quantize = False
     for step in recipe.steps:
         if seen_quantize and (step.prunes or step.quantizes):
@@ -238,7 +213,7 @@ def _check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 def compress_(
     model: nn.Module,
-    config: CompressionConfig | Recipe | list[CompressionConfig],
+    config: CompressionConfig | Recipe | list[CompressionConfig] | str,
     *,
     tokenizer=None,
     calibration: CalibrationConfig | None = None,
@@ -250,7 +225,8 @@ def compress_(
 
     Args:
         model (`PreTrainedModel`): a causal LM (Llama family, Qwen2, Mistral, OPT, GPT-2 style).
-        config (`CompressionConfig`, `Recipe` or a list of steps): what to do.
+        config (`CompressionConfig`, `Recipe`, a list of steps, or a preset name such as ``"gptq-w4-g64"``): what to
+            do (:func:`~hf_compress_prompt.compressors.presets.list_presets` names the presets).
         tokenizer (*optional*): used to build calibration windows from ``calibration.dataset``.
         calibration (`CalibrationConfig`, *optional*): overrides the recipe's calibration settings.
         calibration_ids (`torch.LongTensor` of shape `(nsamples, seqlen)`, *optional*): calibration tokens to use
@@ -263,6 +239,8 @@ def compress_(
     Returns:
         `CompressionResult`
     """
+    if isinstance(config, str):
+        config = preset_steps(config)  # an unknown name lists the presets
     if isinstance(config, CompressionConfig):
         recipe = Recipe([config])
     elif isinstance(config, list):
@@ -270,7 +248,7 @@ def compress_(
     elif isinstance(config, Recipe):
         recipe = config
     else:
-        raise UserInputError(f"compress_ expects a compression config or a Recipe, got {type(config).__name__}")
+        raise UserInputError(f"compress_ expects a compression config, a Recipe or a preset name, got {type(config).__name__}")
     if calibration is not None:
         recipe = Recipe(recipe.steps, calibration)
     _validate(model, recipe)

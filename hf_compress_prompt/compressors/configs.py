@@ -3,6 +3,11 @@
 A step's ``method`` names it in JSON (``{"method": "gptq", "bits": 4, "group_size": 64}``); a :class:`Recipe` is a
 list of steps run in order plus the calibration data they share. The recipe is recorded in the saved model's
 config (``config.json`` key ``compression_recipe``) so a checkpoint says how it was made.
+
+Each step checks its own values when built (``__post_init__``) and its fit to a model with
+:meth:`CompressionConfig.validate_for` (group sizes that divide every linear width, N:M runs that fit, layer counts),
+both through :mod:`hf_compress_prompt.validation`. A field's ``metadata`` holds its ``help`` (the CLI's option
+help) and, where it applies, ``positive`` (an integer >= 1) and ``choices``; the CLI builds its options from them.
 """
 
 from __future__ import annotations
@@ -13,34 +18,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from torch import nn
+
 from ..errors import UserInputError
-from ..methods.masks import parse_sparsity
-from ..methods.quant_grid import SUPPORTED_BITS
+from ..validation import check_bits, check_group_size_value, parse_sparsity, resolve_group_size
+from .blocks import find_decoder_layers, find_linear_layers, linear_weight
 
 __all__ = [
+    "LAYER_SCORES",
     "CalibrationConfig",
     "CompressionConfig",
-    "RTNConfig",
     "GPTQConfig",
+    "LayerDropConfig",
+    "MagnitudeConfig",
+    "RTNConfig",
+    "Recipe",
     "SparseGPTConfig",
     "WandaConfig",
-    "MagnitudeConfig",
-    "LayerDropConfig",
-    "Recipe",
     "step_from_dict",
+    "step_types",
 ]
 
-
-def _check_bits(bits: int | None, allow_none: bool = False) -> None:
-    if bits is None and allow_none:
-        return
-    if bits not in SUPPORTED_BITS:
-        raise UserInputError(f"bits={bits!r} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
-
-
-def _check_group(group_size: int) -> None:
-    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
-        raise UserInputError(f"group_size={group_size!r} must be a positive integer or -1 (one group per output channel)")
+LAYER_SCORES = ("angular_distance", "block_influence")
 
 
 def _check_fraction(name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
@@ -54,10 +53,11 @@ class CalibrationConfig:
 
     dataset: str = field(default="c4", metadata={"help": "corpus name (hf_compress_prompt.data.list_corpora())"})
     split: str = field(default="train", metadata={"help": "split to sample from (never the evaluation split)"})
-    nsamples: int = field(default=64, metadata={"help": "number of calibration windows (the papers use 128)"})
-    seqlen: int = field(default=512, metadata={"help": "tokens per window (the papers use 2048)"})
+    nsamples: int = field(default=64, metadata={"help": "number of calibration windows (the papers use 128)",
+                                                "positive": True})
+    seqlen: int = field(default=512, metadata={"help": "tokens per window (the papers use 2048)", "positive": True})
     seed: int = field(default=0, metadata={"help": "seed of the window sampler"})
-    batch_size: int = field(default=8, metadata={"help": "windows per forward pass through a block"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass through a block", "positive": True})
 
     def __post_init__(self):
         from ..data import get_corpus
@@ -93,6 +93,11 @@ class CompressionConfig:
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    def validate_for(self, model: nn.Module) -> None:
+        """Every check of this step against ``model`` that can fail, run by ``compress_`` before any work (a group
+        size that does not divide a layer's width, an N:M run that does not fit, more layers dropped than there are).
+        The base class checks nothing; each method checks what its fields ask of the model."""
+
     @property
     def quantizes(self) -> bool:
         return getattr(self, "bits", None) is not None
@@ -118,9 +123,12 @@ class RTNConfig(CompressionConfig):
         "help": "bits for the output head (lm_head=True); default: the step's bits. 8 keeps the head almost exact"})
 
     def __post_init__(self):
-        _check_bits(self.bits)
-        _check_group(self.group_size)
-        _check_bits(self.lm_head_bits, allow_none=True)
+        check_bits(self.bits)
+        check_group_size_value(self.group_size)
+        check_bits(self.lm_head_bits, name="lm_head_bits", allow_none=True)
+
+    def validate_for(self, model: nn.Module) -> None:
+        _check_linears(self, model, group_size=self.group_size, lm_head=self.lm_head)
 
 
 @dataclass
@@ -133,7 +141,7 @@ class GPTQConfig(CompressionConfig):
     symmetric: bool = field(default=False, metadata={"help": "symmetric grid (zero point in the middle)"})
     act_order: bool = field(default=False, metadata={"help": "visit columns by decreasing Hessian diagonal (static groups)"})
     damp: float = field(default=0.01, metadata={"help": "damping as a fraction of the mean Hessian diagonal"})
-    block_size: int = field(default=128, metadata={"help": "columns per lazy-update block"})
+    block_size: int = field(default=128, metadata={"help": "columns per lazy-update block", "positive": True})
     true_sequential: bool = field(default=True, metadata={"help": "quantize a block's linears in forward order"})
     lm_head: bool = field(default=False, metadata={
         "help": "also round-to-nearest quantize the output head (LM head) with the same group size; a head tied to "
@@ -142,10 +150,14 @@ class GPTQConfig(CompressionConfig):
         "help": "bits for the output head (lm_head=True); default: the step's bits. 8 keeps the head almost exact"})
 
     def __post_init__(self):
-        _check_bits(self.bits)
-        _check_group(self.group_size)
-        _check_bits(self.lm_head_bits, allow_none=True)
+        check_bits(self.bits)
+        check_group_size_value(self.group_size)
+        check_bits(self.lm_head_bits, name="lm_head_bits", allow_none=True)
         _check_fraction("damp", self.damp, 0, 10)
+        _check_positive(self, "block_size")
+
+    def validate_for(self, model: nn.Module) -> None:
+        _check_linears(self, model, group_size=self.group_size, lm_head=self.lm_head)
 
 
 @dataclass
@@ -158,14 +170,19 @@ class SparseGPTConfig(CompressionConfig):
     group_size: int = field(default=-1, metadata={"help": "quantization group size when bits is set"})
     symmetric: bool = field(default=False, metadata={"help": "symmetric quantization grid"})
     damp: float = field(default=0.01, metadata={"help": "damping as a fraction of the mean Hessian diagonal"})
-    block_size: int = field(default=128, metadata={"help": "columns per mask-selection block"})
+    block_size: int = field(default=128, metadata={"help": "columns per mask-selection block", "positive": True})
     true_sequential: bool = field(default=True, metadata={"help": "prune a block's linears in forward order"})
 
     def __post_init__(self):
         parse_sparsity(self.sparsity)
-        _check_bits(self.bits, allow_none=True)
-        _check_group(self.group_size)
+        check_bits(self.bits, allow_none=True)
+        check_group_size_value(self.group_size)
         _check_fraction("damp", self.damp, 0, 10)
+        _check_positive(self, "block_size")
+
+    def validate_for(self, model: nn.Module) -> None:
+        _check_linears(self, model, group_size=self.group_size if self.bits is not None else None,
+                       sparsity=self.sparsity)
 
 
 @dataclass
@@ -179,6 +196,9 @@ class WandaConfig(CompressionConfig):
     def __post_init__(self):
         parse_sparsity(self.sparsity)
 
+    def validate_for(self, model: nn.Module) -> None:
+        _check_linears(self, model, sparsity=self.sparsity)
+
 
 @dataclass
 class MagnitudeConfig(CompressionConfig):
@@ -191,19 +211,23 @@ class MagnitudeConfig(CompressionConfig):
     def __post_init__(self):
         parse_sparsity(self.sparsity)
 
+    def validate_for(self, model: nn.Module) -> None:
+        _check_linears(self, model, sparsity=self.sparsity)
+
 
 @dataclass
 class LayerDropConfig(CompressionConfig):
     """Remove whole decoder layers, chosen by index or by how little they change the hidden states."""
 
     method: ClassVar[str] = "layer_drop"
-    num_layers: int | None = field(default=None, metadata={"help": "how many layers to remove"})
+    num_layers: int | None = field(default=None, metadata={"help": "how many layers to remove", "positive": True})
     fraction: float | None = field(default=None, metadata={"help": "or the fraction of layers to remove"})
     layers: list[int] | None = field(default=None, metadata={"help": "or exactly these layer indices"})
     score: str = field(
         default="angular_distance",
         metadata={"help": "angular_distance (drop the contiguous run that turns the stream least, Gromov et al.) or "
-                  "block_influence (drop the single layers with the lowest influence, ShortGPT)"},
+                  "block_influence (drop the single layers with the lowest influence, ShortGPT)",
+                  "choices": LAYER_SCORES},
     )
 
     def __post_init__(self):
@@ -214,11 +238,19 @@ class LayerDropConfig(CompressionConfig):
             _check_fraction("fraction", self.fraction)
         if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
             raise UserInputError(f"num_layers={self.num_layers!r} must be a positive integer")
-        if self.layers is not None:
-            if not self.layers or len(set(self.layers)) != len(self.layers):
-                raise UserInputError(f"layers={self.layers!r} must be a non-empty list of distinct indices")
-        if self.score not in ("angular_distance", "block_influence"):
-            raise UserInputError(f"score={self.score!r}; use angular_distance or block_influence")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise UserInputError(f"layers={self.layers!r} must be a non-empty list of distinct indices")
+        if self.score not in LAYER_SCORES:
+            raise UserInputError(f"score={self.score!r}; use {' or '.join(LAYER_SCORES)}")
+
+    def validate_for(self, model: nn.Module) -> None:
+        _, layers = find_decoder_layers(model)
+        n = len(layers)
+        count = self.count(n)
+        if count >= n:
+            raise UserInputError(f"layer_drop would remove {count} of {n} layers; keep at least one")
+        if self.layers is not None and any(not 0 <= i < n for i in self.layers):
+            raise UserInputError(f"layer_drop layers={self.layers} are out of range 0..{n - 1}")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -231,6 +263,50 @@ class LayerDropConfig(CompressionConfig):
         if self.num_layers is not None:
             return self.num_layers
         return max(1, round(self.fraction * num_layers))
+
+
+def _check_positive(step: CompressionConfig, name: str) -> None:
+    value = getattr(step, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserInputError(f"{name}={value!r} must be a positive integer")
+
+
+def _output_head(model: nn.Module, step: CompressionConfig) -> nn.Linear:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise UserInputError(f"{step.method}: lm_head=True, but {type(model).__name__} has no linear output head")
+    return head
+
+
+def _check_linears(step: CompressionConfig, model: nn.Module, *, group_size: int | None = None,
+                   sparsity: float | str | None = None, lm_head: bool = False) -> None:
+    """``group_size`` (quantizing steps) divides the width of every block linear (and of the output head with
+    ``lm_head``), and a ``sparsity`` of N:M fits every block linear's width. An error names the step, the first layer
+    that does not fit and, for group sizes, every size that fits the whole model (one size serves all layers)."""
+    path, layers = find_decoder_layers(model)
+    linears = [(f"{path}.{i}.{name}", linear_weight(module).shape[1])
+               for i, block in enumerate(layers) for name, module in find_linear_layers(block).items()]
+    pattern = parse_sparsity(sparsity) if sparsity is not None else None
+    head_width = _output_head(model, step).in_features if lm_head else None
+    widths = [w for _, w in linears] + ([head_width] if head_width is not None else [])
+    for name, width in linears:
+        try:
+            if group_size is not None:
+                resolve_group_size(group_size, width, widths=widths)
+            if pattern is not None:
+                pattern.check_width(width)
+        except UserInputError as exc:
+            raise UserInputError(f"{step.method} on {name}: {exc}") from None
+    if head_width is not None and group_size is not None:
+        try:
+            resolve_group_size(group_size, head_width, widths=widths)
+        except UserInputError as exc:
+            raise UserInputError(f"{step.method} on the output head: {exc}") from None
+
+
+def step_types() -> dict[str, type[CompressionConfig]]:
+    """Method name -> config class of every registered recipe step, sorted by name."""
+    return dict(sorted(_STEPS.items()))
 
 
 def step_from_dict(data: dict) -> CompressionConfig:
