@@ -13,8 +13,11 @@ structures with closed gates are removed (:func:`~hf_compress_prompt.compressors
 :class:`~hf_compress_prompt.models.pruned_llama.PrunedLlamaForCausalLM` with its own sizes per layer. Hidden gates end
 binary (1 kept, 0 removed). Which structures go: every gate whose probability of being open is below one threshold,
 the lowest threshold that removes the target share of parameters (the learned gates decide the shape, the budget the
-size; the Lagrangian alone overshoots or undershoots at short budgets). The pruned model equals the gated model in
-eval mode (tested).
+size; the Lagrangian alone overshoots or undershoots at short budgets; that maths is in
+:mod:`~hf_compress_prompt.methods.gate_thresholds`). The pruned model equals the gated model in eval mode (tested).
+This module holds the gates' hooks and the training loop; JSONL instruction sets become windows in
+:mod:`~hf_compress_prompt.data.instructions`, and batches are built by the recovery prompt's collator (with the
+collaborative prompt's ids in front).
 
 Where masks go (the model's own outputs stay the same otherwise):
 - head ``h`` of layer ``l``: the head's slice of the output projection's input is multiplied by ``z``;
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,13 +44,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.instructions import instruction_windows
 from ..errors import UserInputError
+from ..methods.gate_thresholds import expected_parameters, lowest_threshold, open_at, open_heads_at, zero_except
 from ..methods.hard_concrete import HardConcreteGate, lagrangian_penalty
 from ..models.pruned_llama import PrunedLlamaForCausalLM
 from .structured import StructurePlan, _layer_sizes, apply_structure, check_prunable
 
-__all__ = ["COLLABORATIVE_PROMPT", "CompressoConfig", "CompressoResult", "StructureGates", "compresso_prune",
-           "instruction_windows"]
+__all__ = ["COLLABORATIVE_PROMPT", "CompressoConfig", "CompressoResult", "StructureGates", "compresso_prune"]
 
 COLLABORATIVE_PROMPT = ("Attention! This language model is being pruned: parts of it are being removed to make it "
                         "smaller. Keep answering as accurately as you can with what remains.\n\n")
@@ -123,33 +126,17 @@ class StructureGates(nn.Module):
 
     # ----- values ------------------------------------------------------------------------------------------------
     def _keep_at(self, tau: float) -> tuple[list[list[int]], list[list[int]], list[int] | None]:
-        """Kept heads, channels and hidden dimensions when every gate with ``P(open) >= tau`` stays; heads are then
-        evened out to ``round(open / kv)`` per key/value group (the most probably open ones)."""
-        heads, channels = [], []
-        for (h, kv, c), hg, cg in zip(self.sizes, self.heads, self.channels):
-            if h:
-                p = hg.expected_open().detach()
-                size = h // kv
-                per_group = min(size, round(int((p >= tau).sum()) / kv))
-                heads.append(sorted(g * size + int(j) for g in range(kv) for j in
-                                    torch.argsort(p[g * size:(g + 1) * size], descending=True, stable=True)[:per_group]))
-            else:
-                heads.append([])
-            channels.append(self._top(cg.expected_open().detach(), tau) if c else [])
+        """Kept heads, channels and hidden dimensions when every gate with ``P(open) >= tau`` stays
+        (:mod:`~hf_compress_prompt.methods.gate_thresholds`); at least one hidden dimension stays."""
+        heads = [open_heads_at(hg.expected_open().detach(), kv, tau) if h else []
+                 for (h, kv, _), hg in zip(self.sizes, self.heads)]
+        channels = [open_at(cg.expected_open().detach(), tau, self.multiple_of) if c else []
+                    for (_, _, c), cg in zip(self.sizes, self.channels)]
         hidden = None
         if self.hidden is not None:
             p = self.hidden.expected_open().detach()
-            hidden = self._top(p, tau) or [int(p.argmax())]
+            hidden = open_at(p, tau, self.multiple_of) or [int(p.argmax())]
         return heads, channels, hidden
-
-    def _top(self, p: torch.Tensor, tau: float) -> list[int]:
-        """The gates with ``P(open) >= tau``, their count rounded to a multiple of ``multiple_of`` (the most probably
-        open ones), as sorted indices."""
-        m = self.multiple_of
-        count = int((p >= tau).sum())
-        if m > 1 and count < p.numel():
-            count = m * round(count / m)
-        return sorted(int(j) for j in torch.argsort(p, descending=True, stable=True)[:count])
 
     def _count(self, heads, channels, hidden) -> int:
         from .structured import _parameter_counts
@@ -167,30 +154,17 @@ class StructureGates(nn.Module):
         if self.target is None:
             return self._keep_at(0.5)
         budget = (1 - self.target) * self._count(*self._keep_at(0.0))
-        lo, hi = 0.0, 1.0 + 1e-6  # parameters(tau) falls as tau rises
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if self._count(*self._keep_at(mid)) <= budget:
-                hi = mid
-            else:
-                lo = mid
-        return self._keep_at(hi)
+        return self._keep_at(lowest_threshold(lambda tau: self._count(*self._keep_at(tau)), budget))
 
     def final_values(self) -> dict:
         """Deterministic gates: ``E[z]`` for kept heads and channels, 0 for removed ones; 0/1 for hidden dimensions
         (the embedding may be tied to the output head, so a hidden scale cannot be folded)."""
         heads, channels, hidden = self.decide()
-
-        def keep_only(values: torch.Tensor, kept: list[int]) -> torch.Tensor:
-            mask = torch.zeros_like(values, dtype=torch.bool)
-            mask[kept] = True
-            return torch.where(mask, values, torch.zeros_like(values))
-
         hidden_values = None
         if self.hidden is not None:
-            hidden_values = keep_only(torch.ones(self.hidden_size), hidden)
-        return {"heads": [keep_only(g.mean_values(), k) for g, k in zip(self.heads, heads)],
-                "channels": [keep_only(g.mean_values(), k) for g, k in zip(self.channels, channels)],
+            hidden_values = zero_except(torch.ones(self.hidden_size), hidden)
+        return {"heads": [zero_except(g.mean_values(), k) for g, k in zip(self.heads, heads)],
+                "channels": [zero_except(g.mean_values(), k) for g, k in zip(self.channels, channels)],
                 "hidden": hidden_values, "kept": (heads, channels, hidden)}
 
     def _sample(self) -> dict:
@@ -204,21 +178,15 @@ class StructureGates(nn.Module):
         query and output rows plus its share of the key/value rows; norms are left out."""
         d_full = float(self.hidden_size)
         d = self.hidden.expected_open().sum() if self.hidden is not None else torch.tensor(d_full)
-
-        def count(width, heads_list, channels_list):
-            total = self.vocab_size * width * (1 if self.tied else 2)
-            for (h, kv, _), heads, channels in zip(self.sizes, heads_list, channels_list):
-                per_head = 2 * self.head_dim * width * (1 + kv / h) if h else 0.0
-                total = total + per_head * heads + 3 * width * channels
-            return total
-
-        full = count(d_full, [h for h, _, _ in self.sizes], [c for _, _, c in self.sizes])
-        expected = count(d, [g.expected_open().sum() if h else 0.0 for g, (h, _, _) in zip(self.heads, self.sizes)],
-                         [g.expected_open().sum() if c else 0.0 for g, (_, _, c) in zip(self.channels, self.sizes)])
+        shape = {"sizes": self.sizes, "head_dim": self.head_dim, "vocab_size": self.vocab_size, "tied": self.tied}
+        full = expected_parameters(d_full, [h for h, _, _ in self.sizes], [c for _, _, c in self.sizes], **shape)
+        expected = expected_parameters(
+            d, [g.expected_open().sum() if h else 0.0 for g, (h, _, _) in zip(self.heads, self.sizes)],
+            [g.expected_open().sum() if c else 0.0 for g, (_, _, c) in zip(self.channels, self.sizes)], **shape)
         return 1 - expected / full
 
     # ----- hooks -------------------------------------------------------------------------------------------------
-    def install(self, model: nn.Module) -> "StructureGates":
+    def install(self, model: nn.Module) -> StructureGates:
         """Hooks the gates into ``model`` (the PEFT-wrapped one when LoRA trains, so LoRA's paths are gated too)."""
         self.remove()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -280,41 +248,6 @@ class StructureGates(nn.Module):
                 down = layer.mlp.down_proj.weight  # (hidden, channels)
                 down.mul_(values["channels"][i].to(down.dtype))
         return StructurePlan(heads, channels, hidden)
-
-
-def instruction_windows(path: str | os.PathLike, tokenizer, seqlen: int) -> torch.Tensor:
-    """Token windows from an Alpaca-style JSONL file (``instruction``, optional ``input``, ``output``), one sample
-    per window (truncated to ``seqlen``, right-padded with EOS)."""
-    from ..evaluation.tasks.data import read_jsonl
-
-    rows = read_jsonl(Path(path), ("instruction", "output"))
-    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    windows = []
-    for row in rows:
-        text = f"### Instruction:\n{row['instruction']}\n\n"
-        if row.get("input"):
-            text += f"### Input:\n{row['input']}\n\n"
-        text += f"### Response:\n{row['output']}"
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seqlen]
-        windows.append(ids + [pad] * (seqlen - len(ids)))
-    if not windows:
-        raise UserInputError(f"{path} holds no samples")
-    return torch.tensor(windows, dtype=torch.long)  # (samples, seqlen)
-
-
-class _PrefixCollator:
-    """Batches ``{"input_ids"}`` windows with the collaborative prompt's ids in front; labels score only the text."""
-
-    def __init__(self, prefix: list[int]):
-        self.prefix = torch.tensor(prefix, dtype=torch.long)
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])  # (B, L)
-        prefix = self.prefix.expand(ids.shape[0], -1)
-        input_ids = torch.cat([prefix, ids], dim=1)  # (B, P + L)
-        labels = input_ids.clone()
-        labels[:, :prefix.shape[1] + 1] = -100  # the prompt, and the first text token (as without a prompt)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
 def _compresso_trainer_class():
@@ -405,11 +338,10 @@ def compresso_prune(model: nn.Module, tokenizer, config: CompressoConfig | None 
     Returns:
         `CompressoResult` with a :class:`~hf_compress_prompt.models.pruned_llama.PrunedLlamaForCausalLM`.
     """
-    from transformers import TrainingArguments
-
-    from ..recovery.data import TokenWindows, token_windows
+    from ..recovery.data import PromptTuningCollator, TokenWindows, token_windows
     from ..recovery.runtime import RecoveryPrompt, attach_recovery_prompt
     from ..recovery.train import RecoveryConfig, RecoveryMethod, lora_model
+    from ..recovery.trainer_setup import build_trainer, training_arguments
     from .structured import count_parameters
 
     config = config or CompressoConfig()
@@ -445,22 +377,17 @@ def compresso_prune(model: nn.Module, tokenizer, config: CompressoConfig | None 
     gates.install(peft_model).train()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad) + sum(
         p.numel() for p in gates.parameters())
-    trainer_class = _compresso_trainer_class()
     with tempfile.TemporaryDirectory(prefix="hcp-compresso-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate, lr_scheduler_type="constant_with_warmup",
-            warmup_steps=int(round(0.05 * config.max_steps)), max_grad_norm=1.0, save_strategy="no",
-            eval_strategy="no", logging_steps=max(1, config.max_steps // 20), bf16=config.bf16,
-            use_cpu=not torch.cuda.is_available(), seed=config.seed, data_seed=config.seed,
-            remove_unused_columns=False, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-            **(training_args or {}),
+        args = training_arguments(
+            scratch, seed=config.seed, overrides=training_args, max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+            lr_scheduler_type="constant_with_warmup", warmup_steps=round(0.05 * config.max_steps),
+            max_grad_norm=1.0, save_strategy="no", eval_strategy="no", logging_steps=max(1, config.max_steps // 20),
+            bf16=config.bf16,
         )
-        trainer = trainer_class(model=peft_model, args=args, train_dataset=train_dataset,
-                                data_collator=_PrefixCollator(prefix), gates=gates, config=config)
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
+        trainer = build_trainer(_compresso_trainer_class(), args, model=peft_model, train_dataset=train_dataset,
+                                data_collator=PromptTuningCollator(prefix_ids=tuple(prefix)), gates=gates,
+                                config=config)
         start = time.perf_counter()
         try:
             output = trainer.train()

@@ -45,7 +45,7 @@ def token_windows(
     rows = [r for r in load_rows(name, split, source=source, data_dir=data_dir) if r and r.strip()]
     if len(rows) < 2:
         raise UserInputError(f"dataset {name!r} split {split!r} has {len(rows)} non-empty rows; need at least 2")
-    cut = len(rows) - max(1, int(round(len(rows) * valid_fraction)))
+    cut = len(rows) - max(1, round(len(rows) * valid_fraction))
     chosen = rows[:cut] if part == "train" else rows[cut:]
     eos = tokenizer.eos_token_id
     stream: list[int] = []
