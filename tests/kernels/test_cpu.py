@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from hf_compress_prompt.formats import LinearFormat, pack_linear
-from hf_compress_prompt.kernels import cpu, layer_status, reference_only, status
+from hf_compress_prompt.kernels import cpu, reference_only, status
+from hf_compress_prompt.kernels.cpu import layouts, library, plan
 from hf_compress_prompt.kernels.reference import reference_linear
 from hf_compress_prompt.methods.rtn import rtn_quantize
+from hf_compress_prompt.nn import layer_status
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
 
@@ -46,7 +48,7 @@ def test_matches_reference_with_bf16_activations(shape, tokens):
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 @pytest.mark.parametrize("simd", [True, False])
 def test_int8_matches_reference(shape, tokens, simd, monkeypatch):
-    monkeypatch.setattr(cpu, "_use_vnni", simd and cpu._use_vnni)
+    monkeypatch.setattr(library, "_use_vnni", simd and library._use_vnni)
     fmt, tensors = _layer(*shape, bits=8)
     x = torch.randn(tokens, fmt.in_features).bfloat16()
     ref = reference_linear(x.float(), fmt, tensors, None)
@@ -81,7 +83,7 @@ def _bitmask_layer(out, inp, group_size, seed=0, sparsity="bitmask"):
 @pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("sparsity", ["bitmask", "2:4"])
 def test_sparse_int4_matches_reference(shape, tokens, simd, sparsity, monkeypatch):
-    monkeypatch.setattr(cpu, "_use_tiled", simd and cpu._use_tiled)
+    monkeypatch.setattr(library, "_use_tiled", simd and library._use_tiled)
     fmt, tensors = _bitmask_layer(*shape, sparsity=sparsity)
     x = torch.randn(tokens, fmt.in_features).bfloat16()
     ref = reference_linear(x.float(), fmt, tensors, None)
@@ -95,8 +97,8 @@ def test_portable_path_matches_too(shape, monkeypatch):
     fmt, tensors = _layer(*shape)
     x = torch.randn(5, fmt.in_features)
     simd = cpu.int_linear(x, fmt, tensors, None)
-    cpu._prepared.pop(id(tensors["weight"]))
-    monkeypatch.setattr(cpu, "_use_tiled", False)
+    plan._prepared.pop(id(tensors["weight"]))
+    monkeypatch.setattr(library, "_use_tiled", False)
     portable = cpu.int_linear(x, fmt, tensors, None)
     assert _rel_err(portable, simd) <= 1e-5
     tolerance = 2e-2 if fmt.in_features == 64 else 1e-2  # one 64-input block: int8 rounding of 64 activations
@@ -108,7 +110,7 @@ def test_sparse_tiles_store_fewer_bytes_than_dense_tiles(sparsity):
     """A 50% sparse tile keeps max(kept low, kept high) code bytes per chunk plus 1 bit of mask per weight: less
     than the dense tile's half byte per weight (what makes it faster where memory bandwidth decides)."""
     fmt, tensors = _bitmask_layer(256, 1024, 64, sparsity=sparsity)
-    stream, tile_off, masks, scale, zero = cpu._tiled_layout(fmt, tensors, sparse=True)
+    stream, tile_off, masks, scale, zero = layouts.tiled_layout(fmt, tensors, sparse=True)
     dense_bytes = 256 * 1024 // 2
     sparse_bytes = stream.numel() - 64 + masks.numel() * 8
     assert masks.numel() == 256 * 1024 // 64 and tile_off.numel() == 256 // 16
@@ -118,8 +120,8 @@ def test_sparse_tiles_store_fewer_bytes_than_dense_tiles(sparsity):
 
 def _run_with_threads(fn, threads: int, openmp: bool, monkeypatch):
     """``fn()`` with the rows split over ``threads``: torch's OpenMP team inside C, or the Python pool."""
-    monkeypatch.setattr(cpu, "_use_openmp", openmp and cpu._use_openmp)
-    monkeypatch.setattr(cpu, "_threads", lambda *a: threads)
+    monkeypatch.setattr(library, "_use_openmp", openmp and library._use_openmp)
+    monkeypatch.setattr(plan, "_threads", lambda *a: threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -146,18 +148,18 @@ def test_two_threads_give_the_same_result(monkeypatch, openmp, kind, rows):
 def test_the_kernels_share_torchs_openmp_runtime():
     # In a fresh process: other packages imported by other tests (scikit-learn through lm-eval) bring their own
     # libgomp, which says nothing about ours.
-    cpu._load()
-    if not cpu._use_openmp:
+    library.load()
+    if not library._use_openmp:
         pytest.skip("the CPU kernels were built without OpenMP here")
     code = (
         "import torch\n"
-        "from hf_compress_prompt.kernels import cpu\n"
-        "cpu._load()\n"
-        "assert cpu._use_openmp\n"
+        "from hf_compress_prompt.kernels.cpu import library\n"
+        "library.load()\n"
+        "assert library._use_openmp\n"
         "maps = open('/proc/self/maps').read()\n"
         "print(sorted({line.split()[-1] for line in maps.splitlines() if 'libgomp' in line}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     runtimes = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert len(runtimes) == 1, runtimes  # one OpenMP runtime in the process: torch's
@@ -167,8 +169,8 @@ def test_weights_prepared_once_and_refreshed_when_changed():
     fmt, tensors = _layer(64, 128, 64)
     x = torch.randn(1, 128)
     before = cpu.int_linear(x, fmt, tensors, None)
-    plan = cpu.prepare(fmt, tensors)  # built by the call above: the same object comes back
-    assert plan is not None and cpu.prepare(fmt, tensors) is plan
+    layer = cpu.prepare(fmt, tensors)  # built by the call above: the same object comes back
+    assert layer is not None and cpu.prepare(fmt, tensors) is layer
     tensors["weight_scale"].mul_(2)  # in-place change bumps the version: re-prepared
     torch.testing.assert_close(cpu.int_linear(x, fmt, tensors, None), before * 2, rtol=1e-5, atol=1e-5)
 
@@ -197,7 +199,7 @@ def test_ops_route_through_the_kernel_and_status_says_so():
 def test_sparse_bf16_values_match_reference(sparsity, shape, tokens, simd, monkeypatch):
     from hf_compress_prompt.methods.masks import layer_prune_mask, nm_prune_mask
 
-    monkeypatch.setattr(cpu, "_use_bf16", simd and cpu._use_bf16)
+    monkeypatch.setattr(library, "_use_bf16", simd and library._use_bf16)
     out, inp, _ = shape
     torch.manual_seed(0)
     W = torch.randn(out, inp).bfloat16()
@@ -230,7 +232,7 @@ _SYMBOLS = ("hcp_quantize_activations", "hcp_int8_gemm", "hcp_tiled_int4_gemm", 
 
 
 def test_the_loader_binds_every_exported_symbol():
-    assert set(cpu._SIGNATURES) == set(_SYMBOLS)
+    assert set(library._SIGNATURES) == set(_SYMBOLS)
 
 
 def _stub_source(folder, missing=(), constructor_marker=None):
@@ -256,17 +258,17 @@ def fresh_loader(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_COMPRESS_PROMPT_KERNELS", raising=False)
     state = ("_lib", "_reason", "_private_dir", "_cache_reason", "_rebuild_reason")
     for name in state:
-        monkeypatch.setattr(cpu, name, None, raising=False)
+        monkeypatch.setattr(library, name, None)
     for name in ("_use_vnni", "_use_tiled", "_use_bf16", "_use_openmp", "_SOURCES"):
-        monkeypatch.setattr(cpu, name, getattr(cpu, name))
-    monkeypatch.setattr(cpu, "_prepared", {})
+        monkeypatch.setattr(library, name, getattr(library, name))
+    monkeypatch.setattr(plan, "_prepared", {})
     sources = tmp_path / "src"
     sources.mkdir()
 
     def use(**stub):
-        cpu._SOURCES = [_stub_source(sources, **stub)]
+        library._SOURCES = [_stub_source(sources, **stub)]
         for name in state:
-            setattr(cpu, name, None)
+            setattr(library, name, None)
 
     return cache, use
 
@@ -286,24 +288,24 @@ def test_a_swapped_library_fails_its_digest_and_is_rebuilt_unrun(fresh_loader, t
 
     _, use = fresh_loader
     use()
-    library = cpu.build()  # built (with its manifest), not loaded
-    sources = cpu._SOURCES
-    manifest = json.loads(library.with_suffix(".json").read_text())
-    assert manifest["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest() and manifest["flags"]
+    built = cpu.build()  # built (with its manifest), not loaded
+    sources = library._SOURCES
+    manifest = json.loads(built.with_suffix(".json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(built.read_bytes()).hexdigest() and manifest["flags"]
     assert manifest["source_sha256"] == hashlib.sha256(sources[0].read_bytes()).hexdigest()
     # someone swaps in another library whose constructor runs on load
     marker = tmp_path / "constructor-ran"
     use(constructor_marker=marker)
     evil = tmp_path / "evil.so"
-    subprocess.run([cpu._compiler(), *cpu._FLAGS, "-o", str(evil), str(cpu._SOURCES[0])], check=True)
-    _swap(library, evil.read_bytes())
+    subprocess.run([library._compiler(), *library._FLAGS, "-o", str(evil), str(library._SOURCES[0])], check=True)
+    _swap(built, evil.read_bytes())
     use()
-    cpu._SOURCES = sources  # the original sources, in a new process
+    library._SOURCES = sources  # the original sources, in a new process
     assert cpu.available()
     assert not marker.exists()  # the swapped library was never loaded
     note = cpu.cache_note()
-    assert note is not None and str(library) in note and "sha256" in note and "rebuilt" in note
-    assert hashlib.sha256(library.read_bytes()).hexdigest() == json.loads(library.with_suffix(".json").read_text())["sha256"]
+    assert note is not None and str(built) in note and "sha256" in note and "rebuilt" in note
+    assert hashlib.sha256(built.read_bytes()).hexdigest() == json.loads(built.with_suffix(".json").read_text())["sha256"]
     assert "rebuilt" in status()["ops"]["int_linear"]["cpu"]
 
 
@@ -332,13 +334,13 @@ def test_a_library_that_does_not_load_falls_back_with_the_reason(fresh_loader):
 
     _, use = fresh_loader
     use()
-    library = cpu.build()
-    _swap(library, b"not a shared library")  # with a manifest that vouches for it: the digest passes, dlopen fails
-    manifest = library.with_suffix(".json")
+    built = cpu.build()
+    _swap(built, b"not a shared library")  # with a manifest that vouches for it: the digest passes, dlopen fails
+    manifest = built.with_suffix(".json")
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()),
-                                    "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}))
+                                    "sha256": hashlib.sha256(built.read_bytes()).hexdigest()}))
     assert not cpu.available()
-    assert f"the CPU kernel library {library} could not be loaded" in cpu.unavailable_reason()
+    assert f"the CPU kernel library {built} could not be loaded" in cpu.unavailable_reason()
     assert "could not be loaded" in status()["ops"]["bitmask_linear"]["cpu"]
 
 
@@ -368,6 +370,6 @@ def test_an_unsafe_cache_folder_is_refused_for_a_private_one(fresh_loader, monke
     why = {"world-writable": "writable by others", "group-writable": "writable by its group",
            "another owner": "not by this user"}[damage]
     assert note is not None and str(cache) in note and why in note and "private folder" in note
-    private = cpu._private_dir
+    private = library._private_dir
     assert private is not None and stat.S_IMODE(private.stat().st_mode) == 0o700 and list(private.rglob("*.so"))
     assert "private folder" in status()["ops"]["nm_linear"]["cpu"]

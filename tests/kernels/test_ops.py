@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hf_compress_prompt.kernels as kernels
+from hf_compress_prompt import kernels
 from hf_compress_prompt.formats import LinearFormat
 from hf_compress_prompt.methods.masks import layer_prune_mask, nm_prune_mask
 from hf_compress_prompt.methods.rtn import rtn_quantize

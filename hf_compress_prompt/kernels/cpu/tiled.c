@@ -1,10 +1,10 @@
 /* 16-row tiles: int4 weights (dense, or sparse with the kept codes expanded in registers) x int8 activations.
  *
- * The row-major kernels in int4_gemm.c give each output row its own accumulator, so every 64 inputs cost a
- * convert, a multiply-add and a horizontal sum per row and token. Here sixteen rows share one register: lane r
+ * A row-major kernel (as the dense int8 one in linear.c) gives each output row its own accumulator, so every 64 inputs
+ * cost a convert, a multiply-add and a horizontal sum per row and token. Here sixteen rows share one register: lane r
  * holds row r's sum, and one VNNI dpbusd multiplies four inputs of all sixteen rows by the same four activations
- * (broadcast from memory). Per 64 inputs and token the float work (convert, scale, add) is done once for sixteen
- * rows, and a tile's codes are one sequential stream (the hardware prefetcher follows it).
+ * (broadcast from memory). Per 64 inputs and token the float work (convert, scale, add) is done once for sixteen rows,
+ * and a tile's codes are one sequential stream (the hardware prefetcher follows it).
  *
  * Dense layout, built at load time from the stored format (hf_compress_prompt/formats): tiles of 16 rows (the
  * last padded with zero codes), per tile and 64-input block eight 64-byte chunks; chunk p holds inputs 8p..8p+7,
