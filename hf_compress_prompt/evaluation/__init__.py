@@ -1,4 +1,6 @@
-"""Evaluation: standard perplexity (knowledge-intensive LLM-KICK tasks come later)."""
+"""Evaluation: standard perplexity (:func:`perplexity`, here), the knowledge-intensive LLM-KICK tasks
+(:mod:`.tasks`: factoid QA, MMLU, in-context retrieval QA, summarization) and the reports a person reads
+(:mod:`.report`)."""
 
 from .perplexity import PerplexityResult, perplexity
 
