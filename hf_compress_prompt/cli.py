@@ -1,31 +1,36 @@
 """The ``hf-compress-prompt`` command line.
 
 Exit status: 0 success; 2 bad input or usage (one line on stderr naming the value and the fix);
-3 the command exists but is not implemented yet; 1 an unexpected internal error (with its traceback);
-130 interrupted.
+1 an unexpected internal error (with its traceback); 130 interrupted.
+
+The options of ``compress`` (per method and calibration), ``recover`` and ``prune-structured --method compresso``
+are generated from the config dataclasses (:class:`~hf_compress_prompt.compressors.GPTQConfig` and friends,
+``CalibrationConfig``, ``RecoveryConfig``, ``CompressoConfig``): one option per field, its help the field's
+``metadata["help"]``, its default the field's own, so the command line and the Python API cannot disagree.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import logging
 import math
 import sys
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserInputError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_IMPLEMENTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-# Commands with a place in the interface whose work lands in a later issue.
-_PLANNED: dict[str, tuple[str, int]] = {}
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _EPILOG = """\
-exit status: 0 success, 2 bad input (one line naming the value and the fix), 3 command not implemented yet,
-1 internal error, 130 interrupted.
+exit status: 0 success, 2 bad input (one line naming the value and the fix), 1 internal error, 130 interrupted.
 models: omit --model (or pass "default") for the embedded SmolLM2-135M-Instruct; a .gguf file, a checkpoint
 folder or a Hub id also work.
 data: local copies are read from $HF_COMPRESS_PROMPT_DATA (default ../shared/data beside the checkout), the Hub
@@ -37,6 +42,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a whole number") from None
 
 
 def _positive_int(text: str) -> int:
@@ -66,6 +78,172 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# ----- options generated from the config dataclasses ------------------------------------------------------------------
+# Each field of a config becomes one option (``group_size`` -> ``--group-size``) whose help is the field's
+# ``metadata["help"]`` and whose default is the field's own: the option's parsed default is None ("not given"), so the
+# config's default applies and the CLI cannot drift from the API.
+
+
+@dataclass(frozen=True)
+class _ConfigOption:
+    dest: str  # the field's name
+    flags: tuple[str, ...]
+    kind: str  # bool, int, float, fraction_or_pattern, int_list, enum, str
+    help: str
+    defaults: dict[str, object]  # owner (method name or config) -> the field's default there
+    positive: bool = False
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False  # an optional field with a non-None default: --no-<flag> sets it to None
+
+
+def _kind(hint) -> tuple[str, tuple[str, ...] | None, bool]:
+    """The option kind of a field's type, its choices (enums) and whether None is allowed."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else ()
+    members = set(args) if args else {hint}
+    optional = type(None) in members
+    members.discard(type(None))
+    if members == {bool}:
+        return "bool", None, optional
+    if members == {int}:
+        return "int", None, optional
+    if members == {float}:
+        return "float", None, optional
+    if members == {float, str}:
+        return "fraction_or_pattern", None, optional
+    if members == {str}:
+        return "str", None, optional
+    if len(members) == 1:
+        (only,) = members
+        if isinstance(only, type) and issubclass(only, enum.Enum):
+            return "enum", tuple(str(m.value) for m in only), optional
+        if typing.get_origin(only) is list and typing.get_args(only) == (int,):
+            return "int_list", None, optional
+    raise TypeError(f"no command-line option kind for a field of type {hint!r}; add one to cli._kind")
+
+
+def _config_options(configs: dict[str, type], *, aliases: dict[str, tuple[str, ...]] | None = None,
+                    skip: tuple[str, ...] = ()) -> list[_ConfigOption]:
+    """One option per field name over ``configs`` (owner name -> dataclass), in declaration order; a field that
+    several configs declare is one option, its default shown per owner. ``aliases`` replace a field's flag (the
+    commands' established names: ``--steps`` for ``max_steps``)."""
+    aliases = aliases or {}
+    found: dict[str, dict] = {}
+    for owner, cls in configs.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            kind, choices, optional = _kind(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            entry = found.setdefault(f.name, {"kind": kind, "help": f.metadata.get("help", ""), "defaults": {},
+                                              "positive": bool(f.metadata.get("positive")),
+                                              "choices": f.metadata.get("choices", choices), "nullable": False})
+            if entry["kind"] != kind and {entry["kind"], kind} != {"int"}:
+                raise TypeError(f"field {f.name!r} has kind {entry['kind']} in one config and {kind} in {owner}")
+            entry["defaults"][owner] = default
+            entry["nullable"] |= optional and default is not None
+    return [
+        _ConfigOption(name, aliases.get(name) or ("--" + name.replace("_", "-"),), e["kind"], e["help"],
+                      e["defaults"], e["positive"], tuple(e["choices"]) if e["choices"] else None, e["nullable"])
+        for name, e in found.items()
+    ]
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:37] + "...")
+    return str(value)
+
+
+def _option_help(option: _ConfigOption, owners_named: bool) -> str:
+    if not owners_named:
+        (default,) = option.defaults.values()
+        text = f"{option.help} (default: {_shown(default)})"
+    else:
+        by_value: dict[str, list[str]] = {}
+        for owner, default in option.defaults.items():
+            by_value.setdefault(_shown(default), []).append(owner)
+        shown = "; ".join(f"{', '.join(owners)}: {value}" for value, owners in by_value.items())
+        text = f"{option.help} [{shown}]"
+    return text.replace("%", "%%")
+
+
+def _add_config_options(group, options: list[_ConfigOption], *, owners_named: bool = False,
+                        required: tuple[str, ...] = ()) -> None:
+    converters = {"int": _integer, "float": _finite_float}
+    for option in options:
+        kwargs = {"dest": option.dest, "default": None, "help": _option_help(option, owners_named)}
+        if option.dest in required:
+            kwargs.update(required=True, help=option.help.replace("%", "%%"))
+        if option.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _positive_int if option.positive else converters.get(option.kind, str)
+            if option.choices:
+                kwargs["choices"] = list(option.choices)
+            kwargs["metavar"] = option.dest.upper() if not option.choices else "{" + ",".join(option.choices) + "}"
+        group.add_argument(*option.flags, **kwargs)
+        if option.nullable:
+            group.add_argument(f"--no-{option.dest.replace('_', '-')}", dest=f"no_{option.dest}", action="store_true",
+                               help=f"set {option.dest} to none")
+
+
+def _config_values(args: argparse.Namespace, options: list[_ConfigOption]) -> dict[str, object]:
+    """The options given on the command line, as the config fields' values (text values converted and checked
+    here, so an error names the flag)."""
+    from .validation import parse_sparsity
+
+    values = {}
+    for option in options:
+        if getattr(args, f"no_{option.dest}", False):
+            values[option.dest] = None
+        value = getattr(args, option.dest)
+        if value is None:
+            continue
+        flag = option.flags[-1]
+        if option.kind == "fraction_or_pattern":
+            value = parse_sparsity(value, label=f"{flag} {value!r}").value
+        elif option.kind == "int_list":
+            try:
+                value = [int(i) for i in value.split(",")]
+            except ValueError:
+                raise UserInputError(f"{flag} {value!r} must be comma-separated integers, e.g. 3,4,5") from None
+        values[option.dest] = value
+    return values
+
+
+def _step_options() -> list[_ConfigOption]:
+    from .compressors.configs import step_types
+
+    return _config_options(step_types())
+
+
+def _calibration_options() -> list[_ConfigOption]:
+    from .compressors.configs import CalibrationConfig
+
+    return _config_options({"calibration": CalibrationConfig})
+
+
+_RECOVERY_ALIASES = {"max_steps": ("--steps",), "num_virtual_tokens": ("--tokens",), "learning_rate": ("--lr",)}
+_COMPRESSO_ALIASES = {"max_steps": ("--steps",)}
+
+
+def _recovery_options() -> list[_ConfigOption]:
+    from .recovery.train import RecoveryConfig
+
+    return _config_options({"recover": RecoveryConfig}, aliases=_RECOVERY_ALIASES)
+
+
+def _compresso_options() -> list[_ConfigOption]:
+    from .compressors.compresso import CompressoConfig
+
+    return _config_options({"compresso": CompressoConfig}, aliases=_COMPRESSO_ALIASES)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model: omit for the embedded SmolLM2-135M-Instruct; a .gguf file, folder or Hub id")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -86,7 +264,11 @@ def _add_ppl_args(p: argparse.ArgumentParser, windows_default: int | None) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compressors.configs import step_types
+    from .compressors.presets import list_presets
+    from .compressors.structured import CRITERIA
     from .data import list_corpora
+    from .demo import DEMO_RECIPE
 
     parser = _Parser(
         prog="hf-compress-prompt",
@@ -125,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
     _add_ppl_args(demo, 4)
     demo.add_argument("--fp32", action="store_true", help="also score the dense model in fp32 (the default is bf16 autocast)")
-    demo.add_argument("--recipe", default="gptq-w3-g64", help="gptq-w3-g64 (default), sparsegpt-50%%+w4-g64, rtn-w4-g64, "
-                      "or none (dense model only)")
+    demo.add_argument("--recipe", default=DEMO_RECIPE, metavar="PRESET",
+                      help=f"a preset (default: {DEMO_RECIPE}; also e.g. sparsegpt-50%%+w4-g64, rtn-w4-g64; "
+                           "`compress --help` lists them all), or none (dense model only)")
     demo.add_argument("--steps", type=_positive_int, default=40, help="prompt-training steps (default: 40)")
     demo.add_argument("--lr", type=_positive_float, default=3e-2, help="the prompt's learning rate (default: 3e-2)")
     demo.add_argument("--dataset", default="c4", choices=list_corpora(), metavar="NAME",
@@ -145,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hf_compress_prompt.from_pretrained or, after `import hf_compress_prompt`, AutoModelForCausalLM.from_pretrained).",
         epilog=_EPILOG + "\nexamples:\n  hf-compress-prompt compress --method gptq --bits 4 --group-size 64 --output out/gptq4\n"
         "  hf-compress-prompt compress --method sparsegpt --sparsity 2:4 --bits 4 --output out/sp24-4b\n"
-        "  hf-compress-prompt compress --recipe recipe.yaml --output out/recipe",
+        "  hf-compress-prompt compress --preset sparsegpt-50%+w4-g64 --output out/sp50-4b\n"
+        "  hf-compress-prompt compress --recipe recipe.yaml --output out/recipe\n\npresets:\n"
+        + "\n".join(f"  {name:<32} {text}" for name, text in list_presets().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(co)
@@ -153,20 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(co)
     what = co.add_mutually_exclusive_group(required=True)
     what.add_argument("--recipe", help="a .json/.yaml recipe: {steps: [{method: ..., ...}], calibration: {...}}")
-    what.add_argument("--method", choices=["rtn", "gptq", "sparsegpt", "wanda", "magnitude", "layer_drop"], help="one method")
-    co.add_argument("--bits", type=int, help="bits per weight (rtn, gptq; sparsegpt: joint mode)")
-    co.add_argument("--group-size", type=int, help="quantization group size; -1 = per output channel")
-    co.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization grid")
-    co.add_argument("--act-order", action="store_true", default=None, help="GPTQ act-order (static groups)")
-    co.add_argument("--sparsity", help="pruning: a fraction such as 0.5, or N:M such as 2:4")
-    co.add_argument("--num-layers", type=_positive_int, help="layer_drop: how many layers to remove")
-    co.add_argument("--fraction", type=_finite_float, help="layer_drop: fraction of layers to remove")
-    co.add_argument("--layers", help="layer_drop: comma-separated indices to remove")
-    co.add_argument("--score", help="layer_drop: angular_distance (default) or block_influence")
-    co.add_argument("--dataset", help="calibration corpus (default: c4)")
-    co.add_argument("--nsamples", type=_positive_int, help="calibration windows (default: 64; the papers use 128)")
-    co.add_argument("--seqlen", type=_positive_int, help="calibration window length (default: 512; the papers use 2048)")
-    co.add_argument("--seed", type=int, help="calibration sampling seed (default: 0)")
+    what.add_argument("--method", choices=list(step_types()), help="one method, set by the method settings below")
+    what.add_argument("--preset", metavar="NAME", help="a named setting (listed below), e.g. gptq-w4-g64")
+    _add_config_options(co.add_argument_group(
+        "method settings", "each applies to the methods in brackets, whose defaults are shown there; --method only"),
+        _step_options(), owners_named=True)
+    _add_config_options(co.add_argument_group("calibration", "override the recipe's or preset's calibration settings"),
+                        _calibration_options())
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     rc = commands.add_parser(
@@ -180,18 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(rc)
     rc.add_argument("--output", required=True, help="folder for the model with its prompt (LORA: the adapter)")
     _add_overwrite_arg(rc)
-    rc.add_argument("--method", default="PROMPT", choices=["PROMPT", "LORA", "FULL"], help="default: PROMPT")
-    rc.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
-    rc.add_argument("--tokens", type=_positive_int, default=100, help="virtual tokens (default: 100)")
-    rc.add_argument("--init", default="VOCAB", choices=["VOCAB", "TEXT", "SAMPLE_VOCAB", "RANDOM"], help="default: VOCAB")
-    rc.add_argument("--init-text", default=None, help="text for --init TEXT")
-    rc.add_argument("--dataset", default="c4", help="training corpus (default: c4)")
-    rc.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per training window (default: 512)")
-    rc.add_argument("--batch-size", type=_positive_int, default=4, help="windows per step (default: 4)")
-    rc.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (default: 1e-3, the paper's, for long runs; "
-                    "at tens to hundreds of steps 3e-2 recovers about 3x more, see docs/results/recovery_sweep.md)")
-    rc.add_argument("--eval-steps", type=_positive_int, default=25, help="validate every N steps (default: 25)")
-    rc.add_argument("--eval-windows", type=_positive_int, default=8, help="validation windows (default: 8)")
+    _add_config_options(rc.add_argument_group(
+        "recovery settings", "RecoveryConfig's fields (--lr: the paper's 1e-3 is for long runs; at tens to hundreds "
+        "of steps 3e-2 recovers about 3x more, see docs/results/recovery_sweep.md)"), _recovery_options())
     rc.add_argument("--teacher", default=None, metavar="MODEL",
                     help="distil from this model (usually the uncompressed one; 'default' = the embedded SmolLM2): "
                          "train on the KL to its next-token distributions instead of the corpus' next tokens")
@@ -215,16 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ps)
     ps.add_argument("--output", required=True, help="folder for the pruned model")
     _add_overwrite_arg(ps)
-    ps.add_argument("--method", default="compresso", choices=["compresso", "l2", "random"], help="default: compresso")
-    ps.add_argument("--target", type=_finite_float, required=True, help="fraction of all parameters to remove, in (0, 1)")
-    ps.add_argument("--steps", type=_positive_int, default=200, help="compresso: training steps (default: 200)")
-    ps.add_argument("--seqlen", type=_positive_int, default=256, help="compresso: tokens per window (default: 256)")
-    ps.add_argument("--batch-size", type=_positive_int, default=4, help="compresso: windows per step (default: 4)")
-    ps.add_argument("--dataset", default="c4", help="compresso: corpus name or Alpaca-style JSONL (default: c4)")
-    ps.add_argument("--no-hidden", action="store_true", help="compresso: keep every hidden dimension")
-    ps.add_argument("--multiple-of", type=_positive_int, default=32, help="compresso: kept FFN channels and hidden dimensions "
-                    "in multiples of this, so group quantization fits (default: 32)")
-    ps.add_argument("--no-collaborative-prompt", action="store_true", help="compresso: train without the text prompt")
+    ps.add_argument("--method", default="compresso", choices=["compresso", *CRITERIA], help="default: compresso")
+    compresso = ps.add_argument_group("compresso settings", "CompressoConfig's fields; l2 and random read --target only")
+    _add_config_options(compresso, _compresso_options(), required=("target",))
+    compresso.add_argument("--no-hidden", dest="prune_hidden", action="store_false", default=None,
+                           help="the same as --no-prune-hidden: keep every hidden dimension")
 
     tr = commands.add_parser(
         "transfer", help="perplexity of each model without and with each recovery prompt (transfer matrix)",
@@ -283,8 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", required=True, help="folder for the report")
     rp.add_argument("--title", default="Compressed model report")
 
-    for name, (summary, issue) in _PLANNED.items():
-        commands.add_parser(name, help=f"{summary} [not implemented yet: issue {issue}]", description=summary)
     return parser
 
 
@@ -351,30 +513,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _recipe_from_args(args: argparse.Namespace):
+    """The recipe of ``compress``'s options: a recipe file, a preset or one method from its settings; the
+    calibration options override the recipe's."""
     from .compressors import CalibrationConfig, Recipe, step_from_dict
+    from .compressors.presets import preset_steps
 
-    calibration = {k: getattr(args, k) for k in ("dataset", "nsamples", "seqlen", "seed") if getattr(args, k) is not None}
+    options = _step_options()
+    step = _config_values(args, options)
+    if step and not args.method:
+        given = ", ".join(next(o.flags[-1] for o in options if o.dest == name) for name in step)
+        raise UserInputError(f"{given}: method settings apply to --method only; with --{'recipe' if args.recipe else 'preset'} "
+                             "write them in a recipe file instead")
+    calibration = _config_values(args, _calibration_options())
     if args.recipe:
         recipe = Recipe.from_file(args.recipe)
-        if calibration:  # flags override the file's calibration settings
-            merged = {**recipe.calibration.__dict__, **calibration}
-            recipe = Recipe(recipe.steps, CalibrationConfig(**merged))
-        return recipe
-    step = {"method": args.method}
-    for flag in ("bits", "group_size", "symmetric", "act_order", "sparsity", "num_layers", "fraction", "score"):
-        if getattr(args, flag) is not None:
-            step[flag] = getattr(args, flag)
-    if "sparsity" in step and ":" not in step["sparsity"]:
-        try:
-            step["sparsity"] = float(step["sparsity"])
-        except ValueError:
-            raise UserInputError(f"--sparsity {step['sparsity']!r} is neither a fraction nor N:M; use e.g. 0.5 or 2:4") from None
-    if args.layers is not None:
-        try:
-            step["layers"] = [int(i) for i in args.layers.split(",")]
-        except ValueError:
-            raise UserInputError(f"--layers {args.layers!r} must be comma-separated integers, e.g. 3,4,5") from None
-    return Recipe([step_from_dict(step)], CalibrationConfig(**calibration))
+    elif args.preset:
+        recipe = Recipe(preset_steps(args.preset))
+    else:
+        recipe = Recipe([step_from_dict({"method": args.method, **step})])
+    if calibration:
+        recipe = Recipe(recipe.steps, CalibrationConfig(**{**dataclasses.asdict(recipe.calibration), **calibration}))
+    return recipe
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -419,11 +578,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     from .recovery import PROMPT_SUBFOLDER
     from .recovery.train import RecoveryConfig, recover
 
-    config = RecoveryConfig(  # bad settings fail before the model loads
-        method=args.method, num_virtual_tokens=args.tokens, init=args.init, init_text=args.init_text,
-        dataset=args.dataset, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.lr, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
-    )
+    config = RecoveryConfig(**_config_values(args, _recovery_options()))  # bad settings fail before the model loads
     if args.resume and not args.checkpoints:
         raise UserInputError("--resume needs --checkpoints (the folder the interrupted run wrote)")
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -461,10 +616,7 @@ def _cmd_prune_structured(args: argparse.Namespace) -> int:
     from .models import load_model_and_tokenizer
 
     if args.method == "compresso":  # bad settings fail before the model loads
-        config = CompressoConfig(target=args.target, max_steps=args.steps, seqlen=args.seqlen,
-                                 batch_size=args.batch_size, dataset=args.dataset, prune_hidden=not args.no_hidden,
-                                 multiple_of=args.multiple_of,
-                                 **({"collaborative_prompt": None} if args.no_collaborative_prompt else {}))
+        config = CompressoConfig(**_config_values(args, _compresso_options()))
     elif not 0 < args.target < 1 or args.method not in CRITERIA:
         raise UserInputError(f"--target={args.target} must lie in (0, 1)")
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -581,9 +733,6 @@ def main(argv: list[str] | None = None) -> int:
         from ._logging import set_verbosity
 
         set_verbosity(logging.INFO)
-    if args.command in _PLANNED:
-        print(f"hf-compress-prompt {args.command}: not implemented yet (issue {_PLANNED[args.command][1]})", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     if getattr(args, "threads", None):
         import torch
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from ._logging import get_logger
+from .compressors import CalibrationConfig, Recipe
+from .compressors.presets import list_presets, preset_steps
 from .data import eval_tokens, load_rows, training_corpus
 from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
-from .compressors import CalibrationConfig, GPTQConfig, Recipe, RTNConfig, SparseGPTConfig
 from .models import load_model_and_tokenizer
 
 __all__ = ["DemoResult", "demo_datasets", "run_demo"]
@@ -29,13 +30,7 @@ logger = get_logger(__name__)
 DEMO_PROMPT = "The capital of France is"
 
 
-DEMO_RECIPE = "gptq-w3-g64"
-RECIPES = {  # name -> (steps, what it is)
-    "gptq-w3-g64": ("GPTQ 3-bit, groups of 64", lambda: [GPTQConfig(bits=3, group_size=64)]),
-    "sparsegpt-50%+w4-g64": ("SparseGPT 50% + 4-bit g64 (joint), about 8x smaller linears",
-                             lambda: [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)]),
-    "rtn-w4-g64": ("round-to-nearest 4-bit, groups of 64 (no calibration)", lambda: [RTNConfig(bits=4, group_size=64)]),
-}
+DEMO_RECIPE = "gptq-w3-g64"  # any preset of hf_compress_prompt.compressors.presets works
 
 
 @dataclass
@@ -77,8 +72,8 @@ def _check_settings(recipe: str | None, *, windows: int, seqlen: int, modes: tup
     into the run."""
     from .data import get_corpus
 
-    if recipe is not None and recipe not in RECIPES:
-        raise UserInputError(f"recipe {recipe!r}: choose one of {', '.join(RECIPES)} or none")
+    if recipe is not None and recipe not in list_presets():
+        raise UserInputError(f"recipe {recipe!r}: choose one of {', '.join(list_presets())} or none")
     for name, value in (("windows", windows), ("seqlen", seqlen), ("steps", steps),
                         ("num_virtual_tokens", num_virtual_tokens), ("train_seqlen", train_seqlen), ("nsamples", nsamples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -127,8 +122,8 @@ def run_demo(
         seqlen (`int`, *optional*, defaults to 2048): window length.
         modes (`tuple[str, ...]`, *optional*, defaults to `("bf16",)`): any of ``"fp32"`` and ``"bf16"`` (autocast)
             for the dense rows; the compressed and recovered rows use the first.
-        recipe (`str`, *optional*, defaults to ``"gptq-w3-g64"``): one of :data:`RECIPES`; `None` scores the dense
-            model only.
+        recipe (`str`, *optional*, defaults to ``"gptq-w3-g64"``): a preset name
+            (:func:`~hf_compress_prompt.compressors.presets.list_presets`); `None` scores the dense model only.
         steps (`int`, *optional*, defaults to 40): prompt-training steps (batch 4 x ``train_seqlen`` C4 tokens).
         learning_rate (`float`, *optional*, defaults to 3e-2): the prompt's AdamW rate; the paper's 1e-3 is for
             30,000 steps, and at tens of steps 3e-2 recovers about 3x more (docs/results/recovery_sweep.md).
@@ -179,7 +174,7 @@ def run_demo(
     start = time.perf_counter()
     train_dataset, train_split = training_corpus(dataset)  # C4 unreachable: the offline sample, said in one line
     calibration = CalibrationConfig(dataset=train_dataset, split=train_split, nsamples=nsamples)
-    compressed = compress_(lm, Recipe(RECIPES[recipe][1](), calibration), tokenizer=tokenizer, pack=False,
+    compressed = compress_(lm, Recipe(preset_steps(recipe), calibration), tokenizer=tokenizer, pack=False,
                            progress=progress)
     result.recipe, result.compress_seconds, result.train_dataset = recipe, time.perf_counter() - start, train_dataset
     score("compressed", mode)
