@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, eval_perplexities, machine_info, markdown_table, write_results
+from memory import training_memory
 
 from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, LayerDropConfig, Recipe, SparseGPTConfig, compress_
 from hf_compress_prompt.recovery import attach_recovery_prompt, detach_recovery_prompt, save_recovery_prompt
@@ -54,14 +55,14 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _weights_record(result, values: dict, dense: dict, compressed: dict, **settings) -> dict:
+def _weights_record(result, memory, values: dict, dense: dict, compressed: dict, **settings) -> dict:
     """What a weight-training baseline (LoRA, FULL) reports: perplexities, gap closed, cost."""
     return {
         "perplexity": values, "gap_closed": {d: gap_closed(dense[d], compressed[d], values[d]) for d in DATASETS},
         "trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
         "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
         "best_c4_validation_perplexity": result.best_perplexity, "peak_rss_mb": result.peak_rss_mb,
-        "train_memory_mb": result.train_memory_mb, **settings,
+        "train_memory_mb": memory.increase_mb, **settings,
     }
 
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             lora_twin = copy.deepcopy(model)  # LoRA gets the same compressed weights, without compressing again
         if name == FULL_SETTING and not args.no_full:
             full_twin = copy.deepcopy(model)  # dense weights (layers dropped only): continued pretraining applies
-        result = recover(model, tokenizer, train_config)
+        memory = training_memory()
+        result = recover(model, tokenizer, train_config, callbacks=[memory])
         recovered = eval_perplexities(model, ids, args.windows)  # the prompt is attached
         _log(f"{name}: prompt trained in {result.seconds:.0f} s (best C4 validation ppl {result.best_perplexity:.2f} "
              f"at step {result.best_step}): {recovered}")
@@ -150,27 +152,29 @@ def main(argv: list[str] | None = None) -> None:
             "prompt": {"trainable_parameters": result.trainable_parameters, "seconds": result.seconds,
                        "seconds_per_step": result.seconds_per_step, "best_step": result.best_step,
                        "best_c4_validation_perplexity": result.best_perplexity, "history": result.history,
-                       "peak_rss_mb": result.peak_rss_mb, "train_memory_mb": result.train_memory_mb},
+                       "peak_rss_mb": result.peak_rss_mb, "train_memory_mb": memory.increase_mb},
         }
 
     first = args.settings[0]
     if not args.no_lora:
         model = lora_twin
         lora_config = RecoveryConfig(**{**train_config.to_dict(), "method": "LORA", "learning_rate": 2e-4})
-        result = recover(model, tokenizer, lora_config)
+        memory = training_memory()
+        result = recover(model, tokenizer, lora_config, callbacks=[memory])
         lora = eval_perplexities(result.trained, ids, args.windows)
         _log(f"{first} + LoRA: trained in {result.seconds:.0f} s: {lora}")
-        records[first]["lora"] = _weights_record(result, lora, dense, records[first]["compressed"],
+        records[first]["lora"] = _weights_record(result, memory, lora, dense, records[first]["compressed"],
                                                  learning_rate=2e-4, rank=8)
         del model, result
 
     if FULL_SETTING in records and not args.no_full:
         model = full_twin
         full_config = RecoveryConfig(**{**train_config.to_dict(), "method": "FULL", "learning_rate": args.full_lr})
-        result = recover(model, tokenizer, full_config)
+        memory = training_memory()
+        result = recover(model, tokenizer, full_config, callbacks=[memory])
         full = eval_perplexities(model, ids, args.windows)
         _log(f"{FULL_SETTING} + FULL: trained in {result.seconds:.0f} s: {full}")
-        records[FULL_SETTING]["full"] = _weights_record(result, full, dense, records[FULL_SETTING]["compressed"],
+        records[FULL_SETTING]["full"] = _weights_record(result, memory, full, dense, records[FULL_SETTING]["compressed"],
                                                         learning_rate=args.full_lr)
         del model, result, full_twin
 
