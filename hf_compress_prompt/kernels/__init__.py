@@ -1,9 +1,11 @@
 """Compressed-linear ops behind ``torch.library`` (``torch.ops.hf_compress_prompt.*``), each with a pure-PyTorch
 reference, a fake implementation for ``torch.compile``, and a slot for faster per-device kernels.
-:func:`status` says which implementation serves each op and why optional kernels are not in use."""
+:func:`status` says which implementation serves each op and why optional kernels are not in use; :func:`run` is
+what an op computes, called directly (the runtime modules' eager path)."""
 
 import torch
 
+from ..formats import LinearFormat
 from . import cpu as _cpu
 from .ops import (
     KERNELS,
@@ -13,6 +15,7 @@ from .ops import (
     record_unavailable,
     reference_only,
     register_kernel,
+    run,
     status,
 )
 from .reference import dense_weight, reference_linear
@@ -50,31 +53,27 @@ register_kernel("bitmask_linear", "cpu", _cpu.sparse_linear, _cpu_description("b
 register_kernel("nm_linear", "cpu", _cpu.sparse_linear, _cpu_description("nm"))
 
 
-def layer_status(model) -> dict[str, str]:
-    """For each packed layer of ``model``: which implementation its forward uses on the CPU, and why."""
-    from ..nn import PackedLinear
+def cpu_kernel_for(fmt: LinearFormat, weight_dtype: torch.dtype) -> str:
+    """Which implementation a CPU forward of a layer stored in ``fmt`` (its ``weight`` tensor in ``weight_dtype``)
+    runs: the C kernel's name, or ``"reference: <why not the C kernel>"``. Per model:
+    :func:`hf_compress_prompt.nn.layer_status`."""
+    why = _cpu.supports(fmt, weight_dtype)
+    if why is None and _cpu.available():
+        return _cpu.kernel_name(fmt.kind, fmt.bits)
+    return f"reference: {why or _cpu.unavailable_reason()}"
 
-    out = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, PackedLinear):
-            continue
-        why = _cpu.supports(module.fmt, module.stored_tensors()["weight"].dtype)
-        if why is None and _cpu.available():
-            out[name] = _cpu.kernel_name(module.fmt.kind, module.fmt.bits)
-        else:
-            out[name] = f"reference: {why or _cpu.unavailable_reason()}"
-    return out
 
 __all__ = [
     "KERNELS",
-    "layer_status",
-    "reference_only",
     "bitmask_linear",
+    "cpu_kernel_for",
     "dense_weight",
     "int_linear",
     "nm_linear",
     "record_unavailable",
     "reference_linear",
+    "reference_only",
     "register_kernel",
+    "run",
     "status",
 ]

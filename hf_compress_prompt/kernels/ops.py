@@ -24,10 +24,11 @@ import torch
 from ..formats import LinearFormat
 from .reference import dense_weight, reference_linear
 
-__all__ = ["int_linear", "nm_linear", "bitmask_linear", "register_kernel", "status", "reference_only", "KERNELS"]
+__all__ = ["KERNELS", "bitmask_linear", "int_linear", "nm_linear", "reference_only", "register_kernel", "run", "status"]
 
 Kernel = Callable[..., torch.Tensor]
-# op name -> device type -> (kernel, description); filled by the reference below and by the kernels issue.
+# op name -> device type -> (kernel, description); filled by :mod:`hf_compress_prompt.kernels` on import (the C
+# kernels on the CPU, Triton on CUDA). A device without an entry runs the reference (:func:`run`).
 KERNELS: dict[str, dict[str, tuple[Kernel, str]]] = {"int_linear": {}, "nm_linear": {}, "bitmask_linear": {}}
 _UNAVAILABLE: dict[str, str] = {}  # kernel name -> why it is not registered
 
@@ -70,8 +71,10 @@ def reference_only() -> Iterator[None]:
         _local.reference = previous
 
 
-def run_kernel(op: str, x: torch.Tensor, fmt: LinearFormat, tensors: dict, bias: torch.Tensor | None) -> torch.Tensor:
-    """What the op computes, called directly: the registered kernel for ``x``'s device, else the reference."""
+def run(op: str, x: torch.Tensor, fmt: LinearFormat, tensors: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """What ``op`` computes for ``x`` and a layer stored in ``fmt`` (``tensors``: its stored tensors but the bias),
+    called directly: the registered kernel for ``x``'s device, else the reference (always the reference inside
+    :func:`reference_only`). The runtime modules call it in eager CPU forwards, skipping the op's dispatch."""
     entry = None if getattr(_local, "reference", False) else KERNELS[op].get(x.device.type)
     return (entry[0] if entry else reference_linear)(x, fmt, tensors, bias)
 
@@ -115,7 +118,7 @@ def _bitmask_format(mask, in_features, nnz, bits, group_size) -> LinearFormat:
     return _format(in_features, mask.shape[0], bits or None, group_size, "bitmask", nnz)
 
 
-# ----- the ops: schema, implementation (any device: run_kernel picks the kernel) and fake ---------------------------
+# ----- the ops: schema, implementation (any device: run picks the kernel) and fake ----------------------------------
 # Defined with the low-level ``torch.library.Library`` rather than ``@custom_op``: the latter's Python wrapper costs
 # about 7 us more per call, which a compiled decode step pays on each of its 211 linear layers.
 _LIB = torch.library.Library("hf_compress_prompt", "DEF")
@@ -134,7 +137,7 @@ def _define(name: str, rebuild: Callable[[tuple], tuple[LinearFormat, dict, torc
 
     def implementation(x, *args):
         fmt, tensors, bias = rebuild(args)
-        return run_kernel(name, x, fmt, tensors, bias)
+        return run(name, x, fmt, tensors, bias)
 
     def fake(x, *args):  # output rows: the weight's (int) or the index's / mask's (sparse) first dimension
         return x.new_empty(*x.shape[:-1], (args[0] if name == "int_linear" else args[1]).shape[0])

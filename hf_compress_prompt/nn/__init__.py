@@ -1,16 +1,18 @@
 """Runtime modules for compressed layers (one per storage kind), calling the ops in :mod:`hf_compress_prompt.kernels`,
-and a key/value cache that appends in place (:class:`GrowingCache`)."""
+which kernel each packed layer of a model runs (:func:`layer_status`), and a key/value cache that appends in place
+(:class:`GrowingCache`)."""
 
+from .kv_cache import GrowingCache, GrowingLayer, use_growing_cache, uses_growing_cache
 from .packed_linear import (
     BitmaskSparseLinear,
     NMSparseLinear,
     PackedLinear,
     QuantLinear,
+    layer_status,
     pack_module,
     packed_linear_class,
     packed_linear_from,
 )
-from .kv_cache import GrowingCache, GrowingLayer, use_growing_cache, uses_growing_cache
 
 __all__ = [
     "BitmaskSparseLinear",
@@ -19,6 +21,7 @@ __all__ = [
     "NMSparseLinear",
     "PackedLinear",
     "QuantLinear",
+    "layer_status",
     "pack_module",
     "packed_linear_class",
     "packed_linear_from",

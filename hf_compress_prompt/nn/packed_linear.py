@@ -7,11 +7,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels  # importing it registers torch.ops.hf_compress_prompt.*; kernels.run is the eager fast path
 from ..formats import LinearFormat, pack_linear
 from ..kernels import dense_weight
-from ..kernels import ops as _ops  # registers torch.ops.hf_compress_prompt.*; run_kernel is the eager fast path
 
-__all__ = ["PackedLinear", "QuantLinear", "NMSparseLinear", "BitmaskSparseLinear", "packed_linear_class", "packed_linear_from"]
+__all__ = [
+    "BitmaskSparseLinear",
+    "NMSparseLinear",
+    "PackedLinear",
+    "QuantLinear",
+    "layer_status",
+    "pack_module",
+    "packed_linear_class",
+    "packed_linear_from",
+]
 
 
 class PackedLinear(nn.Module):
@@ -97,7 +106,7 @@ class QuantLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
         if self._eager_fast_path(x):
-            return _ops.run_kernel("int_linear", x, f, self.stored_tensors(), self.bias)
+            return kernels.run("int_linear", x, f, self.stored_tensors(), self.bias)
         g_idx = self.weight_g_idx if f.g_idx else None
         return torch.ops.hf_compress_prompt.int_linear(
             x, self.weight, self.weight_scale, self.weight_zero, g_idx, self.bias, f.in_features, f.bits, f.group_size
@@ -110,7 +119,7 @@ class NMSparseLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
         if self._eager_fast_path(x):
-            return _ops.run_kernel("nm_linear", x, f, self.stored_tensors(), self.bias)
+            return kernels.run("nm_linear", x, f, self.stored_tensors(), self.bias)
         n, m = f.nm
         scale, zero = self._grid()
         return torch.ops.hf_compress_prompt.nm_linear(
@@ -124,7 +133,7 @@ class BitmaskSparseLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fmt
         if self._eager_fast_path(x):
-            return _ops.run_kernel("bitmask_linear", x, f, self.stored_tensors(), self.bias)
+            return kernels.run("bitmask_linear", x, f, self.stored_tensors(), self.bias)
         scale, zero = self._grid()
         return torch.ops.hf_compress_prompt.bitmask_linear(
             x, self.weight, self.weight_mask, scale, zero, self.bias, f.in_features, f.nnz, f.bits or 0, f.group_size
@@ -156,3 +165,10 @@ def packed_linear_from(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> P
 def pack_module(fmt: LinearFormat, weight: torch.Tensor, bias: torch.Tensor | None, **parts) -> PackedLinear:
     """Packs a dense layer's parts (see :func:`~hf_compress_prompt.formats.pack_linear`) into its runtime module."""
     return packed_linear_from(fmt, pack_linear(fmt, weight, bias=bias, **parts))
+
+
+def layer_status(model: nn.Module) -> dict[str, str]:
+    """For each packed layer of ``model``: which implementation its forward uses on the CPU, and why
+    (:func:`hf_compress_prompt.kernels.cpu_kernel_for`)."""
+    return {name: kernels.cpu_kernel_for(module.fmt, module.stored_tensors()["weight"].dtype)
+            for name, module in model.named_modules() if isinstance(module, PackedLinear)}
