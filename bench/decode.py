@@ -39,12 +39,13 @@ from pathlib import Path
 
 import torch
 
-from common import any_of, machine_info, markdown_table, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
 
-from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_
-from hf_compress_prompt.kernels import cpu, layer_status, status
-from hf_compress_prompt.nn import PackedLinear
-from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt
+from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
+from hf_compress_prompt.kernels import cpu, layer_status, status  # noqa: E402
+from hf_compress_prompt.nn import PackedLinear  # noqa: E402
+from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt  # noqa: E402
 
 _Q4 = RTNConfig(bits=4, group_size=64)
 _Q4_HEAD = RTNConfig(bits=4, group_size=64, lm_head=True)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
                         help=any_of(SETTINGS, f"; any of them + {PROMPT_SUFFIX.strip()!r}, then + one of "
                                                f"{[c.strip() for c in CACHE_SUFFIXES]} or + {COMPILE_SUFFIX.strip()!r}"))
@@ -244,10 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ab-pairs", type=int, default=9,
                         help="for prompted rows: pairs of generate calls with the prompt disabled / enabled on the same "
                              "model, alternating (0: skip)")
-    args, machine = start(parser, argv)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
     sdpa = attention_microbench()
     print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
     records = []

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from common import machine_info, markdown_table, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, markdown_table, write_results  # noqa: E402
 
-from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, SparseGPTConfig, compress_
-from hf_compress_prompt.kernels import layer_status, reference_only
+from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, SparseGPTConfig, compress_  # noqa: E402
+from hf_compress_prompt.kernels import layer_status, reference_only  # noqa: E402
 
 SETTINGS = {
     "RTN 4-bit g64": [RTNConfig(bits=4, group_size=64)],
@@ -34,12 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.evaluation import perplexity
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--output", default="kernel_accuracy", help="results name (default: kernel_accuracy)")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows for SparseGPT (x 512 tokens)")
-    args, machine = start(parser, argv)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
     records = []
     for name in args.settings:
         model, tokenizer = load_model_and_tokenizer()
