@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
 
 from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
-from hf_compress_prompt.kernels import cpu, layer_status, status  # noqa: E402
+from hf_compress_prompt.kernels import cpu, status  # noqa: E402
+from hf_compress_prompt.nn import layer_status  # noqa: E402
 from hf_compress_prompt.nn import PackedLinear  # noqa: E402
 from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt  # noqa: E402
 

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, markdown_table, write_results  # noqa: E402
 
 from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, SparseGPTConfig, compress_  # noqa: E402
-from hf_compress_prompt.kernels import layer_status, reference_only  # noqa: E402
+from hf_compress_prompt.kernels import reference_only  # noqa: E402
+from hf_compress_prompt.nn import layer_status  # noqa: E402
 
 SETTINGS = {
     "RTN 4-bit g64": [RTNConfig(bits=4, group_size=64)],
