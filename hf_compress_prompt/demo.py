@@ -167,7 +167,7 @@ def run_demo(
     from .compressors import compress_
     from .compressors.pack import pack_model
     from .integrations.checkpoints import from_pretrained, save_pretrained
-    from .kernels import layer_status
+    from .nn import layer_status
     from .recovery.train import RecoveryConfig, recover
 
     mode = modes[0]
