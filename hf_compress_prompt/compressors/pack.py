@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from ..formats import LinearFormat
+from ..integrations import attach_quantization_config
 from ..methods.masks import parse_sparsity
 from ..nn import PackedLinear, pack_module
 from .blocks import linear_weight
 from .state import CompressionResult
 
-__all__ = ["pack_model", "has_packed_layers"]
+__all__ = ["has_packed_layers", "pack_model"]
 
 
 def has_packed_layers(model: nn.Module) -> bool:
@@ -26,8 +27,6 @@ def pack_model(model: nn.Module, result: CompressionResult) -> dict[str, LinearF
     Returns the format of each packed layer by qualified name. A model without quantized or pruned layers (e.g.
     only layer dropping) is left as a plain transformers model.
     """
-    from ..integrations.transformers_quantizer import _set_module, attach_quantization_config
-
     prune_step = next((s for s in result.recipe.steps if s.prunes), None)
     pattern = parse_sparsity(prune_step.sparsity) if prune_step is not None else None
     formats: dict[str, LinearFormat] = {}
@@ -49,7 +48,7 @@ def pack_model(model: nn.Module, result: CompressionResult) -> dict[str, LinearF
         parts = {"pruned": pruned, "float_dtype": weight.dtype, "name": name}
         if qw is not None:
             parts.update(codes=qw.codes, scale=qw.scale, zero=qw.zero)
-        _set_module(model, name, pack_module(fmt, weight, getattr(module, "bias", None), **parts))
+        model.set_submodule(name, pack_module(fmt, weight, getattr(module, "bias", None), **parts))
         formats[name] = fmt
     if formats:
         dropped = sorted(i for r in result.reports for i in r.dropped_layers)

@@ -4,7 +4,8 @@ Cards are rendered from the templates in ``hf_compress_prompt/hub_cards/`` (pack
 valid metadata (``base_model``, ``library_name``, tags, a ``model-index`` of the results given). Everything is
 written to a temporary folder and uploaded in one commit; the caller's files are never touched, and a failed
 upload raises :class:`HubUploadError` naming the step that failed. The endpoint is ``HF_ENDPOINT`` when set (read
-at call time), so uploads can target a private Hub or a local test server.
+at call time), so uploads can target a private Hub or a local test server. A model with a recovery prompt attached
+gets a ``push_to_hub`` that uploads both (:func:`push_compressed_model`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from torch import nn
 from .._logging import get_logger
 from ..errors import UserInputError
 from ..formats.schema import RECIPE_CONFIG_KEY
+from ..nn import PackedLinear
+from ..recovery import RecoveryPrompt, recovery_prompt_of
+from ..recovery.io import write_recovery_prompt
+from ..recovery.runtime import register_prompt_method
+from .checkpoints import save_pretrained
 
 __all__ = ["HubUploadError", "compressed_model_card", "push_compressed_model", "push_recovery_prompt",
            "recovery_prompt_card"]
@@ -119,9 +125,6 @@ def compressed_model_card(model: nn.Module, repo_id: str, *, results: dict[str, 
     """The model card of a compressed model (``results``: dataset -> perplexity of the pushed model)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..nn import PackedLinear
-    from ..recovery.runtime import recovery_prompt_of
-
     formats = sorted({m.fmt.describe() for m in model.modules() if isinstance(m, PackedLinear)})
     prompt = recovery_prompt_of(model)
     base = getattr(model.config, "_name_or_path", None) or None
@@ -172,9 +175,6 @@ def push_recovery_prompt(prompt_or_model, repo_id: str, *, results: dict[str, fl
         UserInputError: a model without an attached prompt.
         HubUploadError: the upload failed (which step, and why).
     """
-    from ..recovery import RecoveryPrompt, recovery_prompt_of
-    from ..recovery.io import write_recovery_prompt
-
     model = None
     prompt = prompt_or_model
     if not isinstance(prompt, RecoveryPrompt):
@@ -193,10 +193,21 @@ def push_compressed_model(model: nn.Module, repo_id: str, tokenizer=None, *, res
                           commit_message: str = "Upload compressed model") -> str:
     """Uploads a compressed model (packed weights, its recovery prompt if attached, the tokenizer) with a model
     card; returns the commit URL."""
-    from .checkpoints import save_pretrained
-
     card = compressed_model_card(model, repo_id, results=results)
     with tempfile.TemporaryDirectory(prefix="hcp-push-") as tmp:
         folder = save_pretrained(model, Path(tmp) / "model", tokenizer)
         card.save(str(folder / "README.md"))
         return _upload(folder, repo_id, token=token, private=private, commit_message=commit_message)
+
+
+@register_prompt_method("push_to_hub")
+def _push_with_prompt(model: nn.Module, repo_id: str, *, tokenizer=None, results: dict | None = None,
+                      token: str | None = None, private: bool | None = None, commit_message: str | None = None,
+                      **unsupported):
+    """``push_to_hub`` of a model with a recovery prompt attached: the model, its prompt and this package's model
+    card go up in one commit (:func:`push_compressed_model`)."""
+    if unsupported:
+        raise UserInputError(f"push_to_hub of a model with a recovery prompt does not take {sorted(unsupported)}; "
+                             "it takes tokenizer, results, token, private and commit_message")
+    return push_compressed_model(model, repo_id, tokenizer, results=results, token=token, private=private,
+                                 commit_message=commit_message or "Upload compressed model with recovery prompt")

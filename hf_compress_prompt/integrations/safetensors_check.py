@@ -3,7 +3,8 @@ that names the file (and the tensor) and the fix, before transformers starts loa
 
 :func:`read_header` checks a header the way the safetensors loader will (a JSON object of entries with a known
 ``dtype``, a ``shape`` and ``data_offsets`` that tile the data section exactly), :func:`checkpoint_tensors` reads
-every file of a checkpoint, and :func:`check_folder` checks a saved folder's layout (``model.safetensors`` or
+every file of a checkpoint, :func:`check_tensors` checks the tensors a config expects against what those files
+hold, and :func:`check_folder` checks a saved folder's layout (``model.safetensors`` or
 ``model.safetensors.index.json`` and every shard it lists).
 """
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from ..errors import UserInputError
 
-__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "check_folder", "checkpoint_tensors", "read_header"]
+__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "check_folder", "check_tensors",
+           "checkpoint_location", "checkpoint_tensors", "read_header"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -125,6 +127,37 @@ def checkpoint_tensors(files: list[str | os.PathLike]) -> dict[str, dict]:
         for name, info in read_header(file).items():
             tensors[name] = {**info, "file": str(file)}
     return tensors
+
+
+def checkpoint_location(found: dict[str, dict]) -> str:
+    """The checkpoint as a message names it: its one file, or its folder and shard count (``found``: what
+    :func:`checkpoint_tensors` returned)."""
+    files = sorted({info["file"] for info in found.values()})
+    if len(files) == 1:
+        return files[0]
+    return f"{Path(files[0]).parent if files else 'the checkpoint'} ({len(files)} shards)"
+
+
+def check_tensors(expected: dict[str, tuple[tuple[int, ...], str | None]], found: dict[str, dict]) -> None:
+    """Every expected tensor (name -> shape and dtype name, `None` when any) is in ``found`` (what
+    :func:`checkpoint_tensors` returned) with its shape (and dtype, when fixed); errors name the tensor and file.
+
+    Raises:
+        CheckpointError: a tensor is missing or has another shape or dtype.
+    """
+    for name, (shape, dtype) in expected.items():
+        info = found.get(name)
+        if info is None:
+            raise CheckpointError(f"compressed checkpoint {checkpoint_location(found)} is missing tensor {name!r}; the folder is "
+                                  "incomplete, save the model again")
+        if tuple(info["shape"]) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} in {info['file']} has shape {list(info['shape'])}, the config says {list(shape)}; "
+                "save the model again"
+            )
+        if dtype is not None and info["dtype"] != dtype:
+            raise CheckpointError(f"tensor {name!r} in {info['file']} has dtype {info['dtype']}, the format needs "
+                                  f"{dtype}; save the model again")
 
 
 def _index_shards(index: Path) -> list[Path]:

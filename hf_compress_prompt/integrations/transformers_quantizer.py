@@ -7,6 +7,7 @@ Both are registered with transformers when ``hf_compress_prompt`` is imported (:
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .._logging import get_logger
 from ..errors import UserInputError
 from ..formats import FORMAT_VERSION, LinearFormat
-from ..nn import packed_linear_class
-from .safetensors_check import CheckpointError, check_folder, checkpoint_tensors
+from ..nn import PackedLinear, packed_linear_class, use_growing_cache
+from ..recovery import PROMPT_SUBFOLDER, add_recovery_methods, attach_recovery_prompt
+from .gptq_import import GPTQImportLinear, install_gptq_modules, repack_gptq_modules
+from .safetensors_check import CheckpointError, check_folder, check_tensors, checkpoint_location, checkpoint_tensors
 
 __all__ = [
     "QUANT_METHOD",
@@ -124,12 +127,6 @@ class CompressedConfig(QuantizationConfigMixin):
         return cls(checkpoint_format="gptq", gptq=dict(gptq_config))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def install_packed_modules(model: nn.Module, formats: dict[str, LinearFormat], dtype: torch.dtype, device="meta") -> None:
     """Replaces each named module by an empty runtime module of its format (on ``device``)."""
     for name, fmt in formats.items():
@@ -139,32 +136,7 @@ def install_packed_modules(model: nn.Module, formats: dict[str, LinearFormat], d
             raise CheckpointError(f"quantization_config names layer {name!r}, which this model does not have") from None
         if not isinstance(old, nn.Module):
             raise CheckpointError(f"{name!r} is not a module")
-        _set_module(model, name, packed_linear_class(fmt)(fmt, dtype=dtype, device=device))
-
-
-def _where(found: dict[str, dict]) -> str:
-    """The checkpoint as a message names it: its one file, or its folder and shard count."""
-    files = sorted({info["file"] for info in found.values()})
-    if len(files) == 1:
-        return files[0]
-    return f"{Path(files[0]).parent if files else 'the checkpoint'} ({len(files)} shards)"
-
-
-def _check_tensors(expected: dict[str, tuple[tuple[int, ...], str | None]], found: dict[str, dict]) -> None:
-    """Every expected tensor is present with its shape (and dtype, when fixed); errors name the tensor and file."""
-    for name, (shape, dtype) in expected.items():
-        info = found.get(name)
-        if info is None:
-            raise CheckpointError(f"compressed checkpoint {_where(found)} is missing tensor {name!r}; the folder is "
-                                  "incomplete, save the model again")
-        if tuple(info["shape"]) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} in {info['file']} has shape {list(info['shape'])}, the config says {list(shape)}; "
-                "save the model again"
-            )
-        if dtype is not None and info["dtype"] != dtype:
-            raise CheckpointError(f"tensor {name!r} in {info['file']} has dtype {info['dtype']}, the format needs "
-                                  f"{dtype}; save the model again")
+        model.set_submodule(name, packed_linear_class(fmt)(fmt, dtype=dtype, device=device))
 
 
 def _checkpoint_to_model_names(model: nn.Module, names, hf_quantizer=None) -> dict[str, tuple[str, bool]]:
@@ -222,16 +194,13 @@ def _check_dense_tensors(model: nn.Module, found: dict[str, dict], skip: set[str
     if missing:
         more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" \
             if len(missing) > 1 else ""
-        raise CheckpointError(f"compressed checkpoint {_where(found)} is missing tensor {missing[0]!r}{more}, which "
+        raise CheckpointError(f"compressed checkpoint {checkpoint_location(found)} is missing tensor {missing[0]!r}{more}, which "
                               "would load as random values; the folder is incomplete or was edited, save the model "
                               "again")
 
 
 def _attach_saved_prompt(model, directory: Path | None) -> None:
     """Attaches the recovery prompt saved beside the weights (``recovery_prompt/``), if there is one."""
-    from ..recovery.io import PROMPT_SUBFOLDER
-    from ..recovery.runtime import add_recovery_methods, attach_recovery_prompt
-
     add_recovery_methods(model)
     if directory is not None and (directory / PROMPT_SUBFOLDER).is_dir():
         attach_recovery_prompt(model, directory / PROMPT_SUBFOLDER)
@@ -271,8 +240,6 @@ class CompressedHfQuantizer(HfQuantizer):
         found = checkpoint_tensors(checkpoint_files) if checkpoint_files else None
         self._checkpoint_dir = Path(checkpoint_files[0]).parent if checkpoint_files else None
         if config.checkpoint_format == "gptq":
-            from ..nn.gptq_import import GPTQImportLinear, install_gptq_modules
-
             install_gptq_modules(model, config.gptq, found, float_dtype)
             _check_dense_tensors(model, found, {n for n, m in model.named_modules() if isinstance(m, GPTQImportLinear)},
                                  self)
@@ -283,7 +250,7 @@ class CompressedHfQuantizer(HfQuantizer):
             for name, fmt in formats.items():
                 for tensor, spec in fmt.tensor_specs().items():
                     expected[f"{name}.{tensor}"] = (spec.shape, None if spec.dtype is None else str(spec.dtype).split(".")[1])
-            _check_tensors(expected, found)
+            check_tensors(expected, found)
         install_packed_modules(model, formats, float_dtype)
         if found is not None:
             _check_dense_tensors(model, found, set(formats), self)
@@ -291,26 +258,20 @@ class CompressedHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.quantization_config.checkpoint_format == "gptq":
-            from ..nn.gptq_import import repack_gptq_modules
-
             layers = repack_gptq_modules(model)
             gptq = self.quantization_config.gptq
             self.quantization_config = CompressedConfig(layers={k: f.to_dict() for k, f in layers.items()},
                                                         recipe={"imported_from": {"quant_method": "gptq", **gptq}})
             model.config.quantization_config = self.quantization_config
-        from ..nn.kv_cache import use_growing_cache
-
         use_growing_cache(model)  # generate appends keys/values in place (docs/results/decode_cache_1t.md)
         _attach_saved_prompt(model, getattr(self, "_checkpoint_dir", None))
         return model
 
     def _dequantize(self, model, dtype=None):
-        from ..nn import PackedLinear
-
         for name, module in list(model.named_modules()):
             if isinstance(module, PackedLinear):
                 linear = module.to_linear()
-                _set_module(model, name, linear.to(dtype) if dtype is not None else linear)
+                model.set_submodule(name, linear.to(dtype) if dtype is not None else linear)
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
@@ -346,8 +307,6 @@ def attach_quantization_config(model: nn.Module, formats: dict[str, LinearFormat
                                dropped_layers: list[int] | None = None) -> CompressedConfig:
     """Marks an in-memory packed model as quantized with :class:`CompressedConfig`, so ``save_pretrained`` records
     the config and ``from_pretrained`` can load the folder."""
-    from ..nn import PackedLinear
-
     existing = getattr(model.config, "quantization_config", None)
     layers = dict(existing.layers) if isinstance(existing, CompressedConfig) else {}
     layers.update({name: fmt.to_dict() for name, fmt in formats.items()})
@@ -364,8 +323,6 @@ def attach_quantization_config(model: nn.Module, formats: dict[str, LinearFormat
 
 def _saved_quantized(folder: Path) -> bool:
     """Whether ``folder/config.json`` records a quantization config (this package's, or a GPTQ one it loads)."""
-    import json
-
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):

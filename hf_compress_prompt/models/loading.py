@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from .._logging import get_logger
+from ..data.corpora import _hub_unreachable_reason
 from ..errors import MissingResourceError, UserInputError
+from ..integrations.checkpoints import from_pretrained
 from .default_model import DEFAULT_MODEL_ALIASES, cached_gguf_conversion, default_model_path
 
 __all__ = ["resolve_model_source", "load_model_and_tokenizer"]
@@ -53,8 +55,6 @@ def _check_hub_id_reachable(source: str) -> None:
     if Path(source).expanduser().exists():
         return
     from huggingface_hub import try_to_load_from_cache
-
-    from ..data.corpora import _hub_unreachable_reason
 
     try:
         cached = try_to_load_from_cache(source, "config.json")
@@ -123,9 +123,7 @@ def load_model_and_tokenizer(
             f"model {str(model)!r} has no usable tokenizer ({_first_line(exc)}); save one next to the weights "
             "with tokenizer.save_pretrained(folder)"
         ) from None
-    from ..integrations.checkpoints import from_pretrained  # packed folders, and GPTQ ones without GPTQModel
-
-    lm = from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)
+    lm = from_pretrained(source, dtype=dtype, **from_pretrained_kwargs)  # packed folders; GPTQ without GPTQModel
     lm.to(device).eval()
     logger.info("loaded %s (%s, %.1fM parameters)", source, type(lm).__name__, lm.num_parameters() / 1e6)
     return lm, tokenizer

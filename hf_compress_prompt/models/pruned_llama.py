@@ -25,6 +25,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..errors import UserInputError
+from ..recovery.runtime import attach_saved_prompt
 
 __all__ = ["MODEL_TYPE", "PrunedLlamaConfig", "PrunedLlamaForCausalLM", "from_llama", "register", "to_llama"]
 
@@ -181,8 +182,6 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``LlamaForCausalLM.from_pretrained``, then the recovery prompt saved beside the weights (a folder's
         ``recovery_prompt/``, e.g. Compresso's collaborative prompt) is attached, as for compressed folders."""
-        from ..recovery.io import attach_saved_prompt
-
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return attach_saved_prompt(model, pretrained_model_name_or_path)
 

@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingResourceError, UserInputError
-from .runtime import RecoveryPrompt
+from ..formats.saved_folder import PROMPT_SUBFOLDER, atomic_directory
+from .prompt import RecoveryPrompt
 
-__all__ = ["PROMPT_SUBFOLDER", "attach_saved_prompt", "load_recovery_prompt", "save_recovery_prompt",
-           "write_recovery_prompt"]
+__all__ = ["PROMPT_SUBFOLDER", "load_recovery_prompt", "save_recovery_prompt", "write_recovery_prompt"]
 
-PROMPT_SUBFOLDER = "recovery_prompt"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METADATA = "recovery_prompt.json"
@@ -67,14 +66,12 @@ def write_recovery_prompt(prompt: RecoveryPrompt, directory: str | os.PathLike, 
 def save_recovery_prompt(prompt: RecoveryPrompt, save_directory: str | os.PathLike, model=None, *,
                          overwrite: bool = False) -> Path:
     """Saves ``prompt`` to ``save_directory`` atomically (a failed save leaves any earlier folder intact:
-    :func:`~hf_compress_prompt.integrations.checkpoints.atomic_directory`).
+    :func:`~hf_compress_prompt.formats.saved_folder.atomic_directory`).
 
     Args:
         overwrite (`bool`, *optional*, defaults to `False`): replace a prompt (or model) folder saved there before;
             a path that is a file, or a folder holding other files, is refused either way.
     """
-    from ..integrations.checkpoints import atomic_directory
-
     with atomic_directory(save_directory, overwrite=overwrite) as tmp:
         write_recovery_prompt(prompt, tmp, model)
     return Path(save_directory).expanduser().resolve()
@@ -138,14 +135,3 @@ def load_recovery_prompt(path_or_repo: str | os.PathLike) -> RecoveryPrompt:
     metadata.setdefault("base_model", config.get("base_model_name_or_path"))
     return RecoveryPrompt(embedding, metadata)
 
-
-def attach_saved_prompt(model, path: str | os.PathLike):
-    """After ``from_pretrained(path)``: attaches the prompt saved in ``path/recovery_prompt/`` unless one is attached
-    already (the quantizer attaches it for compressed folders), and gives the model ``load_recovery_prompt``."""
-    from .runtime import add_recovery_methods, attach_recovery_prompt, recovery_prompt_of
-
-    path = Path(path)
-    add_recovery_methods(model)
-    if path.is_dir() and (path / PROMPT_SUBFOLDER).is_dir() and recovery_prompt_of(model) is None:
-        attach_recovery_prompt(model, path / PROMPT_SUBFOLDER)
-    return model

@@ -19,7 +19,10 @@ drops the placeholders, a forward without a cache gets the prompt's embeddings i
 ids only; the placeholders are cut from the output.
 
 Attached with :func:`attach_recovery_prompt` (``from_pretrained`` does it for a checkpoint saved with one), it adds
-``model.load_recovery_prompt(path)``, ``model.disable_recovery_prompt()`` and ``model.enable_recovery_prompt()``.
+``model.load_recovery_prompt(path)``, ``model.disable_recovery_prompt()`` and ``model.enable_recovery_prompt()``,
+and replaces the methods the integrations registered with :func:`register_prompt_method`: ``save_pretrained``
+(:mod:`hf_compress_prompt.integrations.checkpoints`: the prompt is saved beside the weights) and ``push_to_hub``
+(:mod:`hf_compress_prompt.integrations.hub`: uploaded with them).
 """
 
 from __future__ import annotations
@@ -27,42 +30,37 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import os
 import types
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserInputError
+from ..nn.kv_cache import GrowingCache
+from .io import PROMPT_SUBFOLDER, load_recovery_prompt
+from .prompt import RecoveryPrompt
 
 __all__ = [
     "RecoveryPrompt",
     "add_recovery_methods",
     "attach_recovery_prompt",
+    "attach_saved_prompt",
     "detach_recovery_prompt",
     "disable_recovery_prompt",
     "enable_recovery_prompt",
+    "original_method",
     "recovery_prompt_of",
+    "register_prompt_method",
 ]
 
 _STATE = "_hcp_recovery"
-
-
-@dataclass
-class RecoveryPrompt:
-    """A trained soft prompt and what it was trained on.
-
-    Attributes:
-        embedding (`torch.Tensor` of shape `(num_virtual_tokens, hidden_size)`): the virtual tokens' embeddings.
-        metadata (`dict`): base model, compression recipe, data, steps, best validation perplexity, vocabulary size.
-    """
-
-    embedding: torch.Tensor
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.embedding.shape[0]
+_OWN_METHODS = ("generate", "load_recovery_prompt", "disable_recovery_prompt", "enable_recovery_prompt")
+# Methods that an attached prompt replaces on the model, by name, registered by the layers above
+# (:func:`register_prompt_method`); each is called as ``method(model, *args, **kwargs)``.
+_PROMPT_METHODS: dict[str, Callable] = {}
 
 
 class _State:
@@ -79,7 +77,35 @@ class _State:
         self.generating = False
         self.generation_cache = None
         self.original_generate = None
-        self.original_save = None
+        self.originals: dict[str, Callable] = {}  # name -> the model's method a registered one replaced
+
+
+def register_prompt_method(name: str) -> Callable[[Callable], Callable]:
+    """Registers ``method(model, *args, **kwargs)`` to replace ``model.<name>`` while a recovery prompt is attached
+    (the model's own method stays reachable through :func:`original_method`). A second method for one name is an
+    error, as is a name this module defines itself; the same function from a reloaded module replaces its old self.
+    """
+    if name in _OWN_METHODS:
+        raise ValueError(f"{name!r} is a method attach_recovery_prompt defines itself; register another name")
+
+    def decorator(method: Callable) -> Callable:
+        existing = _PROMPT_METHODS.get(name)
+        if existing is not None and existing.__qualname__ != method.__qualname__:
+            raise ValueError(f"a recovery-prompt method {name!r} is already registered ({existing.__module__}."
+                             f"{existing.__qualname__})")
+        _PROMPT_METHODS[name] = method
+        return method
+
+    return decorator
+
+
+def original_method(model: nn.Module, name: str) -> Callable:
+    """``model.<name>`` as it was before the prompt was attached (for a method registered with
+    :func:`register_prompt_method`)."""
+    state = getattr(model, _STATE, None)
+    if state is None or name not in state.originals:
+        raise UserInputError(f"this model has no recovery prompt attached that replaced its {name}")
+    return state.originals[name]
 
 
 def recovery_prompt_of(model: nn.Module) -> RecoveryPrompt | None:
@@ -107,7 +133,7 @@ def _check(model: nn.Module, prompt: RecoveryPrompt) -> None:
         raise UserInputError("the recovery prompt holds NaN or infinite values")
 
 
-def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | "os.PathLike") -> nn.Module:  # noqa: F821
+def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | os.PathLike) -> nn.Module:
     """Makes ``model`` (a causal LM) run with ``prompt`` before every sequence; returns ``model``.
 
     Replaces a prompt attached earlier. ``prompt`` may be a :class:`RecoveryPrompt` or a folder / Hub repo saved by
@@ -117,8 +143,6 @@ def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | "os.
         UserInputError: hidden size or vocabulary do not match the model, or the prompt is not finite.
     """
     if not isinstance(prompt, RecoveryPrompt):
-        from .io import load_recovery_prompt
-
         prompt = load_recovery_prompt(prompt)
     _check(model, prompt)
     state = getattr(model, _STATE, None)
@@ -130,9 +154,9 @@ def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | "os.
     state.hooks.append(model.register_forward_pre_hook(_pre_forward, with_kwargs=True))
     state.original_generate = model.generate
     model.generate = types.MethodType(_generate, model)
-    state.original_save = model.save_pretrained
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
-    model.push_to_hub = types.MethodType(_push_to_hub, model)
+    for name, method in _PROMPT_METHODS.items():
+        state.originals[name] = getattr(model, name)
+        setattr(model, name, types.MethodType(method, model))
     model.load_recovery_prompt = types.MethodType(attach_recovery_prompt, model)
     model.disable_recovery_prompt = types.MethodType(disable_recovery_prompt, model)
     model.enable_recovery_prompt = types.MethodType(enable_recovery_prompt, model)
@@ -147,6 +171,16 @@ def add_recovery_methods(model: nn.Module) -> nn.Module:
     return model
 
 
+def attach_saved_prompt(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """After ``from_pretrained(path)``: attaches the prompt saved in ``path/recovery_prompt/`` unless one is attached
+    already (the quantizer attaches it for compressed folders), and gives the model ``load_recovery_prompt``."""
+    path = Path(path)
+    add_recovery_methods(model)
+    if path.is_dir() and (path / PROMPT_SUBFOLDER).is_dir() and recovery_prompt_of(model) is None:
+        attach_recovery_prompt(model, path / PROMPT_SUBFOLDER)
+    return model
+
+
 def detach_recovery_prompt(model: nn.Module) -> nn.Module:
     """Removes the prompt, its hooks and the methods :func:`attach_recovery_prompt` added."""
     state = getattr(model, _STATE, None)
@@ -154,8 +188,7 @@ def detach_recovery_prompt(model: nn.Module) -> nn.Module:
         return model
     for hook in state.hooks:
         hook.remove()
-    for name in ("generate", "save_pretrained", "push_to_hub", "load_recovery_prompt", "disable_recovery_prompt",
-                 "enable_recovery_prompt"):
+    for name in (*_OWN_METHODS, *state.originals):
         model.__dict__.pop(name, None)
     delattr(model, _STATE)
     return model
@@ -209,8 +242,6 @@ def _new_cache(model: nn.Module, static_length: int | None = None):
     at every token as ``DynamicCache``'s concatenation would), or a static cache of ``static_length`` positions."""
     from transformers import StaticCache
 
-    from ..nn.kv_cache import GrowingCache
-
     if static_length is None:
         return GrowingCache(config=model.config)
     return StaticCache(config=model.config, max_cache_len=static_length)
@@ -218,8 +249,6 @@ def _new_cache(model: nn.Module, static_length: int | None = None):
 
 def _fill_prompt(model: nn.Module, state: _State, cache, batch: int):
     """Writes the prompt's keys and values for ``batch`` sequences into the empty ``cache``; returns it."""
-    from ..nn.kv_cache import GrowingCache
-
     own = (lambda t: t) if isinstance(cache, GrowingCache) else torch.clone  # GrowingCache copies what it is given
     for i, (k, v) in enumerate(_prompt_kv(model, state)):
         cache.update(own(k.expand(batch, -1, -1, -1)), own(v.expand(batch, -1, -1, -1)), i)  # (B, h, n, d)
@@ -518,37 +547,3 @@ def _static_length(model: nn.Module, kwargs: dict, start: int) -> int | None:
         return start + merged.max_new_tokens
     return max(merged.max_length, start + 1)
 
-
-def _save_pretrained(model: nn.Module, save_directory, *args, overwrite: bool = True, **kwargs):
-    """``save_pretrained`` that also writes the attached prompt into ``recovery_prompt/``: the model and the prompt
-    go into one new folder that then replaces ``save_directory`` in one step
-    (:func:`~hf_compress_prompt.integrations.checkpoints.atomic_directory`), so an interrupted save leaves the
-    previous folder loadable with its prompt, never a folder that loads without one. As transformers' own does,
-    it replaces an earlier save at that path (``overwrite=False`` refuses to); a path that is a file, or a folder
-    holding a file no ``save_pretrained`` writes, is refused rather than emptied."""
-    from ..integrations.checkpoints import atomic_directory
-    from .io import PROMPT_SUBFOLDER, write_recovery_prompt
-
-    state = getattr(model, _STATE)
-    if not kwargs.get("is_main_process", args[0] if args else True):  # the main process writes the folder
-        return state.original_save(save_directory, *args, **kwargs)
-    if kwargs.get("push_to_hub"):
-        raise UserInputError("save_pretrained(push_to_hub=True) would upload this model without its recovery prompt; "
-                             "save it, then call model.push_to_hub(repo_id), which uploads both")
-    with atomic_directory(save_directory, overwrite=overwrite) as folder:
-        out = state.original_save(folder, *args, **kwargs)
-        write_recovery_prompt(state.prompt, folder / PROMPT_SUBFOLDER, model)
-    return out
-
-
-def _push_to_hub(model: nn.Module, repo_id: str, *, tokenizer=None, results: dict | None = None, token: str | None = None,
-                 private: bool | None = None, commit_message: str | None = None, **unsupported):
-    """``push_to_hub`` that uploads the model, its recovery prompt and this package's model card in one commit
-    (:func:`~hf_compress_prompt.integrations.hub.push_compressed_model`)."""
-    from ..integrations.hub import push_compressed_model
-
-    if unsupported:
-        raise UserInputError(f"push_to_hub of a model with a recovery prompt does not take {sorted(unsupported)}; "
-                             "it takes tokenizer, results, token, private and commit_message")
-    return push_compressed_model(model, repo_id, tokenizer, results=results, token=token, private=private,
-                                 commit_message=commit_message or "Upload compressed model with recovery prompt")

@@ -14,6 +14,7 @@ import hf_compress_prompt as hcp
 from hf_compress_prompt.compressors import RTNConfig, compress_
 from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.formats import write_gptq_layer
+from hf_compress_prompt.formats import saved_folder
 from hf_compress_prompt.integrations import checkpoints
 from hf_compress_prompt.methods.rtn import rtn_quantize
 from hf_compress_prompt.nn import QuantLinear
@@ -237,7 +238,7 @@ def _exchange_available(tmp_path) -> bool:
     a, b = tmp_path / "probe-a", tmp_path / "probe-b"
     a.mkdir(), b.mkdir()
     try:
-        return checkpoints._renameat2(a, b, checkpoints._RENAME_EXCHANGE)
+        return saved_folder._renameat2(a, b, saved_folder._RENAME_EXCHANGE)
     finally:
         a.rmdir(), b.rmdir()
 
@@ -253,8 +254,8 @@ def test_replace_is_one_exchange(tiny_llama, tmp_path, monkeypatch):
     def no_rename(*args):
         raise AssertionError("a plain rename would leave the path empty for a moment")
 
-    monkeypatch.setattr(checkpoints.os, "rename", no_rename)
-    monkeypatch.setattr(checkpoints.os, "replace", no_rename)
+    monkeypatch.setattr(saved_folder.os, "rename", no_rename)
+    monkeypatch.setattr(saved_folder.os, "replace", no_rename)
     with torch.no_grad():
         tiny_llama.lm_head.weight.add_(1.0)
     hcp.save_pretrained(tiny_llama, target, overwrite=True)
@@ -267,7 +268,7 @@ def test_interrupted_between_the_two_renames_keeps_the_old_folder(tiny_llama, tm
     # where renameat2 is missing: a failure after the old folder moved aside puts it back
     target = hcp.save_pretrained(tiny_llama, tmp_path / "m")
     before = _tree(target)
-    monkeypatch.setattr(checkpoints, "_renameat2", lambda *args: False)
+    monkeypatch.setattr(saved_folder, "_renameat2", lambda *args: False)
     real_rename, calls = os.rename, []
 
     def rename(source, destination):
@@ -276,7 +277,7 @@ def test_interrupted_between_the_two_renames_keeps_the_old_folder(tiny_llama, tm
             raise KeyboardInterrupt
         real_rename(source, destination)
 
-    monkeypatch.setattr(checkpoints.os, "rename", rename)
+    monkeypatch.setattr(saved_folder.os, "rename", rename)
     with torch.no_grad():
         tiny_llama.lm_head.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
@@ -290,19 +291,20 @@ import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from builders import build_tiny_llama
 import hf_compress_prompt as hcp
+from hf_compress_prompt.formats import saved_folder
 from hf_compress_prompt.integrations import checkpoints
 model = build_tiny_llama()
 with torch.no_grad():
     model.lm_head.weight.add_(1.0)
 if {between_renames}:  # no renameat2: killed after the old folder moved aside, before the new one moved in
-    checkpoints._renameat2 = lambda *args: False
+    saved_folder._renameat2 = lambda *args: False
     real_rename, calls = os.rename, []
     def rename(source, destination):
         calls.append(source)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         real_rename(source, destination)
-    checkpoints.os.rename = rename
+    saved_folder.os.rename = rename
     hcp.save_pretrained(model, {target!r}, overwrite=True)
 else:  # killed while writing
     with checkpoints.atomic_directory({target!r}, overwrite=True) as folder:
@@ -332,8 +334,8 @@ def test_a_killed_save_is_cleaned_up_by_the_next_one(tiny_llama, tmp_path, betwe
     (tmp_path / ".m.tmp-unmarked" / "x").write_text("not ours")
     live = tmp_path / ".m.tmp-live"
     (live / "model").mkdir(parents=True)
-    marker = json.loads((tmp_path / leftovers[0] / checkpoints._STAGING_MARKER).read_text())
-    (live / checkpoints._STAGING_MARKER).write_text(json.dumps({**marker, "pid": os.getppid()}))
+    marker = json.loads((tmp_path / leftovers[0] / saved_folder._STAGING_MARKER).read_text())
+    (live / saved_folder._STAGING_MARKER).write_text(json.dumps({**marker, "pid": os.getppid()}))
     checkpoints.check_save_target(target, overwrite=True)  # what every save (and the CLI, first) runs
     assert _hidden(tmp_path) == [".m.tmp-live", ".m.tmp-unmarked"]
     assert _tree(target) == before  # the old folder, put back if the kill left the path empty
@@ -358,7 +360,7 @@ def test_model_save_pretrained_with_a_prompt_is_atomic(tiny_llama, tmp_path, mon
     if interrupt == "prompt-writer":
         monkeypatch.setattr(prompt_io, "write_recovery_prompt", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     else:
-        monkeypatch.setattr(checkpoints, "_move_into_place", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        monkeypatch.setattr(saved_folder, "_move_into_place", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         tiny_llama.save_pretrained(fresh)
     assert not fresh.exists() and _hidden(tmp_path) == []  # never a folder that loads without its prompt
@@ -371,7 +373,7 @@ def test_model_save_pretrained_with_a_prompt_is_atomic(tiny_llama, tmp_path, mon
     if interrupt == "prompt-writer":
         monkeypatch.setattr(prompt_io, "write_recovery_prompt", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     else:
-        monkeypatch.setattr(checkpoints, "_move_into_place", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        monkeypatch.setattr(saved_folder, "_move_into_place", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         tiny_llama.save_pretrained(target)
     monkeypatch.undo()

@@ -80,6 +80,33 @@ def test_prompt_changes_the_output_and_can_be_disabled(model):
     assert recovery_prompt_of(model) is None and "generate" not in model.__dict__
 
 
+def test_the_integrations_methods_come_with_the_prompt_and_go_with_it(tiny_llama):
+    # save_pretrained and push_to_hub are registered by integrations.checkpoints and integrations.hub
+    from hf_compress_prompt.recovery import runtime
+
+    own_save = tiny_llama.save_pretrained
+    attach_recovery_prompt(tiny_llama, _prompt())
+    for name, module in (("save_pretrained", "checkpoints"), ("push_to_hub", "hub")):
+        assert tiny_llama.__dict__[name].__func__.__module__ == f"hf_compress_prompt.integrations.{module}"
+    assert runtime.original_method(tiny_llama, "save_pretrained") == own_save
+    detach_recovery_prompt(tiny_llama)
+    assert not {"save_pretrained", "push_to_hub"} & set(tiny_llama.__dict__)
+    with pytest.raises(UserInputError, match="no recovery prompt attached"):
+        runtime.original_method(tiny_llama, "save_pretrained")
+
+
+def test_a_prompt_method_is_registered_once():
+    from hf_compress_prompt.recovery.runtime import register_prompt_method
+
+    def save_pretrained(model, *args, **kwargs):
+        return None
+
+    with pytest.raises(ValueError, match="'save_pretrained' is already registered"):
+        register_prompt_method("save_pretrained")(save_pretrained)
+    with pytest.raises(ValueError, match="'generate' is a method attach_recovery_prompt defines itself"):
+        register_prompt_method("generate")
+
+
 def test_loss_with_labels_scores_the_same_tokens_as_without_prompt(model):
     # PEFT also scores the first token from the last virtual token; ours scores the L-1 tokens the model scores
     # without a prompt, so perplexities compare like for like. With PEFT's first label masked they agree.

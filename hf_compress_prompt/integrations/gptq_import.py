@@ -1,6 +1,7 @@
 """Loading GPTQ checkpoints (AutoGPTQ / GPTQModel / optimum layout, see :mod:`hf_compress_prompt.formats.gptq`)
-into :class:`~.packed_linear.QuantLinear` on any device, without GPTQModel: a placeholder module receives the GPTQ
-tensors under their own names, then is repacked into our layout once the weights are in."""
+into :class:`~hf_compress_prompt.nn.QuantLinear` on any device, without GPTQModel: a placeholder module receives
+the GPTQ tensors under their own names, then is repacked into our layout once the weights are in (the transformers
+quantizer, :mod:`.transformers_quantizer`, calls both steps)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import LinearFormat, gptq_tensor_shapes, pack_linear, read_gptq_layer
-from .packed_linear import packed_linear_from
+from ..nn import packed_linear_from
+from .safetensors_check import CheckpointError, check_tensors
 
 __all__ = ["GPTQImportLinear", "install_gptq_modules", "repack_gptq_modules"]
 
@@ -40,8 +42,6 @@ def _shape_of(module: nn.Module) -> tuple[int, int]:
 
 def install_gptq_modules(model: nn.Module, gptq: dict, found: dict[str, dict] | None, dtype: torch.dtype) -> None:
     """Replaces every module that has a ``<name>.qweight`` tensor in the checkpoint with a placeholder."""
-    from ..integrations.transformers_quantizer import CheckpointError, _check_tensors, _set_module
-
     if found is None:
         raise CheckpointError("loading a GPTQ checkpoint needs its safetensors files")
     if "bits" not in gptq:
@@ -56,16 +56,15 @@ def install_gptq_modules(model: nn.Module, gptq: dict, found: dict[str, dict] | 
             raise CheckpointError(f"the GPTQ checkpoint has tensors for {name!r}, which this model does not have") from None
         in_features, out_features = _shape_of(old)
         shapes = gptq_tensor_shapes(gptq["bits"], in_features, out_features, gptq.get("group_size", -1))
-        _check_tensors({f"{name}.{k}": (v, None) for k, v in shapes.items()}, found)
+        check_tensors({f"{name}.{k}": (v, None) for k, v in shapes.items()}, found)
         module = GPTQImportLinear(in_features, out_features, f"{name}.bias" in found, gptq, dtype)
-        _set_module(model, name, module)
+        model.set_submodule(name, module)
 
 
 @torch.no_grad()
 def repack_gptq_modules(model: nn.Module) -> dict[str, LinearFormat]:
-    """Replaces every loaded :class:`GPTQImportLinear` with a :class:`~.packed_linear.QuantLinear`; returns the layers' formats."""
-    from ..integrations.transformers_quantizer import _set_module
-
+    """Replaces every loaded :class:`GPTQImportLinear` with a :class:`~hf_compress_prompt.nn.QuantLinear`; returns
+    the layers' formats."""
     formats = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, GPTQImportLinear):
@@ -84,6 +83,6 @@ def repack_gptq_modules(model: nn.Module) -> dict[str, LinearFormat]:
         tensors = pack_linear(fmt, torch.empty(module.out_features, module.in_features, device="meta"), codes=codes,
                               scale=scale, zero=zero, g_idx=g_idx, bias=module.bias, float_dtype=module.float_dtype,
                               name=name)
-        _set_module(model, name, packed_linear_from(fmt, tensors))
+        model.set_submodule(name, packed_linear_from(fmt, tensors))
         formats[name] = fmt
     return formats
