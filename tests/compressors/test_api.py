@@ -24,8 +24,10 @@ def test_optimum_style_quantizer_calibrates_saves_and_reloads(tiny_llama, byte_t
 
 @pytest.mark.parametrize("cls, kwargs", [(SparseGPTPruner, {"sparsity": "2:4", "bits": 4}), (WandaPruner, {"sparsity": 0.5})])
 def test_pruners(tiny_llama, byte_tokenizer, data_dir, cls, kwargs):
+    blocks = [name for name, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
     pruner = cls(dataset="c4", nsamples=2, seqlen=16, **kwargs)
     pruner.prune_model(tiny_llama, byte_tokenizer, progress=False)
+    assert sorted(pruner.result.masks) == sorted(blocks) and len(blocks) == 14  # every linear layer of both blocks
     assert all(abs(float(m.float().mean()) - 0.5) < 1e-6 for m in pruner.result.masks.values())
     assert "dataset='c4'" in repr(pruner)
 
