@@ -6,7 +6,10 @@ and the best-validation prompt kept (:class:`~hf_compress_prompt.integrations.tr
 Every weight of the model stays frozen; only the ``num_virtual_tokens x hidden`` prompt trains.
 
 Users with their own ``Trainer`` set-up use :func:`prompt_tuning_model`, :class:`~.data.PromptTuningCollator` and
-the callback directly; :func:`recover` wires them together.
+the callback directly; :func:`recover` wires them together. What it trains is looked up in two tables: the method
+(``_METHODS``: which module trains, what is checked first, whether a prompt comes out) and the loss (``_LOSSES``:
+language modelling, distillation from a teacher, or one prompt shared by several models); the ``Trainer`` itself is
+built by :mod:`~.trainer_setup`, as for Compresso.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -113,8 +117,8 @@ class RecoveryResult:
     seconds: float
     seconds_per_step: float
     trainable_parameters: int
-    peak_rss_mb: float | None = None
-    train_memory_mb: float | None = None  # peak resident memory during training minus just before it (this method)
+    peak_rss_mb: float | None = None  # the process's peak resident memory so far (ru_maxrss), MiB
+    train_memory_mb: float | None = None  # how much training raised that peak (0 if it stayed below an earlier one)
     baseline_perplexity: float | None = None  # validation perplexity before training, without the adapter (history[0])
 
 
@@ -210,54 +214,127 @@ def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, te
     }
 
 
-class _RssPeak:
-    """Samples this process's resident memory every ``interval`` seconds in a thread; ``increase_mb`` is the peak
-    seen minus the value at entry: the memory one training run added (weights already loaded excluded), which
-    ``ru_maxrss`` (the process's all-time peak) cannot give per method. Linux only (``/proc``); `None` elsewhere.
-    A spike shorter than the interval can be missed."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.increase_mb = interval, None
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> float | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page / 2**20
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self._rss() or 0.0)
-
-    def __enter__(self) -> "_RssPeak":
-        import threading
-
-        self._start = self._rss()
-        self._peak = self._start or 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        if self._start is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._start is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._rss() or 0.0)
-        self.increase_mb = self._peak - self._start
-
-
 def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (``ru_maxrss``, KiB on Linux) in MiB; `None` where unavailable.
+    A per-run figure sampled in a thread is the benches' (``bench/memory.py``)."""
     try:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except (ImportError, OSError):
         return None
+
+
+@dataclass(frozen=True)
+class _Method:
+    """How :func:`recover` trains with one :class:`RecoveryMethod`."""
+
+    wrap: Callable  # (model, config, tokenizer) -> the module that trains (a PEFT model, or the model itself)
+    check: Callable = lambda model: None  # refuses a model it cannot train, before any data is read
+    gives_prompt: bool = False  # the result holds a RecoveryPrompt (and shared_with is allowed)
+    freezes_weights: bool = True  # the models' requires_grad flags are given back after training
+
+
+_METHODS = {
+    RecoveryMethod.PROMPT: _Method(prompt_tuning_model, gives_prompt=True),
+    RecoveryMethod.LORA: _Method(lambda model, config, tokenizer: lora_model(model, config)),
+    RecoveryMethod.FULL: _Method(lambda model, config, tokenizer: _full_model(model), check=_check_full,
+                                 freezes_weights=False),
+}
+
+
+def _language_modelling(teacher, tied):
+    from transformers import Trainer
+
+    return Trainer, {}
+
+
+def _distillation(teacher, tied):
+    from .distill import DistillationTrainer
+
+    return DistillationTrainer, {"teacher": teacher}
+
+
+def _shared_prompt(teacher, tied):
+    from .shared import SharedPromptTrainer
+
+    return SharedPromptTrainer, {"partners": tied}
+
+
+_LOSSES = {  # the loss -> (teacher, tied partner models) -> (its Trainer class, that class's own arguments)
+    "language modelling": _language_modelling,
+    "distillation": _distillation,
+    "shared prompt": _shared_prompt,
+}
+
+
+def _schedule(config: RecoveryConfig, save: bool) -> dict:
+    """The paper's recipe as ``TrainingArguments``: AdamW, warm-up then linear decay, clipping, validation (and a
+    checkpoint when ``save``) every ``eval_steps``."""
+    return dict(  # noqa: C408 - TrainingArguments' own names
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=round(config.warmup_ratio * config.max_steps),
+        max_grad_norm=config.max_grad_norm,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps" if save else "no",
+        save_steps=config.eval_steps,
+        logging_steps=max(1, min(config.eval_steps, 10)),
+        bf16=config.bf16,
+    )
+
+
+def _settings(config: RecoveryConfig | None, overrides: dict) -> RecoveryConfig:
+    config = config or RecoveryConfig()
+    if overrides:
+        unknown = set(overrides) - set(RecoveryConfig.__dataclass_fields__)
+        if unknown:
+            raise UserInputError(f"unknown recovery settings {sorted(unknown)}; see RecoveryConfig")
+        config = RecoveryConfig(**{**config.to_dict(), **overrides})
+    return config
+
+
+def _check_models(model: nn.Module, config: RecoveryConfig, teacher: nn.Module | None,
+                  partners: list[nn.Module]) -> None:
+    """Everything about the models that can fail, before any data is read."""
+    _METHODS[config.method].check(model)
+    if teacher is not None:
+        from .distill import check_teacher
+
+        check_teacher(model, teacher)
+    if partners:
+        from .shared import check_partners
+
+        if not _METHODS[config.method].gives_prompt or teacher is not None:
+            raise UserInputError("shared_with trains one soft prompt for several models: it needs method=PROMPT "
+                                 "and no teacher")
+        check_partners(model, partners)
+
+
+def _datasets(config: RecoveryConfig, tokenizer, train_dataset, eval_dataset):
+    """The given datasets, or windows of ``config.dataset`` (validation from held-out documents); the config then
+    names the corpus that was read (C4 unreachable: the offline sample)."""
+    from .data import TokenWindows, token_windows
+
+    if train_dataset is None or eval_dataset is None:
+        from ..data import training_corpus
+
+        dataset, split = training_corpus(config.dataset)  # C4 unreachable: the offline sample, said in one line
+        if dataset != config.dataset:
+            config = RecoveryConfig(**{**config.to_dict(), "dataset": dataset})  # the metadata records what ran
+    if train_dataset is None:
+        train_dataset = TokenWindows(token_windows(dataset, tokenizer, config.seqlen, part="train", split=split))
+    if eval_dataset is None:
+        eval_dataset = TokenWindows(token_windows(dataset, tokenizer, config.seqlen, part="valid", split=split,
+                                                  max_windows=config.eval_windows))
+    if len(train_dataset) == 0 or len(eval_dataset) == 0:
+        raise UserInputError("the training and validation datasets must not be empty")
+    return config, train_dataset, eval_dataset
 
 
 def recover(
@@ -288,7 +365,8 @@ def recover(
         output_dir (*optional*): the Trainer's folder (checkpoints every ``eval_steps``); a temporary one if `None`.
         resume_from_checkpoint (*optional*): passed to ``Trainer.train``.
         callbacks (*optional*): more ``TrainerCallback``s.
-        training_args (`dict`, *optional*): extra ``TrainingArguments`` (e.g. DeepSpeed / FSDP settings).
+        training_args (`dict`, *optional*): extra ``TrainingArguments`` (e.g. DeepSpeed / FSDP settings); a key that
+            the recipe sets already (``max_steps``, ``seed``, ...) is a ``TypeError``: change it through ``config``.
         attach (`bool`, defaults to `True`): attach the trained prompt to ``model``
             (:func:`~hf_compress_prompt.recovery.attach_recovery_prompt`).
         teacher (`nn.Module`, *optional*): train to match this model's next-token distributions (usually the
@@ -301,45 +379,16 @@ def recover(
     Returns:
         `RecoveryResult` with the best-validation prompt.
     """
-    from transformers import Trainer, TrainingArguments
-
     from ..integrations.trainer_callbacks import BestValidationCallback
-    from .data import PromptTuningCollator, TokenWindows, token_windows
+    from .data import PromptTuningCollator
     from .runtime import attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
+    from .trainer_setup import build_trainer, training_arguments
 
-    config = config or RecoveryConfig()
-    if overrides:
-        unknown = set(overrides) - set(RecoveryConfig.__dataclass_fields__)
-        if unknown:
-            raise UserInputError(f"unknown recovery settings {sorted(unknown)}; see RecoveryConfig")
-        config = RecoveryConfig(**{**config.to_dict(), **overrides})
-    if config.method is RecoveryMethod.FULL:
-        _check_full(model)  # before any data is read
-    if teacher is not None:
-        from .distill import check_teacher
-
-        check_teacher(model, teacher)
+    config = _settings(config, overrides)
+    method = _METHODS[config.method]
     partners = list(shared_with or [])
-    if partners:
-        from .shared import check_partners
-
-        if config.method is not RecoveryMethod.PROMPT or teacher is not None:
-            raise UserInputError("shared_with trains one soft prompt for several models: it needs method=PROMPT "
-                                 "and no teacher")
-        check_partners(model, partners)
-    if train_dataset is None or eval_dataset is None:
-        from ..data import training_corpus
-
-        dataset, split = training_corpus(config.dataset)  # C4 unreachable: the offline sample, said in one line
-        if dataset != config.dataset:
-            config = RecoveryConfig(**{**config.to_dict(), "dataset": dataset})  # the metadata records what ran
-    if train_dataset is None:
-        train_dataset = TokenWindows(token_windows(dataset, tokenizer, config.seqlen, part="train", split=split))
-    if eval_dataset is None:
-        eval_dataset = TokenWindows(token_windows(dataset, tokenizer, config.seqlen, part="valid", split=split,
-                                                  max_windows=config.eval_windows))
-    if len(train_dataset) == 0 or len(eval_dataset) == 0:
-        raise UserInputError("the training and validation datasets must not be empty")
+    _check_models(model, config, teacher, partners)
+    config, train_dataset, eval_dataset = _datasets(config, tokenizer, train_dataset, eval_dataset)
 
     targets = [model, *partners]  # every model the prompt trains on
     previous = [recovery_prompt_of(m) for m in targets]
@@ -347,80 +396,40 @@ def recover(
         if old is not None:
             detach_recovery_prompt(m)  # train on the bare model; a new prompt replaces the old one
     requires_grad = [{name: p.requires_grad for name, p in m.named_parameters()} for m in targets]
+    trained = method.wrap(model, config, tokenizer)
     tied = []
-    if config.method is RecoveryMethod.PROMPT:
-        trained = prompt_tuning_model(model, config, tokenizer)
-        if partners:
-            from .shared import tie_prompt
+    if partners:
+        from .shared import tie_prompt
 
-            tied = [tie_prompt(trained, partner, trained.peft_config[trained.active_adapter]).eval()
-                    for partner in partners]
-    elif config.method is RecoveryMethod.LORA:
-        trained = lora_model(model, config)
-    else:
-        trained = _full_model(model)
+        tied = [tie_prompt(trained, partner, trained.peft_config[trained.active_adapter]).eval()
+                for partner in partners]
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     callback = BestValidationCallback()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    loss = "shared prompt" if tied else "language modelling" if teacher is None else "distillation"
+    trainer_class, trainer_extra = _LOSSES[loss](teacher, tied)
     with tempfile.TemporaryDirectory(prefix="hcp-recover-") as scratch:
-        args = TrainingArguments(
-            output_dir=str(output_dir or scratch),
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            lr_scheduler_type="linear",
-            warmup_steps=int(round(config.warmup_ratio * config.max_steps)),
-            max_grad_norm=config.max_grad_norm,
-            eval_strategy="steps",
-            eval_steps=config.eval_steps,
-            save_strategy="steps" if output_dir is not None else "no",
-            save_steps=config.eval_steps,
-            logging_steps=max(1, min(config.eval_steps, 10)),
-            bf16=config.bf16,
-            use_cpu=not torch.cuda.is_available(),
-            seed=config.seed,
-            data_seed=config.seed,
-            remove_unused_columns=False,
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            **(training_args or {}),
-        )
-        trainer_kwargs = dict(model=trained, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                              data_collator=PromptTuningCollator(pad), callbacks=[callback, *(callbacks or [])])
-        if tied:
-            from .shared import SharedPromptTrainer
-
-            trainer = SharedPromptTrainer(**trainer_kwargs, partners=tied)
-        elif teacher is None:
-            trainer = Trainer(**trainer_kwargs)
-        else:
-            from .distill import DistillationTrainer
-
-            trainer = DistillationTrainer(**trainer_kwargs, teacher=teacher)
-        if (training_args or {}).get("disable_tqdm", True):
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)  # the history comes back in the result; keep stdout clean
+        args = training_arguments(output_dir or scratch, seed=config.seed, overrides=training_args,
+                                  **_schedule(config, save=output_dir is not None))
+        trainer = build_trainer(trainer_class, args, callbacks=[callback, *(callbacks or [])], model=trained,
+                                train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                data_collator=PromptTuningCollator(pad), **trainer_extra)
         with _without_adapters([trained, *tied]), callback.measuring_baseline():
             trainer.evaluate()  # the validation perplexity before training: history[0], the gain's reference
         logger.info("validation perplexity before training: %.3f", callback.baseline["perplexity"])
-        start = time.perf_counter()
+        start, peak_before = time.perf_counter(), _peak_rss_mb()
         try:
-            with _RssPeak() as memory:
-                output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+            output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         finally:
-            if config.method is not RecoveryMethod.FULL:
+            if method.freezes_weights:
                 for m, flags in zip(targets, requires_grad):
                     for name, p in m.named_parameters():
                         if name in flags:
                             p.requires_grad_(flags[name])
-        seconds = time.perf_counter() - start
+        seconds, peak_after = time.perf_counter() - start, _peak_rss_mb()
     steps_run = max(1, output.global_step)
     prompt = None
-    if config.method is RecoveryMethod.PROMPT:
+    if method.gives_prompt:
         base = trained.get_base_model()
         embedding = trained.get_prompt_embedding_to_save(trained.active_adapter).detach().float().cpu()  # (n, hidden)
         prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step, teacher, partners))
@@ -431,9 +440,10 @@ def recover(
                 attach_recovery_prompt(target, old)
     elif previous[0] is not None:
         attach_recovery_prompt(model, previous[0])
+    train_memory = None if peak_before is None or peak_after is None else peak_after - peak_before
     return RecoveryResult(prompt, trained, callback.best_perplexity, callback.best_step, callback.history, seconds,
-                          output.metrics.get("train_runtime", seconds) / steps_run, trainable, _peak_rss_mb(), memory.increase_mb,
-                          callback.baseline["perplexity"])
+                          output.metrics.get("train_runtime", seconds) / steps_run, trainable, peak_after,
+                          train_memory, callback.baseline["perplexity"])
 
 
 @contextlib.contextmanager
