@@ -64,6 +64,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` whose training loss is :func:`distillation_loss` against ``teacher`` (frozen, run
     without gradients on the same ``input_ids``); evaluation keeps the model's own language-modelling loss.
+    ``recover(..., teacher=...)`` builds it with the package's one Trainer set-up (:mod:`~.trainer_setup`).
 
     Args:
         teacher (`nn.Module`): a causal LM with the student's vocabulary, usually the uncompressed model. It must

@@ -53,6 +53,7 @@ def tie_prompt(peft_model: nn.Module, partner: nn.Module, peft_config) -> nn.Mod
 class SharedPromptTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss (training and validation) is the mean language-modelling loss of the
     model and ``partners`` on the same batch, all prompted by one tied prompt embedding (:func:`tie_prompt`).
+    ``recover(..., shared_with=[...])`` builds it with the package's one Trainer set-up (:mod:`~.trainer_setup`).
 
     Args:
         partners (`list[nn.Module]`): PEFT prompt-tuning models sharing the trained model's prompt embedding; their
