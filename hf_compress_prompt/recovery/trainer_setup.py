@@ -1,10 +1,10 @@
-"""The one ``transformers.Trainer`` set-up behind every training loop of the package: :func:`recover` (prompt, LoRA,
+"""The one ``transformers.Trainer`` set-up behind every training loop of the package: :func:`~.train.recover` (prompt, LoRA,
 full; language modelling, distillation or one prompt shared by several models) and
 :func:`~hf_compress_prompt.compressors.compresso.compresso_prune`.
 
 Each caller states the settings its recipe fixes (steps, batch, learning rate, schedule, evaluation); this module adds
 what all of them share (seeds, CPU when no GPU is present, no reporting, no progress bar, no worker processes,
-keep the ``input_ids``-only columns), adds the user's extra ``TrainingArguments``, builds the trainer with the
+the collator sees every column), adds the user's extra ``TrainingArguments``, builds the trainer with the
 caller's callbacks, and keeps stdout clean. The user's arguments add to these, they do not replace them: a key
 set here or by the recipe is a ``TypeError`` ("got multiple values for keyword argument ..."); the recipe's own
 settings change through its config.
