@@ -1,5 +1,5 @@
-"""The one ``transformers.Trainer`` set-up behind every training loop of the package: :func:`~.train.recover` (prompt, LoRA,
-full; language modelling, distillation or one prompt shared by several models) and
+"""The one ``transformers.Trainer`` set-up behind every training loop of the package: :func:`~.train.recover`
+(prompt, LoRA, full; language modelling, distillation or one prompt shared by several models) and
 :func:`~hf_compress_prompt.compressors.compresso.compresso_prune`.
 
 Each caller states the settings its recipe fixes (steps, batch, learning rate, schedule, evaluation); this module adds

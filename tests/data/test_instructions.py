@@ -34,4 +34,5 @@ def test_long_samples_are_truncated_to_the_window(tmp_path):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"instruction": "x" * 100, "output": "y"}))
     windows = instruction_windows(path, _CharTokenizer(), 16)
-    assert windows.shape == (1, 16) and windows[0].tolist() == _CharTokenizer()("### Instruction:\n" + "x" * 100)["input_ids"][:16]
+    expected = _CharTokenizer()("### Instruction:\n" + "x" * 100)["input_ids"][:16]
+    assert windows.shape == (1, 16) and windows[0].tolist() == expected
