@@ -89,7 +89,7 @@ def hub(monkeypatch):
     server = FakeHub()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     yield server
@@ -138,7 +138,7 @@ def test_push_compressed_model_with_its_prompt(hub, tiny_llama, byte_tokenizer):
     assert config["quantization_config"]["quant_method"] == "hf_compress_prompt"
     meta, body = hub.card()
     assert meta["library_name"] == "transformers" and "soft-prompt" in meta["tags"]
-    assert "recovery prompt" in body.lower() and "int4" in body.lower() or "4-bit" in body.lower()
+    assert "recovery prompt" in body.lower() and ("int4" in body.lower() or "4-bit" in body.lower())
 
 
 def test_model_push_to_hub_uploads_prompt_and_card(hub, tiny_llama):
