@@ -163,10 +163,19 @@ def test_pipeline_device_map_and_dequantize(tiny_llama, byte_tokenizer, calib, t
 
 
 def test_hf_compress_prompt_from_pretrained_matches_auto_class(tiny_llama, calib, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     compress_(tiny_llama, RTNConfig(bits=4, group_size=32), progress=False)
     hcp.save_pretrained(tiny_llama, tmp_path / "m")
     model = hcp.from_pretrained(tmp_path / "m")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in auto.named_modules()}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, auto(ids).logits, rtol=0, atol=0)  # the same model, loaded either way
+        torch.testing.assert_close(logits, tiny_llama(ids).logits)  # and the one that was saved
 
 
 def test_quantizing_a_dense_model_on_the_fly_fails_loudly(tiny_llama_dir):
