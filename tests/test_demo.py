@@ -29,7 +29,7 @@ def test_demo_compresses_recovers_saves_reloads_and_generates(tiny_llama_dir, da
                       progress=False)
     assert [label for _, label, _ in result.rows] == ["dense", "compressed", "recovered"]
     dense, compressed, recovered = (r.perplexity for _, _, r in result.rows)
-    assert compressed != dense and recovered != compressed
+    assert compressed != dense and recovered < compressed  # the prompt recovered part of what compression lost
     assert (tmp_path / "out" / "recovery_prompt" / "adapter_config.json").is_file()
     assert result.reloaded_completion is not None and result.kernels
 
