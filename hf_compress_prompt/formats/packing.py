@@ -9,14 +9,21 @@ from ..errors import UserInputError
 from .bitpack import as_words, from_words, pack_bits, unpack_bits
 from .schema import LinearFormat
 
-__all__ = ["pack_linear", "unpack_linear", "unpack_codes", "group_index"]
+__all__ = ["group_index", "pack_linear", "static_group_index", "unpack_codes", "unpack_linear"]
+
+
+def static_group_index(in_features: int, group_size: int) -> torch.Tensor:
+    """The group of each input column when groups are consecutive runs of ``group_size`` columns (-1: one group),
+    shape `(in,)`: ``arange(in) // group_size``, GPTQ's trivial ``g_idx``."""
+    return torch.arange(in_features) // (in_features if group_size == -1 else group_size)
 
 
 def group_index(fmt: LinearFormat, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The group of each input column, shape `(in,)`."""
+    """The group of each input column, shape `(in,)`: the stored ``weight_g_idx`` when ``fmt.g_idx``, else
+    :func:`static_group_index`."""
     if fmt.g_idx:
         return tensors["weight_g_idx"].long()
-    return torch.arange(fmt.in_features) // fmt.effective_group_size
+    return static_group_index(fmt.in_features, fmt.effective_group_size)
 
 
 def _nm_kept_index(kept: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import LinearFormat, gptq_tensor_shapes, pack_linear, read_gptq_layer
+from ..formats.packing import static_group_index
 from ..nn import packed_linear_from
 from .safetensors_check import CheckpointError, check_tensors
 
@@ -75,8 +76,7 @@ def repack_gptq_modules(model: nn.Module) -> dict[str, LinearFormat]:
             {k: getattr(module, k) for k in ("qweight", "qzeros", "scales", "g_idx")}, bits, module.in_features,
             module.out_features, group_size, g.get("checkpoint_format", "gptq"),
         )
-        size = module.in_features if group_size == -1 else group_size
-        trivial = torch.equal(g_idx.cpu(), torch.arange(module.in_features) // size)
+        trivial = torch.equal(g_idx.cpu(), static_group_index(module.in_features, group_size))
         fmt = LinearFormat(module.in_features, module.out_features, bias=module.bias is not None, bits=bits,
                            group_size=group_size, symmetric=bool(g.get("sym", True)), g_idx=not trivial,
                            act_order=bool(g.get("desc_act", False)))
