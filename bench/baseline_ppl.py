@@ -9,14 +9,7 @@ The model was published as Q4_1 GGUF: this "dense" baseline already carries that
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import bench_parser, markdown_table, start_bench, write_results
 
 from hf_compress_prompt.data import eval_tokens
 from hf_compress_prompt.evaluation import perplexity
@@ -24,17 +17,13 @@ from hf_compress_prompt.models import load_model_and_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--datasets", nargs="+", default=["wikitext2", "ptb"])
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--max-windows", type=int, default=None, help="first N windows only (default: all)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="baseline_ppl", help="results file stem under docs/results/")
-    args = parser.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     model, tokenizer = load_model_and_tokenizer(args.model)
     records, rows = [], []
     for dataset in args.datasets:

@@ -1,17 +1,47 @@
-"""What every benchmark records: the machine, the settings and the date, and one writer for docs/results."""
+"""What every benchmark shares: its start (:func:`bench_parser`, then :func:`start`: arguments, torch threads, the
+machine), its named settings (:func:`preset_settings`, from :mod:`hf_compress_prompt.compressors.presets`), and what
+it records (the machine, the settings, the date) with one writer for docs/results.
+
+A benchmark runs as ``python bench/<name>.py``; Python puts ``bench/`` on the import path, so ``from common import
+...`` needs no set-up.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
-import sys
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def bench_parser(doc: str | None, *, threads: int = 2) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: its module docstring as the description, kept as written, and
+    ``--threads`` (torch CPU threads, recorded with the results)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=threads, help=f"torch CPU threads (default: {threads})")
+    return parser
+
+
+def start_bench(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """Parses ``argv``, sets torch's thread count and records the machine: the first line of every benchmark."""
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args, machine_info()
+
+
+def preset_settings(labels: dict[str, str | None]) -> dict[str, list]:
+    """Setting label (the name a results row carries) -> a fresh copy of the steps of the named preset (`None`: the
+    dense model, no steps). The labels stay what earlier results files used, so rows stay comparable."""
+    from hf_compress_prompt.compressors.presets import preset_steps
+
+    return {label: preset_steps(name) if name else [] for label, name in labels.items()}
 
 
 def cpu_model() -> str:
@@ -75,7 +105,8 @@ def write_results(name: str, *, title: str, settings: dict, machine: dict, table
 
 
 def add_prompt_recipe_args(parser, *, steps: int = 64, eval_steps: int = 16) -> None:
-    """The arguments of bench/recovery.py's prompt recipe and evaluation that the transfer benches share."""
+    """The arguments of bench/recovery.py's prompt recipe and evaluation that the transfer benches share (a
+    :func:`bench_parser` already has ``--threads``)."""
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per prompt")
     parser.add_argument("--seqlen", type=int, default=1024, help="tokens per training window")
     parser.add_argument("--batch", type=int, default=1, help="training windows per step")
@@ -83,7 +114,6 @@ def add_prompt_recipe_args(parser, *, steps: int = 64, eval_steps: int = 16) -> 
     parser.add_argument("--eval-steps", type=int, default=eval_steps, help="validate every this many steps")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 / PTB test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
-    parser.add_argument("--threads", type=int, default=2)
 
 
 def prompt_recipe(args):

@@ -16,34 +16,30 @@ tensors hold in memory (--loads loads, median load time).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import any_of, bench_parser, markdown_table, preset_settings, start_bench, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
+import hf_compress_prompt as hcp  # registers the quantization method
+from hf_compress_prompt.compressors import Recipe, compress_
+from hf_compress_prompt.integrations.safetensors_check import checkpoint_tensors
+from hf_compress_prompt.nn import PackedLinear
 
-import hf_compress_prompt as hcp  # noqa: E402  (registers the quantization method)
-from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
-from hf_compress_prompt.integrations.safetensors_check import checkpoint_tensors  # noqa: E402
-from hf_compress_prompt.nn import PackedLinear  # noqa: E402
-
-SETTINGS: dict[str, list] = {
-    "fp16 (dense)": [],
-    "int8-g64": [RTNConfig(bits=8, group_size=64)],
-    "int4-g64": [RTNConfig(bits=4, group_size=64)],
-    "int4-perchannel": [RTNConfig(bits=4)],
-    "int3-g64": [RTNConfig(bits=3, group_size=64)],
-    "2:4 (fp16 values)": [MagnitudeConfig(sparsity="2:4")],
-    "50% bitmask (fp16 values)": [MagnitudeConfig(sparsity=0.5)],
-    "2:4 + int4-g64": [MagnitudeConfig(sparsity="2:4"), RTNConfig(bits=4, group_size=64)],
-    "50% bitmask + int4-g64": [MagnitudeConfig(sparsity=0.5), RTNConfig(bits=4, group_size=64)],
-}
+SETTINGS: dict[str, list] = preset_settings({  # row label -> preset (the storage format decides the size)
+    "fp16 (dense)": None,
+    "int8-g64": "rtn-w8-g64",
+    "int4-g64": "rtn-w4-g64",
+    "int4-perchannel": "rtn-w4-perchannel",
+    "int3-g64": "rtn-w3-g64",
+    "2:4 (fp16 values)": "magnitude-2:4",
+    "50% bitmask (fp16 values)": "magnitude-50%",
+    "2:4 + int4-g64": "magnitude-2:4+rtn-w4-g64",
+    "50% bitmask + int4-g64": "magnitude-50%+rtn-w4-g64",
+})
 
 _LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -93,7 +89,6 @@ def run(args) -> list[dict]:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import default_model_path, load_model_and_tokenizer
 
-    torch.set_num_threads(args.threads)
     _, tokenizer = load_model_and_tokenizer()
     ids = eval_tokens("wikitext2", tokenizer, "test")[:, : args.tokens]  # (1, tokens)
     records = []
@@ -169,18 +164,16 @@ def write(records: list[dict], args, machine: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=1)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=any_of(SETTINGS))
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--loads", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    args, machine = start_bench(parser, argv)
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}")
     if "fp16 (dense)" not in args.settings:
         args.settings = ["fp16 (dense)", *args.settings]
-    machine = machine_info()
     records = run(args)
     print(f"wrote {write(records, args, machine)}")
 

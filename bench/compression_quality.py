@@ -22,42 +22,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from common import any_of, bench_parser, markdown_table, preset_settings, start_bench, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe
 
-from hf_compress_prompt.compressors import (  # noqa: E402
-    CalibrationConfig,
-    GPTQConfig,
-    LayerDropConfig,
-    MagnitudeConfig,
-    Recipe,
-    RTNConfig,
-    SparseGPTConfig,
-    WandaConfig,
-)
-
-SETTINGS: dict[str, list] = {
-    "dense": [],
-    "rtn-w4-perchannel": [RTNConfig(bits=4)],
-    "rtn-w4-g64": [RTNConfig(bits=4, group_size=64)],  # GPTQ's g64 rows must beat this on the same grid
-    "gptq-w4-perchannel": [GPTQConfig(bits=4)],
-    "gptq-w4-g64": [GPTQConfig(bits=4, group_size=64)],
-    "gptq-w4-g64-actorder": [GPTQConfig(bits=4, group_size=64, act_order=True)],
-    "gptq-w3-g64": [GPTQConfig(bits=3, group_size=64)],
-    "sparsegpt-50%": [SparseGPTConfig(sparsity=0.5)],
-    "sparsegpt-2:4": [SparseGPTConfig(sparsity="2:4")],
-    "wanda-50%": [WandaConfig(sparsity=0.5)],
-    "wanda-2:4": [WandaConfig(sparsity="2:4")],
-    "magnitude-50%": [MagnitudeConfig(sparsity=0.5)],
-    "sparsegpt-50%+w4-g64 (joint)": [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
-    "drop-20%-layers": [LayerDropConfig(fraction=0.2)],
-}
-OPTIONAL_SETTINGS: dict[str, list] = {
-    "sparsegpt-50% then gptq-w4-g64": [SparseGPTConfig(sparsity=0.5), GPTQConfig(bits=4, group_size=64)],
-    "drop-20%-layers (block influence)": [LayerDropConfig(fraction=0.2, score="block_influence")],
-}
+_PLAIN = ["rtn-w4-perchannel", "rtn-w4-g64",  # rtn-w4-g64: GPTQ's g64 rows must beat this on the same grid
+          "gptq-w4-perchannel", "gptq-w4-g64", "gptq-w4-g64-actorder", "gptq-w3-g64", "sparsegpt-50%", "sparsegpt-2:4",
+          "wanda-50%", "wanda-2:4", "magnitude-50%"]
+SETTINGS: dict[str, list] = preset_settings({  # row label -> preset (the labels earlier results files use)
+    "dense": None, **{name: name for name in _PLAIN},
+    "sparsegpt-50%+w4-g64 (joint)": "sparsegpt-50%+w4-g64",
+    "drop-20%-layers": "drop-20%-layers",
+})
+OPTIONAL_SETTINGS: dict[str, list] = preset_settings({
+    "sparsegpt-50% then gptq-w4-g64": "sparsegpt-50%-then-gptq-w4-g64",
+    "drop-20%-layers (block influence)": "drop-20%-layers-block-influence",
+})
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
@@ -67,7 +47,6 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     from hf_compress_prompt.evaluation import perplexity
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    torch.set_num_threads(args.threads)
     steps = {**SETTINGS, **OPTIONAL_SETTINGS}[name]
     model, tokenizer = load_model_and_tokenizer()
     record: dict = {"setting": name, "recipe": [s.to_dict() for s in steps]}
@@ -123,16 +102,15 @@ def write_table(records: list[dict], args: argparse.Namespace, machine: dict) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=any_of([*SETTINGS, *OPTIONAL_SETTINGS]))
     parser.add_argument("--datasets", nargs="+", default=["wikitext2", "ptb"])
     parser.add_argument("--windows", type=int, default=None, help="first N test windows per dataset (default: all)")
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows from the C4 sample")
     parser.add_argument("--calib-seqlen", type=int, default=512, help="calibration window length")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="compression_quality", help="results file stem under docs/results/")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, machine = start_bench(parser, argv)
 
     if args.run_one:
         print("RESULT " + json.dumps(run_one(args.run_one, args)), flush=True)
@@ -141,7 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in args.settings if s not in SETTINGS and s not in OPTIONAL_SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}")
-    machine = machine_info()
     records = []
     passthrough = ["--datasets", *args.datasets, "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen),
                    "--threads", str(args.threads)] + (["--windows", str(args.windows)] if args.windows else [])

@@ -29,40 +29,33 @@ gives; on this CPU bf16 attention (SDPA) is several times slower than fp32 at on
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import any_of, bench_parser, markdown_table, preset_settings, start_bench, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
+from hf_compress_prompt.compressors import Recipe, compress_
+from hf_compress_prompt.kernels import cpu, status
+from hf_compress_prompt.nn import PackedLinear, layer_status
+from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt
 
-from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, compress_  # noqa: E402
-from hf_compress_prompt.kernels import cpu, status  # noqa: E402
-from hf_compress_prompt.nn import layer_status  # noqa: E402
-from hf_compress_prompt.nn import PackedLinear  # noqa: E402
-from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt  # noqa: E402
-
-_Q4 = RTNConfig(bits=4, group_size=64)
-_Q4_HEAD = RTNConfig(bits=4, group_size=64, lm_head=True)
-_Q4_HEAD8 = RTNConfig(bits=4, group_size=64, lm_head=True, lm_head_bits=8)
-_HALF = MagnitudeConfig(sparsity=0.5)
-# name -> (dtype the model is compressed in, recipe, dtype it runs in: activations, norms, attention, embedding)
-SETTINGS = {
-    "dense fp32": (torch.float32, [], torch.float32),
-    "dense bf16": (torch.bfloat16, [], torch.bfloat16),
-    "packed 4-bit g64": (torch.bfloat16, [_Q4], torch.bfloat16),
-    "packed 4-bit g64 + 4-bit head": (torch.bfloat16, [_Q4_HEAD], torch.bfloat16),
-    "packed 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_Q4_HEAD], torch.float32),
-    "packed 4-bit g64 + 8-bit head, fp32 act.": (torch.bfloat16, [_Q4_HEAD8], torch.float32),
-    "packed 50% + 4-bit g64": (torch.bfloat16, [_HALF, _Q4], torch.bfloat16),
-    "packed 50% + 4-bit g64 + 4-bit head, fp32 act.": (torch.bfloat16, [_HALF, _Q4_HEAD], torch.float32),
+_BF16, _FP32 = torch.bfloat16, torch.float32
+# name -> (dtype the model is compressed in, preset, dtype it runs in: activations, norms, attention, embedding)
+_SETTINGS = {
+    "dense fp32": (_FP32, None, _FP32),
+    "dense bf16": (_BF16, None, _BF16),
+    "packed 4-bit g64": (_BF16, "rtn-w4-g64", _BF16),
+    "packed 4-bit g64 + 4-bit head": (_BF16, "rtn-w4-g64-head4", _BF16),
+    "packed 4-bit g64 + 4-bit head, fp32 act.": (_BF16, "rtn-w4-g64-head4", _FP32),
+    "packed 4-bit g64 + 8-bit head, fp32 act.": (_BF16, "rtn-w4-g64-head8", _FP32),
+    "packed 50% + 4-bit g64": (_BF16, "magnitude-50%+rtn-w4-g64", _BF16),
+    "packed 50% + 4-bit g64 + 4-bit head, fp32 act.": (_BF16, "magnitude-50%+rtn-w4-g64-head4", _FP32),
 }
+_STEPS = preset_settings({name: preset for name, (_, preset, _) in _SETTINGS.items()})
+SETTINGS = {name: (dtype, _STEPS[name], run_dtype) for name, (dtype, _, run_dtype) in _SETTINGS.items()}
 PROMPT_SUFFIX = " + 100-token recovery prompt"  # any setting + this: a prompt attached (its values do not matter)
 COMPILE_SUFFIX = " + torch.compile, static cache"  # any setting + this: transformers' compiled decoding
 CACHE_SUFFIXES = (" + DynamicCache", " + GrowingCache")  # any setting (+ prompt) + this: that cache, passed in
@@ -237,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=1)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
                         help=any_of(SETTINGS, f"; any of them + {PROMPT_SUFFIX.strip()!r}, then + one of "
                                                f"{[c.strip() for c in CACHE_SUFFIXES]} or + {COMPILE_SUFFIX.strip()!r}"))
@@ -246,13 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ab-pairs", type=int, default=9,
                         help="for prompted rows: pairs of generate calls with the prompt disabled / enabled on the same "
                              "model, alternating (0: skip)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     sdpa = attention_microbench()
     print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
     records = []

@@ -8,27 +8,21 @@ Writes docs/results/kernel_accuracy.{md,json}.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-import torch
+from common import bench_parser, markdown_table, preset_settings, start_bench, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from hf_compress_prompt.compressors import Recipe, compress_
+from hf_compress_prompt.kernels import reference_only
+from hf_compress_prompt.nn import layer_status
 
-from hf_compress_prompt.compressors import MagnitudeConfig, Recipe, RTNConfig, SparseGPTConfig, compress_  # noqa: E402
-from hf_compress_prompt.kernels import reference_only  # noqa: E402
-from hf_compress_prompt.nn import layer_status  # noqa: E402
-
-SETTINGS = {
-    "RTN 4-bit g64": [RTNConfig(bits=4, group_size=64)],
-    "RTN 4-bit g64 + 4-bit head": [RTNConfig(bits=4, group_size=64, lm_head=True)],
-    "RTN 4-bit g64 + 8-bit head": [RTNConfig(bits=4, group_size=64, lm_head=True, lm_head_bits=8)],
-    "magnitude 2:4 + RTN 4-bit g64": [MagnitudeConfig(sparsity="2:4"), RTNConfig(bits=4, group_size=64)],
-    "SparseGPT 50% + 4-bit g64 (joint)": [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
-}
+SETTINGS = preset_settings({  # row label -> preset
+    "RTN 4-bit g64": "rtn-w4-g64",
+    "RTN 4-bit g64 + 4-bit head": "rtn-w4-g64-head4",
+    "RTN 4-bit g64 + 8-bit head": "rtn-w4-g64-head8",
+    "magnitude 2:4 + RTN 4-bit g64": "magnitude-2:4+rtn-w4-g64",
+    "SparseGPT 50% + 4-bit g64 (joint)": "sparsegpt-50%+w4-g64",
+})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,15 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.evaluation import perplexity
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--output", default="kernel_accuracy", help="results name (default: kernel_accuracy)")
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows for SparseGPT (x 512 tokens)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     records = []
     for name in args.settings:
         model, tokenizer = load_model_and_tokenizer()

@@ -12,21 +12,16 @@ The bandwidth limit is the best read rate in the same run: a plain streaming rea
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import any_of, bench_parser, markdown_table, start_bench, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import any_of, machine_info, markdown_table, write_results  # noqa: E402
-
-from hf_compress_prompt.formats import LinearFormat, pack_linear  # noqa: E402
-from hf_compress_prompt.kernels import cpu  # noqa: E402
-from hf_compress_prompt.methods.masks import nm_prune_mask  # noqa: E402
+from hf_compress_prompt.formats import LinearFormat, pack_linear
+from hf_compress_prompt.kernels import cpu
+from hf_compress_prompt.methods.masks import nm_prune_mask
 
 SHAPES = {  # name -> (out, in, group size)
     "4096x4096g128": (4096, 4096, 128),
@@ -151,16 +146,13 @@ def bandwidth_limit(args) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=1)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help=any_of(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--pool-mb", type=int, default=256, help="weight bytes each implementation cycles through")
     parser.add_argument("--name", default=None, help="results stem (default kernels_<threads>t)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     measured = bandwidth_limit(args)
     print(f"read bandwidth, cold: streaming read {measured['streaming_read']:.1f} GB/s, fp32 GEMV 4096x4096 "
           f"{measured['fp32_gemv']:.1f} GB/s", flush=True)

@@ -11,24 +11,18 @@ model gives with the exact reference ops). Its prompt is read from --prompt (a f
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine_info, markdown_table, write_results
+from common import RESULTS_DIR, bench_parser, markdown_table, preset_settings, start_bench, write_results
 from recovery import SETTINGS
 
-from hf_compress_prompt.compressors import CalibrationConfig, Recipe, RTNConfig, compress_
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.evaluation.report import write_report
 from hf_compress_prompt.evaluation.tasks import evaluate_tasks
 from hf_compress_prompt.recovery import attach_recovery_prompt, load_recovery_prompt
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 
-CHOICES = {**SETTINGS, "rtn-w4-g64": [RTNConfig(bits=4, group_size=64)]}  # RTN: no calibration, for smoke runs
+CHOICES = {**SETTINGS, **preset_settings({"rtn-w4-g64": "rtn-w4-g64"})}  # RTN: no calibration, for smoke runs
 
 
 def _log(message: str) -> None:
@@ -40,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--setting", default="sparsegpt-50%+w4-g64", choices=list(CHOICES))
     parser.add_argument("--limit", type=int, default=100, help="items per task (factoid QA, retrieval QA)")
     parser.add_argument("--mmlu-limit", type=int, default=3, help="questions per MMLU subject (57 subjects)")
@@ -51,11 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-2, help="prompt learning rate when trained here")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="llm_kick", help="results name under docs/results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     start = time.perf_counter()
 
     dense, tokenizer = load_model_and_tokenizer()

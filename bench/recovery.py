@@ -24,29 +24,29 @@ steps the same run took 61.6 min on a slow evening and 54 min earlier that day (
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, eval_perplexities, machine_info, markdown_table, write_results
+from common import (
+    RESULTS_DIR,
+    bench_parser,
+    eval_perplexities,
+    markdown_table,
+    preset_settings,
+    start_bench,
+    write_results,
+)
 from memory import training_memory
 
-from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, LayerDropConfig, Recipe, SparseGPTConfig, compress_
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.recovery import attach_recovery_prompt, detach_recovery_prompt, save_recovery_prompt
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 from hf_compress_prompt.recovery.transfer import gap_closed
 
-SETTINGS = {  # the (a), (b), (c)
-    "sparsegpt-50%+w4-g64": [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
-    "gptq-w3-g64": [GPTQConfig(bits=3, group_size=64)],
-    "drop-20%-layers": [LayerDropConfig(fraction=0.2)],
-}
+SETTINGS = preset_settings({name: name for name in (  # the (a), (b), (c)
+    "sparsegpt-50%+w4-g64", "gptq-w3-g64", "drop-20%-layers")})
 DATASETS = ("wikitext2", "ptb")
 FULL_SETTING = "drop-20%-layers"  # the only setting whose weights stay dense, so all of them can train
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=64, help="optimizer steps per prompt (and for LoRA, FULL)")
     parser.add_argument("--tokens", type=int, default=100, help="virtual tokens per prompt")
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=8, help="C4 validation windows (held-out documents)")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 / PTB test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA baseline")
     parser.add_argument("--no-full", action="store_true", help="skip continued pretraining of the layer-dropped model")
     parser.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of continued pretraining (FULL)")
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="which prompt -> model pairs to measure: the issue's (a) <-> (b) (the first two "
                              "settings), or every pair")
     parser.add_argument("--output", default="recovery", help="results name under docs/results (.md, .json, .png)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     start_all = time.perf_counter()
 
     model, tokenizer = load_model_and_tokenizer()

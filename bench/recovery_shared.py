@@ -14,30 +14,26 @@ every prompt is a transferred one.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-import torch
+from common import (
+    add_prompt_recipe_args,
+    any_of,
+    bench_parser,
+    eval_perplexities,
+    markdown_table,
+    preset_settings,
+    prompt_recipe,
+    start_bench,
+    write_results,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_prompt_recipe_args, any_of, eval_perplexities, machine_info, markdown_table, prompt_recipe,
-                    write_results)
-
-from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, SparseGPTConfig, compress_
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.recovery.train import recover
 from hf_compress_prompt.recovery.transfer import evaluate_transfer, gap_closed
 
-TRAINED_ON = {  # bench/recovery.py's (a) and (b)
-    "sparsegpt-50%+w4-g64": [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
-    "gptq-w3-g64": [GPTQConfig(bits=3, group_size=64)],
-}
-HELD_OUT = {
-    "sparsegpt-50%": [SparseGPTConfig(sparsity=0.5)],
-    "gptq-w4-g64": [GPTQConfig(bits=4, group_size=64)],
-    "sparsegpt-60%+w4-g64": [SparseGPTConfig(sparsity=0.6, bits=4, group_size=64)],
-}
+TRAINED_ON = preset_settings({name: name for name in ("sparsegpt-50%+w4-g64", "gptq-w3-g64")})  # recovery.py's (a), (b)
+HELD_OUT = preset_settings({name: name for name in ("sparsegpt-50%", "gptq-w4-g64", "sparsegpt-60%+w4-g64")})
 DATASETS = ("wikitext2", "ptb")
 
 
@@ -53,15 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     add_prompt_recipe_args(parser, steps=64, eval_steps=16)
     parser.add_argument("--held-out", nargs="*", default=["sparsegpt-50%", "gptq-w4-g64"], choices=list(HELD_OUT),
                         metavar="NAME", help=f"compressions no prompt was trained on: {any_of(HELD_OUT)}; none if "
                         "given without names (default: sparsegpt-50%% gptq-w4-g64)")
     parser.add_argument("--output", default="recovery_shared", help="results name under docs/results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     start_all = time.perf_counter()
     config = prompt_recipe(args)
 

@@ -13,17 +13,11 @@ next-token distributions, :mod:`hf_compress_prompt.recovery.distill`; one more f
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
-import sys
 import time
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import eval_perplexities, machine_info, markdown_table, write_results
+from common import bench_parser, eval_perplexities, markdown_table, start_bench, write_results
 from recovery import SETTINGS
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
@@ -42,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--setting", default="sparsegpt-50%+w4-g64", choices=list(SETTINGS))
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--steps", type=int, default=60)
@@ -53,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--windows", type=int, default=4, help="WikiText-2 / PTB test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--losses", nargs="+", default=["lm"], choices=["lm", "distill"],
                         help="training losses to compare (distill: KL to the dense model)")
     parser.add_argument("--inits", nargs="+", default=["VOCAB"], choices=[i.value for i in PromptInit],
@@ -61,9 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-text", default="The following is a passage of well-written English text:",
                         help="the text whose token embeddings start a TEXT prompt (repeated to length)")
     parser.add_argument("--output", default="recovery_sweep", help="results name under docs/results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     start_all = time.perf_counter()
 
     def ppl(model) -> dict[str, float]:

@@ -17,17 +17,12 @@ LLM-KICK subset (factoid QA, MMLU 0-shot) for the first target, and training cos
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import eval_perplexities, machine_info, markdown_table, write_results
+from common import bench_parser, eval_perplexities, markdown_table, start_bench, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, LayerDropConfig, Recipe, compress_
 from hf_compress_prompt.compressors.compresso import CompressoConfig, compresso_prune
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--targets", nargs="+", type=float, default=[0.2, 0.3], help="fractions of parameters removed")
     parser.add_argument("--steps", type=int, default=100, help="Compresso training steps")
     parser.add_argument("--seqlen", type=int, default=256)
@@ -95,11 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-kick", action="store_true", help="skip the LLM-KICK subset")
     parser.add_argument("--kick-limit", type=int, default=40, help="factoid questions")
     parser.add_argument("--mmlu-limit", type=int, default=1, help="MMLU questions per subject")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results-name", default="structured", help="docs/results/<name>.{md,json}")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     start_all = time.perf_counter()
 
     dense, tokenizer = load_model_and_tokenizer()

@@ -13,30 +13,28 @@ this asks whether it holds between neighbouring levels of one method.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-import torch
+from common import (
+    add_prompt_recipe_args,
+    any_of,
+    bench_parser,
+    eval_perplexities,
+    markdown_table,
+    preset_settings,
+    prompt_recipe,
+    start_bench,
+    write_results,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_prompt_recipe_args, any_of, eval_perplexities, machine_info, markdown_table, prompt_recipe,
-                    write_results)
-
-from hf_compress_prompt.compressors import CalibrationConfig, GPTQConfig, Recipe, SparseGPTConfig, compress_
+from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.recovery import load_recovery_prompt
 from hf_compress_prompt.recovery.train import recover
 from hf_compress_prompt.recovery.transfer import evaluate_transfer
 
 SOURCE = "sparsegpt-50%+w4-g64"
-LEVELS = {
-    SOURCE: [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)],
-    "sparsegpt-40%+w4-g64": [SparseGPTConfig(sparsity=0.4, bits=4, group_size=64)],
-    "sparsegpt-60%+w4-g64": [SparseGPTConfig(sparsity=0.6, bits=4, group_size=64)],
-    "sparsegpt-50%": [SparseGPTConfig(sparsity=0.5)],
-    "gptq-w4-g64": [GPTQConfig(bits=4, group_size=64)],
-}
+LEVELS = preset_settings({name: name for name in (
+    SOURCE, "sparsegpt-40%+w4-g64", "sparsegpt-60%+w4-g64", "sparsegpt-50%", "gptq-w4-g64")})
 DATASETS = ("wikitext2", "ptb")
 
 
@@ -49,16 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     targets = [n for n in LEVELS if n != SOURCE]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--targets", nargs="+", default=["sparsegpt-40%+w4-g64", "sparsegpt-60%+w4-g64"],
                         choices=targets, metavar="NAME", help=f"target settings: {any_of(targets)}")
     parser.add_argument("--prompt", default=None, metavar="DIR", help=f"a saved prompt trained on {SOURCE} "
                         "(else one is trained here with the same recipe)".replace("%", "%%"))
     add_prompt_recipe_args(parser, steps=80, eval_steps=20)
     parser.add_argument("--output", default="transfer_levels", help="results name under docs/results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
+    args, machine = start_bench(parser, argv)
     start_all = time.perf_counter()
     config = prompt_recipe(args)
 

@@ -110,6 +110,8 @@ for _name, _steps, _description in [
      "magnitude 50%, then round-to-nearest 4-bit g64 (no calibration)"),
     ("magnitude-2:4+rtn-w4-g64", [MagnitudeConfig(sparsity="2:4"), RTNConfig(**_W4G64)],
      "magnitude 2:4, then round-to-nearest 4-bit g64 (no calibration)"),
+    ("magnitude-50%+rtn-w4-g64-head4", [MagnitudeConfig(sparsity=0.5), RTNConfig(**_W4G64, lm_head=True)],
+     "magnitude 50%, then round-to-nearest 4-bit g64 with the output head too"),
     # layer dropping
     ("drop-20%-layers", [LayerDropConfig(fraction=0.2)], "drop the 20% of decoder layers that turn the stream least"),
     ("drop-20%-layers-block-influence", [LayerDropConfig(fraction=0.2, score="block_influence")],
