@@ -87,6 +87,9 @@ def test_compress_runs_a_recipe_file(tiny_llama_dir, tmp_path, capsys):
         (["--method", "wanda", "--sparsity", "half"], "--sparsity 'half' is neither a fraction nor N:M"),
         (["--method", "layer_drop", "--layers", "1,x"], "--layers '1,x' must be comma-separated integers"),
         (["--method", "gptq", "--bits", "5"], "bits=5 is not supported"),
+        (["--method", "sparsegpt", "--sparsity", "3:2"], "--sparsity '3:2' needs 0 < N < M"),
+        (["--preset", "gptq-w5"], "unknown preset 'gptq-w5'; choose one of"),
+        (["--preset", "gptq-w4-g64", "--bits", "3"], "--bits: method settings apply to --method only"),
     ],
 )
 def test_compress_rejects_bad_flags_before_loading(flags, message, tmp_path, capsys):
@@ -94,6 +97,16 @@ def test_compress_rejects_bad_flags_before_loading(flags, message, tmp_path, cap
     assert code == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_compress_runs_a_preset(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "preset"
+    assert main(["compress", "--model", str(tiny_llama_dir), "--preset", "rtn-w4-g64", "--output", str(out),
+                 "--no-progress"]) == EXIT_OK
+    assert "rtn: 14 linear layers" in capsys.readouterr().out
+    recipe = json.loads((out / "config.json").read_text())["compression_recipe"]
+    assert recipe["steps"] == [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False, "lm_head": False,
+                                "lm_head_bits": None}]
 
 
 def test_eval_reads_a_packed_folder(tiny_llama_dir, data_dir, tmp_path, capsys):
