@@ -10,15 +10,36 @@ import torch
 VOCAB = 260  # 256 byte tokens + a few specials
 
 
-def build_tiny_llama(num_layers: int = 2, max_positions: int = 512):
+# hidden 128 (4 heads of 32, 2 key/value heads), MLP 256, the byte vocabulary: the shape every tiny decoder shares
+_DECODER = {"vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def build_llama(**overrides):
+    """A tiny random Llama (seed 0) of the shared shape, ``overrides`` on its config (transformers' defaults
+    otherwise: special tokens 1 / 2, no pad token)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_positions, eos_token_id=256, pad_token_id=256, bos_token_id=256,
-    )
+    config = LlamaConfig(**{**_DECODER, **overrides})
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
+
+
+def build_tiny_llama(num_layers: int = 2, max_positions: int = 512):
+    """The tests' usual tiny Llama: byte tokens, token 256 for bos / eos / pad."""
+    return build_llama(num_hidden_layers=num_layers, max_position_embeddings=max_positions, eos_token_id=256,
+                       pad_token_id=256, bos_token_id=256)
+
+
+def build_steerable_llama():
+    """A tiny Llama whose random weights (std 0.1 instead of 0.02) let a 4-token prompt steer it."""
+    return build_llama(initializer_range=0.1)
+
+
+def build_other_llama():
+    """A Llama of another shape and vocabulary (hidden 32, vocab 300): a model a prompt or teacher does not fit."""
+    return build_llama(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1)
 
 
 def build_tiny_opt():
@@ -30,6 +51,32 @@ def build_tiny_opt():
     )
     torch.manual_seed(0)
     return OPTForCausalLM(config).eval()
+
+
+def build_tiny_gpt2():
+    """A tiny GPT-2 (Conv1D layers, blocks under ``transformer.h``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
+                        eos_token_id=0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def build_tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**_DECODER, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def build_tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(**_DECODER, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).eval()
 
 
 TINY_MODELS = {"llama": build_tiny_llama, "opt": build_tiny_opt}

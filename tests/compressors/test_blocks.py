@@ -29,15 +29,12 @@ def test_true_sequential_groups_follow_the_forward_pass(tiny_model):
 
 
 def _other_families():
-    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from builders import build_tiny_gpt2, build_tiny_mistral, build_tiny_qwen2
 
-    common = dict(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
     return {
-        "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(**common)), "model.layers"),
-        "mistral": (lambda: MistralForCausalLM(MistralConfig(**common)), "model.layers"),
-        "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=260, n_embd=128, n_layer=2, n_head=4, n_positions=128,
-                                                    bos_token_id=0, eos_token_id=0)), "transformer.h"),
+        "qwen2": (build_tiny_qwen2, "model.layers"),
+        "mistral": (build_tiny_mistral, "model.layers"),
+        "gpt2": (build_tiny_gpt2, "transformer.h"),
     }
 
 

@@ -97,11 +97,9 @@ def test_compression_is_deterministic(calib):
 
 
 def test_gpt2_conv1d_layers_are_found_and_quantized(calib):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from builders import build_tiny_gpt2
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=260, n_embd=128, n_layer=2, n_head=4, n_positions=128,
-                                       bos_token_id=0, eos_token_id=0)).eval()
+    model = build_tiny_gpt2()
     assert find_decoder_layers(model)[0] == "transformer.h"
     result = compress_(model, GPTQConfig(bits=4, group_size=32), calibration_ids=calib, pack=False, progress=False)
     modules = dict(model.named_modules())

@@ -22,12 +22,9 @@ ALL_HEADS, ALL_CHANNELS = list(range(4)), list(range(256))
 
 
 def _llama(tied=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from builders import build_llama
 
-    config = LlamaConfig(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return build_llama(num_hidden_layers=3, tie_word_embeddings=tied)
 
 
 @torch.no_grad()
@@ -117,7 +114,7 @@ def test_pruned_model_can_then_be_quantized():
 
 
 def test_bad_input_is_refused_before_work():
-    from transformers import OPTConfig, OPTForCausalLM
+    from builders import build_tiny_opt
 
     with pytest.raises(UserInputError, match=r"must lie in \(0, 1\)"):
         plan_magnitude(_llama(), 1.0)
@@ -125,10 +122,8 @@ def test_bad_input_is_refused_before_work():
         plan_magnitude(_llama(), 0)
     with pytest.raises(UserInputError, match="criterion"):
         plan_magnitude(_llama(), 0.2, criterion="taylor")
-    opt = OPTForCausalLM(OPTConfig(vocab_size=260, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
-                                   num_attention_heads=2))
     with pytest.raises(UserInputError, match="Llama-family"):
-        prune_structured(opt, 0.2)
+        prune_structured(build_tiny_opt(), 0.2)
     packed = _llama()
     compress_(packed, RTNConfig(bits=4, group_size=64), progress=False)
     with pytest.raises(UserInputError, match="packed"):

@@ -110,12 +110,10 @@ def test_packed_checkpoint_is_smaller(tiny_llama, tmp_path):
 
 
 def test_opt_with_biases_and_gpt2_conv1d_round_trip(calib, ids, tmp_path):
-    from builders import build_tiny_opt
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from builders import build_tiny_gpt2, build_tiny_opt
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=260, n_embd=128, n_layer=2, n_head=4, n_positions=128,
-                                      bos_token_id=0, eos_token_id=0)).eval()
+    gpt2 = build_tiny_gpt2()
     for name, model in (("opt", build_tiny_opt()), ("gpt2", gpt2)):
         reference = model(ids).logits
         compress_(model, SparseGPTConfig(sparsity=0.5, bits=4, group_size=32), calibration_ids=calib, progress=False)
