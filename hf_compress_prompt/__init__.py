@@ -1,9 +1,10 @@
 """hf_compress_prompt: compress a causal LM and recover its quality with a learned soft prompt.
 
 Submodules: ``models`` (the embedded SmolLM2 default, loading), ``data`` (corpora, token batches),
-``evaluation`` (perplexity), ``methods`` (compression maths), ``compressors`` (orchestration, Optimum-style
-classes), ``formats`` (on-disk layouts), ``nn`` (runtime modules), ``kernels`` (torch.library ops),
-``integrations`` (transformers quantization method), ``cli``.
+``evaluation`` (perplexity, tasks), ``methods`` (compression maths), ``compressors`` (orchestration, Optimum-style
+classes), ``recovery`` (the soft prompt: training, saving, running), ``formats`` (on-disk layouts), ``nn`` (runtime
+modules), ``kernels`` (torch.library ops), ``integrations`` (transformers quantization method, checkpoints, Hub),
+``cli``. How they depend on each other: docs/architecture.md.
 
 Importing the package registers the ``hf_compress_prompt`` quantization method with transformers, so
 ``AutoModelForCausalLM.from_pretrained`` can load compressed folders; without the import transformers refuses them.

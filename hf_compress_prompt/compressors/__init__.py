@@ -14,7 +14,7 @@ from .api import (
     WandaPruner,
 )
 from .blocks import find_decoder_layers, find_linear_layers
-from .compress import CompressionResult, compress_, register_compressor
+from .compress import compress_, register_compressor
 from .configs import (
     CalibrationConfig,
     CompressionConfig,
@@ -28,6 +28,7 @@ from .configs import (
     step_from_dict,
 )
 from .layer_drop import choose_layers_to_drop, drop_layers, score_layers
+from .state import CompressionResult
 
 __all__ = [
     "RECIPE_CONFIG_KEY",
