@@ -74,7 +74,7 @@ class CompressoConfig:
                                                                       "sparsity rises from 0"})
     init_keep: float = field(default=0.99, metadata={"help": "initial probability that a gate is open"})
     prune_hidden: bool = field(default=True, metadata={"help": "also learn which hidden dimensions to remove"})
-    multiple_of: int = field(default=1, metadata={"help": "kept FFN channels and hidden dimensions are multiples of "
+    multiple_of: int = field(default=32, metadata={"help": "kept FFN channels and hidden dimensions are multiples of "
                                                           "this (e.g. 64, so group quantization and kernels fit)"})
     collaborative_prompt: str | None = field(default=COLLABORATIVE_PROMPT, metadata={
         "help": "text prepended to every training sample and attached to the pruned model (None: off)"})
