@@ -16,8 +16,8 @@ from hf_compress_prompt.methods.gate_thresholds import (
 def test_open_at_keeps_the_gates_above_the_threshold_rounded_to_a_multiple():
     p = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2, 0.95])
     assert open_at(p, 0.5) == [0, 2, 3, 5]
-    assert open_at(p, 0.75, multiple_of=2) == [0, 5]  # 3 open -> 2, the most probably open
-    assert open_at(p, 0.65, multiple_of=3) == [0, 2, 3]  # 4 open -> 3
+    assert open_at(p, 0.75, multiple_of=2) == [0, 2, 3, 5]  # 3 open -> 4: the next most probably open joins
+    assert open_at(p, 0.65, multiple_of=3) == [0, 2, 5]  # 4 open -> 3: the least probably open of them goes
     assert open_at(p, 0.0, multiple_of=4) == list(range(6))  # all stay: no rounding down
     assert open_at(p, 0.99) == []
 
@@ -60,6 +60,6 @@ def test_expected_parameters_count_a_llama_without_its_norms(tied):
 
 
 def test_zero_except_keeps_only_the_given_entries():
-    values = torch.tensor([0.5, 0.7, 0.9])
-    assert zero_except(values, [0, 2]).tolist() == [0.5, 0.0, 0.9]
+    values = torch.tensor([0.5, 0.75, 0.25])
+    assert zero_except(values, [0, 2]).tolist() == [0.5, 0.0, 0.25]
     assert zero_except(values, []).tolist() == [0.0, 0.0, 0.0]
