@@ -20,12 +20,9 @@ from test_train import FAST, _windows  # tests/recovery is on sys.path (pytest r
 @pytest.fixture
 def teacher_and_student():
     """A tiny Llama (the teacher) and a copy with every block weight perturbed (a stand-in for compression)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from builders import build_steerable_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    teacher = LlamaForCausalLM(config).eval()
+    teacher = build_steerable_llama()
     student = copy.deepcopy(teacher)
     with torch.no_grad():
         for name, p in student.model.layers.named_parameters():
@@ -84,11 +81,10 @@ def test_validation_is_the_corpus_loss_not_the_kl(teacher_and_student, byte_toke
 
 
 def test_bad_teachers_fail_before_training(teacher_and_student, byte_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from builders import build_other_llama
 
     teacher, student = teacher_and_student
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    other = build_other_llama()
     state = {k: v.clone() for k, v in student.state_dict().items()}
     data = {"train_dataset": TokenWindows(_windows()), "eval_dataset": TokenWindows(_windows(4))}
     with pytest.raises(UserInputError, match="another model"):

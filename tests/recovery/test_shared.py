@@ -21,12 +21,9 @@ from test_train import FAST, _windows  # tests/recovery is on sys.path (pytest r
 def two_compressions():
     """Two copies of one tiny Llama with different perturbations of every block weight (stand-ins for two
     compression methods of one base model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from builders import build_steerable_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    base = LlamaForCausalLM(config).eval()
+    base = build_steerable_llama()
     models = []
     for seed in (1, 2):
         model = copy.deepcopy(base)
@@ -100,11 +97,10 @@ def test_attach_false_keeps_the_previous_prompts(two_compressions, byte_tokenize
 
 
 def test_bad_partners_fail_before_training(two_compressions, byte_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from builders import build_other_llama
 
     a, b = two_compressions
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    other = build_other_llama()
     state = {k: v.clone() for k, v in a.state_dict().items()}
     data = {"train_dataset": TokenWindows(_windows()), "eval_dataset": TokenWindows(_windows(4))}
     with pytest.raises(UserInputError, match="the model itself"):

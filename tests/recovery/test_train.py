@@ -19,12 +19,9 @@ FAST = {"num_virtual_tokens": 4, "seqlen": 32, "batch_size": 2, "eval_steps": 4,
 @pytest.fixture
 def llama():
     """A tiny Llama whose random weights (std 0.1 instead of 0.02) let a 4-token prompt steer it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from builders import build_steerable_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    return LlamaForCausalLM(config).eval()
+    return build_steerable_llama()
 
 
 def _windows(n=16, seqlen=32, seed=0):
