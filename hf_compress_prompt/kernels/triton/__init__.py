@@ -25,7 +25,7 @@ import torch
 from ...formats import LinearFormat
 from ..reference import reference_linear
 
-__all__ = ["available", "unavailable_reason", "int4_linear", "sparse_int4_linear", "kernels", "supports"]
+__all__ = ["available", "int4_linear", "kernels", "sparse_int4_linear", "supports", "unavailable_reason"]
 
 
 def unavailable_reason() -> str | None:
@@ -213,7 +213,7 @@ def sparse_int4_linear(x: torch.Tensor, fmt: LinearFormat, tensors: dict[str, to
     def launch(k, x2, y, T, grid):
         common = (tensors["weight_scale"], tensors["weight_zero"], y, T, fmt.out_features, fmt.in_features, fmt.groups,
                   fmt.effective_group_size)
-        blocks = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
+        blocks = {"BLOCK_T": block_t, "BLOCK_N": block_n, "BLOCK_K": block_k}
         if fmt.kind == "nm":
             k["nm24_int4_matmul"][grid](x2, tensors["weight"], tensors["weight_index"], *common, **blocks)
         else:
