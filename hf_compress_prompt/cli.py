@@ -121,8 +121,8 @@ def _kind(hint) -> tuple[str, tuple[str, ...] | None, bool]:
     raise TypeError(f"no command-line option kind for a field of type {hint!r}; add one to cli._kind")
 
 
-def _config_options(configs: dict[str, type], *, aliases: dict[str, tuple[str, ...]] | None = None,
-                    skip: tuple[str, ...] = ()) -> list[_ConfigOption]:
+def _config_options(configs: dict[str, type], *,
+                    aliases: dict[str, tuple[str, ...]] | None = None) -> list[_ConfigOption]:
     """One option per field name over ``configs`` (owner name -> dataclass), in declaration order; a field that
     several configs declare is one option, its default shown per owner. ``aliases`` replace a field's flag (the
     commands' established names: ``--steps`` for ``max_steps``)."""
@@ -131,14 +131,12 @@ def _config_options(configs: dict[str, type], *, aliases: dict[str, tuple[str, .
     for owner, cls in configs.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in skip:
-                continue
             kind, choices, optional = _kind(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             entry = found.setdefault(f.name, {"kind": kind, "help": f.metadata.get("help", ""), "defaults": {},
                                               "positive": bool(f.metadata.get("positive")),
                                               "choices": f.metadata.get("choices", choices), "nullable": False})
-            if entry["kind"] != kind and {entry["kind"], kind} != {"int"}:
+            if entry["kind"] != kind:
                 raise TypeError(f"field {f.name!r} has kind {entry['kind']} in one config and {kind} in {owner}")
             entry["defaults"][owner] = default
             entry["nullable"] |= optional and default is not None
