@@ -215,9 +215,16 @@ def _config_values(args: argparse.Namespace, options: list[_ConfigOption]) -> di
 
 
 def _step_options() -> list[_ConfigOption]:
-    from .compressors.configs import step_types
+    from .compressors.configs import CalibrationConfig, step_types
 
-    return _config_options(step_types())
+    steps = step_types()
+    shared = {f.name for f in dataclasses.fields(CalibrationConfig)}
+    for method, cls in steps.items():
+        clash = sorted(shared & {f.name for f in dataclasses.fields(cls)})
+        if clash:  # compress offers both as --<name>: one would silently shadow the other
+            raise TypeError(f"compression method {method!r} ({cls.__name__}) has fields {clash} that CalibrationConfig "
+                            "also has; rename them (e.g. mask_seed)")
+    return _config_options(steps)
 
 
 def _calibration_options() -> list[_ConfigOption]:

@@ -14,7 +14,7 @@ from .api import (
     WandaPruner,
 )
 from .blocks import find_decoder_layers, find_linear_layers
-from .compress import compress_, register_compressor
+from .compress import block_linears, compress_, record_pruned, record_quantized, register_compressor
 from .configs import (
     CalibrationConfig,
     CompressionConfig,
@@ -28,6 +28,7 @@ from .configs import (
     step_from_dict,
 )
 from .layer_drop import choose_layers_to_drop, drop_layers, score_layers
+from .presets import get_preset, list_presets, register_preset
 from .state import CompressionResult
 
 __all__ = [
@@ -50,11 +51,17 @@ __all__ = [
     "WandaConfig",
     "WandaPruner",
     "choose_layers_to_drop",
+    "block_linears",
     "compress_",
     "drop_layers",
     "find_decoder_layers",
     "find_linear_layers",
+    "get_preset",
+    "list_presets",
+    "record_pruned",
+    "record_quantized",
     "register_compressor",
+    "register_preset",
     "score_layers",
     "step_from_dict",
 ]

@@ -40,7 +40,8 @@ from .pack import pack_model
 from .presets import preset_steps
 from .state import CompressionResult, CompressionState, StepReport
 
-__all__ = ["CompressionResult", "register_compressor", "compress_", "RECIPE_CONFIG_KEY"]
+__all__ = ["CompressionResult", "block_linears", "compress_", "record_pruned", "record_quantized", "register_compressor",
+           "RECIPE_CONFIG_KEY"]
 
 logger = get_logger(__name__)
 
@@ -63,7 +64,8 @@ def register_compressor(config_cls: type[CompressionConfig]) -> Callable[[Handle
     return decorator
 
 
-def _block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every linear layer inside the decoder blocks, in forward order."""
     path, layers = find_decoder_layers(model)
     return [(f"{path}.{i}.{name}", m) for i, block in enumerate(layers) for name, m in find_linear_layers(block).items()]
 
@@ -74,13 +76,18 @@ def _record(report: StepReport, name: str, module: nn.Module, state: Compression
     report.layers[name] = {"sparsity": sparsity, **extra}
 
 
-def _quantized(state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, report: StepReport) -> None:
+def record_quantized(state: CompressionState, name: str, module: nn.Module, qw: QuantizedWeight, report: StepReport) -> None:
+    """A handler's result for one quantized linear: its weight becomes ``qw``'s grid values, and packing will store
+    ``qw``'s codes, scales and zeros."""
     set_linear_weight(module, qw.dequantize())
     state.quantized[module] = qw
     _record(report, name, module, state, bits=qw.bits, group_size=qw.group_size)
 
 
-def _pruned(state, name, module, weight, mask, report) -> None:
+def record_pruned(state: CompressionState, name: str, module: nn.Module, weight: torch.Tensor, mask: torch.Tensor,
+                  report: StepReport) -> None:
+    """A handler's result for one pruned linear: ``weight`` (out, in) with zeros where ``mask`` (bool, True = pruned)
+    is set; packing stores the kept values (N:M or bitmask, from the step's ``sparsity``)."""
     set_linear_weight(module, weight)
     state.masks[module] = mask
     _record(report, name, module, state)
@@ -107,23 +114,23 @@ def _quantize_head(model, step, state, report) -> None:
     SmolLM2 blocks together, so a 4-bit model that leaves it in 16 bits spends much of each decode step there."""
     name, head = untie_output_head(model)
     qw = rtn_quantize(head.weight.data.float(), step.lm_head_bits or step.bits, step.group_size, step.symmetric)
-    _quantized(state, name, head, qw, report)
+    record_quantized(state, name, head, qw, report)
 
 
 @register_compressor(RTNConfig)
 def _run_rtn(model, step: RTNConfig, state, report, recipe, progress) -> None:
-    for name, module in tqdm(_block_linears(model), desc="rtn", unit="linear", disable=not progress):
+    for name, module in tqdm(block_linears(model), desc="rtn", unit="linear", disable=not progress):
         qw = rtn_quantize(linear_weight(module).float(), step.bits, step.group_size, step.symmetric)
-        _quantized(state, name, module, qw, report)  # zeros of an earlier pruning step stay exactly 0
+        record_quantized(state, name, module, qw, report)  # zeros of an earlier pruning step stay exactly 0
     if step.lm_head:
         _quantize_head(model, step, state, report)
 
 
 @register_compressor(MagnitudeConfig)
 def _run_magnitude(model, step: MagnitudeConfig, state, report, recipe, progress) -> None:
-    for name, module in tqdm(_block_linears(model), desc="magnitude", unit="linear", disable=not progress):
+    for name, module in tqdm(block_linears(model), desc="magnitude", unit="linear", disable=not progress):
         weight, mask = magnitude_prune(linear_weight(module).float(), step.sparsity)
-        _pruned(state, name, module, weight, mask, report)
+        record_pruned(state, name, module, weight, mask, report)
 
 
 @register_compressor(GPTQConfig)
@@ -133,7 +140,7 @@ def _run_gptq(model, step: GPTQConfig, state, report, recipe, progress) -> None:
             W, acc.H, step.bits, step.group_size, step.symmetric, step.act_order, step.damp, step.block_size,
             prune_mask=state.masks.get(module),
         )
-        _quantized(state, name, module, qw, report)
+        record_quantized(state, name, module, qw, report)
 
     compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
                        true_sequential=step.true_sequential, desc="gptq", progress=progress)
@@ -161,7 +168,7 @@ def _run_sparsegpt(model, step: SparseGPTConfig, state, report, recipe, progress
 def _run_wanda(model, step: WandaConfig, state, report, recipe, progress) -> None:
     def compress(name, module, W, acc):
         weight, mask = wanda_prune(W, acc.channel_sq_norm, step.sparsity)
-        _pruned(state, name, module, weight, mask, report)
+        record_pruned(state, name, module, weight, mask, report)
 
     compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
                        true_sequential=step.true_sequential, diagonal_only=True, desc="wanda", progress=progress)

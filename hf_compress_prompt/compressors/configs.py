@@ -35,6 +35,7 @@ __all__ = [
     "Recipe",
     "SparseGPTConfig",
     "WandaConfig",
+    "check_linears",
     "step_from_dict",
     "step_types",
 ]
@@ -128,7 +129,7 @@ class RTNConfig(CompressionConfig):
         check_bits(self.lm_head_bits, name="lm_head_bits", allow_none=True)
 
     def validate_for(self, model: nn.Module) -> None:
-        _check_linears(self, model, group_size=self.group_size, lm_head=self.lm_head)
+        check_linears(self, model, group_size=self.group_size, lm_head=self.lm_head)
 
 
 @dataclass
@@ -157,7 +158,7 @@ class GPTQConfig(CompressionConfig):
         _check_positive(self, "block_size")
 
     def validate_for(self, model: nn.Module) -> None:
-        _check_linears(self, model, group_size=self.group_size, lm_head=self.lm_head)
+        check_linears(self, model, group_size=self.group_size, lm_head=self.lm_head)
 
 
 @dataclass
@@ -181,7 +182,7 @@ class SparseGPTConfig(CompressionConfig):
         _check_positive(self, "block_size")
 
     def validate_for(self, model: nn.Module) -> None:
-        _check_linears(self, model, group_size=self.group_size if self.bits is not None else None,
+        check_linears(self, model, group_size=self.group_size if self.bits is not None else None,
                        sparsity=self.sparsity)
 
 
@@ -197,7 +198,7 @@ class WandaConfig(CompressionConfig):
         parse_sparsity(self.sparsity)
 
     def validate_for(self, model: nn.Module) -> None:
-        _check_linears(self, model, sparsity=self.sparsity)
+        check_linears(self, model, sparsity=self.sparsity)
 
 
 @dataclass
@@ -212,7 +213,7 @@ class MagnitudeConfig(CompressionConfig):
         parse_sparsity(self.sparsity)
 
     def validate_for(self, model: nn.Module) -> None:
-        _check_linears(self, model, sparsity=self.sparsity)
+        check_linears(self, model, sparsity=self.sparsity)
 
 
 @dataclass
@@ -278,7 +279,7 @@ def _output_head(model: nn.Module, step: CompressionConfig) -> nn.Linear:
     return head
 
 
-def _check_linears(step: CompressionConfig, model: nn.Module, *, group_size: int | None = None,
+def check_linears(step: CompressionConfig, model: nn.Module, *, group_size: int | None = None,
                    sparsity: float | str | None = None, lm_head: bool = False) -> None:
     """``group_size`` (quantizing steps) divides the width of every block linear (and of the output head with
     ``lm_head``), and a ``sparsity`` of N:M fits every block linear's width. An error names the step, the first layer
