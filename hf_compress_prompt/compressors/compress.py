@@ -40,8 +40,15 @@ from .pack import pack_model
 from .presets import preset_steps
 from .state import CompressionResult, CompressionState, StepReport
 
-__all__ = ["CompressionResult", "block_linears", "compress_", "record_pruned", "record_quantized", "register_compressor",
-           "RECIPE_CONFIG_KEY"]
+__all__ = [
+    "RECIPE_CONFIG_KEY",
+    "CompressionResult",
+    "block_linears",
+    "compress_",
+    "record_pruned",
+    "record_quantized",
+    "register_compressor",
+]
 
 logger = get_logger(__name__)
 
