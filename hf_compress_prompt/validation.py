@@ -20,6 +20,8 @@ import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+
 from .errors import UserInputError
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "check_group_size_value",
     "parse_sparsity",
     "resolve_group_size",
+    "static_group_index",
     "valid_group_sizes",
 ]
 
@@ -95,6 +98,13 @@ def resolve_group_size(group_size: int, in_features: int, *, widths: Iterable[in
             f"{', '.join(map(str, valid_group_sizes(widths)))} ({where}{_PER_CHANNEL})"
         )
     return group_size
+
+
+def static_group_index(in_features: int, group_size: int) -> torch.Tensor:
+    """The group of each input column when groups are consecutive runs of ``group_size`` columns (-1: one group),
+    shape `(in,)`: ``arange(in) // group_size``, GPTQ's trivial ``g_idx``. The one place that computes it: the
+    grids (:mod:`.methods`), the on-disk layout (:mod:`.formats`) and the GPTQ import all call this."""
+    return torch.arange(in_features) // (in_features if group_size == -1 else group_size)
 
 
 # ----- sparsity -----------------------------------------------------------------------------------------------------

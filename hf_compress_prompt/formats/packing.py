@@ -6,16 +6,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserInputError
+from ..validation import static_group_index
 from .bitpack import as_words, from_words, pack_bits, unpack_bits
 from .schema import LinearFormat
 
 __all__ = ["group_index", "pack_linear", "static_group_index", "unpack_codes", "unpack_linear"]
-
-
-def static_group_index(in_features: int, group_size: int) -> torch.Tensor:
-    """The group of each input column when groups are consecutive runs of ``group_size`` columns (-1: one group),
-    shape `(in,)`: ``arange(in) // group_size``, GPTQ's trivial ``g_idx``."""
-    return torch.arange(in_features) // (in_features if group_size == -1 else group_size)
 
 
 def group_index(fmt: LinearFormat, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import LinearFormat, gptq_tensor_shapes, pack_linear, read_gptq_layer
-from ..formats.packing import static_group_index
 from ..nn import packed_linear_from
+from ..validation import static_group_index
 from .safetensors_check import CheckpointError, check_tensors
 
 __all__ = ["GPTQImportLinear", "install_gptq_modules", "repack_gptq_modules"]

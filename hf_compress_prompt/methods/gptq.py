@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import static_group_index
 from .hessian import inverse_cholesky_upper
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
@@ -57,7 +58,7 @@ def gptq_quantize(
         W[prune_mask] = 0
 
     groups = cols // size
-    group_of = torch.arange(cols) // size  # g_idx in the original order
+    group_of = static_group_index(cols, group_size)  # g_idx in the original order
     # Static grids (per channel, or groups under act-order) come from the original weights. Otherwise, as in the
     # reference, each group's grid is fitted when its first column is reached, to the weights as updated so far.
     static = group_size == -1 or act_order

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validation import SUPPORTED_BITS, check_bits, resolve_group_size
+from ..validation import SUPPORTED_BITS, check_bits, resolve_group_size, static_group_index
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -49,9 +49,7 @@ class QuantizedWeight:
     @property
     def group_index(self) -> torch.Tensor:
         """``g_idx``: the group of each input column, shape `(cols,)`."""
-        cols = self.codes.shape[1]
-        size = cols if self.group_size == -1 else self.group_size
-        return torch.arange(cols) // size
+        return static_group_index(self.codes.shape[1], self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The represented weights, shape `(rows, cols)`."""
