@@ -57,9 +57,9 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _has_linear(block: nn.Module) -> bool:
-    from ..nn import PackedLinear
+    from ..nn import has_packed_layers
 
-    return bool(find_linear_layers(block)) or any(isinstance(m, PackedLinear) for m in block.modules())
+    return bool(find_linear_layers(block)) or has_packed_layers(block)
 
 
 def find_linear_layers(block: nn.Module) -> dict[str, nn.Module]:

@@ -21,7 +21,7 @@ from ..methods.quant_grid import QuantizedWeight
 from ..methods.rtn import rtn_quantize
 from ..methods.sparsegpt import sparsegpt_prune
 from ..methods.wanda import wanda_prune
-from ..nn import PackedLinear
+from ..nn import has_packed_layers
 from .blocks import find_decoder_layers, find_linear_layers, linear_weight, set_linear_weight
 from .configs import (
     CalibrationConfig,
@@ -199,7 +199,7 @@ def _run_layer_drop(model, step: LayerDropConfig, state, report, recipe, progres
 def _validate(model: nn.Module, recipe: Recipe) -> None:
     """Every check that can fail, before any work starts."""
     find_decoder_layers(model)  # unsupported architectures fail here
-    if any(s.prunes or s.quantizes for s in recipe.steps) and any(isinstance(m, PackedLinear) for m in model.modules()):
+    if any(s.prunes or s.quantizes for s in recipe.steps) and has_packed_layers(model):
         raise UserInputError(
             "this model already holds packed (compressed) layers; prune or quantize the dense model instead "
             "(compress_(..., pack=False) keeps dense weights between calls)"

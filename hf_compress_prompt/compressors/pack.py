@@ -9,15 +9,11 @@ from torch import nn
 from ..formats import LinearFormat
 from ..integrations import attach_quantization_config
 from ..methods.masks import parse_sparsity
-from ..nn import PackedLinear, pack_module
+from ..nn import has_packed_layers, pack_module
 from .blocks import linear_weight
 from .state import CompressionResult
 
 __all__ = ["has_packed_layers", "pack_model"]
-
-
-def has_packed_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedLinear) for m in model.modules())
 
 
 @torch.no_grad()

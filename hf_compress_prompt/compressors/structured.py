@@ -50,12 +50,12 @@ def check_prunable(model: nn.Module) -> None:
     refused before any work."""
     from transformers import LlamaForCausalLM
 
-    from ..nn import PackedLinear
+    from ..nn import has_packed_layers
 
     if not isinstance(model, LlamaForCausalLM):
         raise UserInputError(f"structured pruning supports Llama-family causal LMs (LlamaForCausalLM and the pruned "
                              f"models it makes); got {type(model).__name__}")
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
+    if has_packed_layers(model):
         raise UserInputError("this model holds packed (quantized / sparse) layers; prune structures first, then "
                              "quantize or sparsify the smaller model")
 

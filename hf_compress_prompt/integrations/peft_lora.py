@@ -11,7 +11,7 @@ import torch
 from peft.tuners.lora import LoraConfig, LoraLayer
 from torch import nn
 
-from ..nn import PackedLinear
+from ..nn import PackedLinear, has_packed_layers
 
 __all__ = ["PackedLoraLinear", "lora_config_for"]
 
@@ -62,6 +62,6 @@ class PackedLoraLinear(nn.Module, LoraLayer):
 def lora_config_for(model: nn.Module, **kwargs) -> LoraConfig:
     """A ``LoraConfig`` (task CAUSAL_LM) that also covers ``model``'s packed layers; ``kwargs`` go to LoraConfig."""
     config = LoraConfig(task_type="CAUSAL_LM", **kwargs)
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
+    if has_packed_layers(model):
         config._register_custom_module({PackedLinear: PackedLoraLinear})
     return config

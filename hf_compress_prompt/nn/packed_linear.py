@@ -16,6 +16,7 @@ __all__ = [
     "NMSparseLinear",
     "PackedLinear",
     "QuantLinear",
+    "has_packed_layers",
     "layer_status",
     "pack_module",
     "packed_linear_class",
@@ -165,6 +166,11 @@ def packed_linear_from(fmt: LinearFormat, tensors: dict[str, torch.Tensor]) -> P
 def pack_module(fmt: LinearFormat, weight: torch.Tensor, bias: torch.Tensor | None, **parts) -> PackedLinear:
     """Packs a dense layer's parts (see :func:`~hf_compress_prompt.formats.pack_linear`) into its runtime module."""
     return packed_linear_from(fmt, pack_linear(fmt, weight, bias=bias, **parts))
+
+
+def has_packed_layers(module: nn.Module) -> bool:
+    """Whether ``module`` (a model or a block) holds any packed (compressed) layer."""
+    return any(isinstance(m, PackedLinear) for m in module.modules())
 
 
 def layer_status(model: nn.Module) -> dict[str, str]:

@@ -179,9 +179,9 @@ def lora_model(model: nn.Module, config: RecoveryConfig | None = None):
 
 
 def _check_full(model: nn.Module) -> None:
-    from ..nn import PackedLinear
+    from ..nn import has_packed_layers
 
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
+    if has_packed_layers(model):
         raise UserInputError("method=FULL trains the weights themselves and this model holds packed (quantized / "
                              "sparse) layers; use PROMPT or LORA, or a dense model (e.g. layers dropped only)")
 
