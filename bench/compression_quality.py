@@ -27,7 +27,7 @@ from common import any_of, bench_parser, markdown_table, preset_settings, start_
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe
 
 _PLAIN = ["rtn-w4-perchannel", "rtn-w4-g64",  # rtn-w4-g64: GPTQ's g64 rows must beat this on the same grid
-          "gptq-w4-perchannel", "gptq-w4-g64", "gptq-w4-g64-actorder", "gptq-w3-g64", "sparsegpt-50%", "sparsegpt-2:4",
+          "gptq-w4-perchannel", "gptq-w4-g64", "gptq-w4-g64-noactorder", "gptq-w3-g64", "sparsegpt-50%", "sparsegpt-2:4",
           "wanda-50%", "wanda-2:4", "magnitude-50%"]
 SETTINGS: dict[str, list] = preset_settings({  # row label -> preset (the labels earlier results files use)
     "dense": None, **{name: name for name in _PLAIN},

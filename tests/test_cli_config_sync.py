@@ -81,6 +81,6 @@ def test_given_settings_reach_the_step():
     recipe = _recipe_from_args(args)
     assert recipe.steps == [LayerDropConfig(layers=[1, 3], score="block_influence")]
     assert recipe.calibration == CalibrationConfig(nsamples=8)
-    args = parser.parse_args(["compress", "--method", "gptq", "--no-true-sequential", "--act-order", "--output", "x"])
+    args = parser.parse_args(["compress", "--method", "gptq", "--no-true-sequential", "--no-act-order", "--output", "x"])
     step = _recipe_from_args(args).steps[0]
-    assert step.true_sequential is False and step.act_order is True
+    assert step.true_sequential is False and step.act_order is False

@@ -89,9 +89,10 @@ for _name, _steps, _description in [
      "round-to-nearest 4-bit g64, the output head in 8 bits"),
     # GPTQ
     ("gptq-w4-perchannel", [GPTQConfig(bits=4)], "GPTQ 4-bit, one group per output channel"),
-    ("gptq-w4-g64", [GPTQConfig(**_W4G64)], "GPTQ 4-bit, groups of 64"),
-    ("gptq-w4-g64-actorder", [GPTQConfig(**_W4G64, act_order=True)], "GPTQ 4-bit g64, act-order (static groups)"),
-    ("gptq-w3-g64", [GPTQConfig(bits=3, group_size=64)], "GPTQ 3-bit, groups of 64"),
+    ("gptq-w4-g64", [GPTQConfig(**_W4G64)], "GPTQ 4-bit, groups of 64 (act-order, static groups: the default)"),
+    ("gptq-w4-g64-noactorder", [GPTQConfig(**_W4G64, act_order=False)],
+     "GPTQ 4-bit g64 in the natural column order (the reference's default)"),
+    ("gptq-w3-g64", [GPTQConfig(bits=3, group_size=64)], "GPTQ 3-bit, groups of 64 (act-order)"),
     # pruning
     ("sparsegpt-50%", [SparseGPTConfig(sparsity=0.5)], "SparseGPT 50% unstructured"),
     ("sparsegpt-2:4", [SparseGPTConfig(sparsity="2:4")], "SparseGPT 2:4"),

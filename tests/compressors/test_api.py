@@ -13,7 +13,7 @@ def test_optimum_style_quantizer_calibrates_saves_and_reloads(tiny_llama, byte_t
     quantizer.save(model, tmp_path / "model", tokenizer=byte_tokenizer)  # tmp_path holds the data folder too
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert reloaded.config.to_dict()[RECIPE_CONFIG_KEY]["steps"][0] == {
-        "method": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "act_order": False, "damp": 0.01,
+        "method": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "act_order": True, "damp": 0.01,
         "block_size": 128, "true_sequential": True, "lm_head": False, "lm_head_bits": None,
     }
     assert reloaded.config.to_dict()[RECIPE_CONFIG_KEY]["calibration"]["dataset"] == "c4"

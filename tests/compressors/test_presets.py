@@ -6,8 +6,8 @@ from hf_compress_prompt.errors import UserInputError
 
 
 def test_the_names_the_results_use_are_presets():
-    assert preset_steps("gptq-w4-g64") == [GPTQConfig(bits=4, group_size=64)]
-    assert preset_steps("gptq-w4-g64-actorder") == [GPTQConfig(bits=4, group_size=64, act_order=True)]
+    assert preset_steps("gptq-w4-g64") == [GPTQConfig(bits=4, group_size=64, act_order=True)]  # the default order
+    assert preset_steps("gptq-w4-g64-noactorder") == [GPTQConfig(bits=4, group_size=64, act_order=False)]
     assert preset_steps("rtn-w4-g64") == [RTNConfig(bits=4, group_size=64)]
     assert preset_steps("sparsegpt-50%+w4-g64") == [SparseGPTConfig(sparsity=0.5, bits=4, group_size=64)]
     assert all(description for description in list_presets().values())
