@@ -15,6 +15,8 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from ..errors import UserInputError
+from ..integrations.checkpoints import save_pretrained
+from ..models import load_model_and_tokenizer
 from .compress import CompressionResult, compress_
 from .configs import (
     CalibrationConfig,
@@ -63,7 +65,6 @@ class Compressor(OptimumQuantizer):
     def from_pretrained(cls, model_or_path: str | os.PathLike | None = None, file_name: str | None = None, **kwargs):
         """Loads ``model_or_path`` (``None`` for the embedded SmolLM2; ``file_name`` a ``.gguf`` inside a folder)
         and returns a compressor built from ``kwargs`` and bound to it."""
-        from ..models import load_model_and_tokenizer
 
         compressor = cls(**kwargs)
         source = Path(model_or_path) / file_name if file_name is not None else model_or_path
@@ -94,7 +95,6 @@ class Compressor(OptimumQuantizer):
     def save(self, model: nn.Module, save_dir: str | os.PathLike, tokenizer=None, **kwargs) -> None:
         """Saves ``model`` (packed safetensors, config and recipe in config.json) and the tokenizer to ``save_dir``,
         atomically (:func:`hf_compress_prompt.save_pretrained`)."""
-        from ..integrations.checkpoints import save_pretrained
 
         save_pretrained(model, save_dir, tokenizer=tokenizer, **kwargs)
 

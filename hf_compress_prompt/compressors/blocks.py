@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
+from ..nn import has_packed_layers
 
 __all__ = [
     "BlockInputs",
@@ -57,8 +58,6 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _has_linear(block: nn.Module) -> bool:
-    from ..nn import has_packed_layers
-
     return bool(find_linear_layers(block)) or has_packed_layers(block)
 
 

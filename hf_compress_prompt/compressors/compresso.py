@@ -44,12 +44,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import training_corpus
 from ..data.instructions import instruction_windows
 from ..errors import UserInputError
 from ..methods.gate_thresholds import expected_parameters, lowest_threshold, open_at, open_heads_at, zero_except
 from ..methods.hard_concrete import HardConcreteGate, lagrangian_penalty
 from ..models.pruned_llama import PrunedLlamaForCausalLM
-from .structured import StructurePlan, _layer_sizes, apply_structure, check_prunable
+from ..recovery.data import PromptTuningCollator, TokenWindows, token_windows
+from ..recovery.runtime import RecoveryPrompt, attach_recovery_prompt
+from ..recovery.train import RecoveryConfig, RecoveryMethod, lora_model
+from ..recovery.trainer_setup import build_trainer, training_arguments
+from .structured import (
+    StructurePlan,
+    _layer_sizes,
+    _parameter_counts,
+    apply_structure,
+    check_prunable,
+    count_parameters,
+)
 
 __all__ = ["COLLABORATIVE_PROMPT", "CompressoConfig", "CompressoResult", "StructureGates", "compresso_prune"]
 
@@ -139,8 +151,6 @@ class StructureGates(nn.Module):
         return heads, channels, hidden
 
     def _count(self, heads, channels, hidden) -> int:
-        from .structured import _parameter_counts
-
         sizes = [(len(hk), kv if hk else 0, len(ck))  # every kept group keeps its key/value head
                  for (_, kv, _), hk, ck in zip(self.sizes, heads, channels)]
         d = self.hidden_size if hidden is None else len(hidden)
@@ -338,11 +348,6 @@ def compresso_prune(model: nn.Module, tokenizer, config: CompressoConfig | None 
     Returns:
         `CompressoResult` with a :class:`~hf_compress_prompt.models.pruned_llama.PrunedLlamaForCausalLM`.
     """
-    from ..recovery.data import PromptTuningCollator, TokenWindows, token_windows
-    from ..recovery.runtime import RecoveryPrompt, attach_recovery_prompt
-    from ..recovery.train import RecoveryConfig, RecoveryMethod, lora_model
-    from ..recovery.trainer_setup import build_trainer, training_arguments
-    from .structured import count_parameters
 
     config = config or CompressoConfig()
     if overrides:
@@ -355,7 +360,6 @@ def compresso_prune(model: nn.Module, tokenizer, config: CompressoConfig | None 
         if Path(config.dataset).suffix == ".jsonl":
             windows = instruction_windows(config.dataset, tokenizer, config.seqlen)
         else:
-            from ..data import training_corpus
 
             dataset, split = training_corpus(config.dataset)  # C4 unreachable: the offline sample, said in one line
             windows = token_windows(dataset, tokenizer, config.seqlen, part="train", split=split)

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..data import get_corpus
 from ..errors import UserInputError
 from ..validation import check_bits, check_group_size_value, parse_sparsity, resolve_group_size
 from .blocks import find_decoder_layers, find_linear_layers, linear_weight
@@ -61,8 +62,6 @@ class CalibrationConfig:
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass through a block", "positive": True})
 
     def __post_init__(self):
-        from ..data import get_corpus
-
         corpus = get_corpus(self.dataset)  # unknown names fail here, before any work
         if self.split not in corpus.splits:
             raise UserInputError(f"dataset {self.dataset!r} has no split {self.split!r}; choose one of {', '.join(corpus.splits)}")

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import UserInputError
 from ..methods.structure_scores import channel_scores, head_scores, keep_heads_per_group, keep_top
 from ..models.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from ..nn import has_packed_layers
 
 __all__ = ["StructurePlan", "apply_structure", "check_prunable", "count_parameters", "plan_magnitude", "prune_structured"]
 
@@ -50,7 +51,6 @@ def check_prunable(model: nn.Module) -> None:
     refused before any work."""
     from transformers import LlamaForCausalLM
 
-    from ..nn import has_packed_layers
 
     if not isinstance(model, LlamaForCausalLM):
         raise UserInputError(f"structured pruning supports Llama-family causal LMs (LlamaForCausalLM and the pruned "

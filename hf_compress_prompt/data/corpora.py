@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from .._logging import get_logger
 from ..errors import MissingResourceError, UserInputError
+from .wiki_sample import wiki_sample_rows
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -183,8 +184,6 @@ def _read_jsonl_text(path: Path) -> list[str]:
 
 
 def _wiki_sample(split: str) -> list[str]:
-    from .wiki_sample import wiki_sample_rows
-
     return wiki_sample_rows(split)
 
 

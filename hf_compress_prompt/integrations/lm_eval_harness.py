@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 from ..errors import MissingResourceError, UserInputError
+from ..recovery.runtime import detach_recovery_prompt, recovery_prompt_of
+from .checkpoints import from_pretrained
 
 __all__ = ["CompressedLM", "TASKS_DIR", "task_manager"]
 
@@ -56,13 +58,11 @@ class CompressedLM(HFLM):
         if isinstance(pretrained, (str, Path)):
             import torch
 
-            from .checkpoints import from_pretrained
 
             folder = str(pretrained)
             torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
             pretrained = from_pretrained(folder, **({"dtype": torch_dtype} if torch_dtype is not None else {}))
             if not with_prompt:
-                from ..recovery.runtime import detach_recovery_prompt, recovery_prompt_of
 
                 if recovery_prompt_of(pretrained) is not None:
                     detach_recovery_prompt(pretrained)  # our own freshly loaded copy: score the bare weights

@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from .._logging import get_logger
 from ..errors import UserInputError
+from .runtime import recovery_prompt_of
 
 __all__ = ["DistillationTrainer", "check_teacher", "distillation_loss"]
 
@@ -25,7 +26,6 @@ logger = get_logger(__name__)
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Refuses a teacher that is the student itself or has another vocabulary; warns if it carries a recovery
     prompt (it would teach the prompted distributions)."""
-    from .runtime import recovery_prompt_of
 
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     if teacher is student or teacher is base:

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..errors import UserInputError
+from ..integrations.peft_compat import get_peft_model
 
 __all__ = ["SharedPromptTrainer", "check_partners", "tie_prompt"]
 
@@ -40,7 +41,6 @@ def tie_prompt(peft_model: nn.Module, partner: nn.Module, peft_config) -> nn.Mod
     (the same parameter, so gradients from both models add up in it)."""
     import copy
 
-    from ..integrations.peft_compat import get_peft_model
 
     config = copy.deepcopy(peft_config)  # PEFT writes the partner's name into the config it is given
     config.base_model_name_or_path = None

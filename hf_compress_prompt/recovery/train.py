@@ -27,9 +27,19 @@ import torch
 from torch import nn
 
 from .._logging import get_logger
+from ..compressors.blocks import find_decoder_layers, find_linear_layers
+from ..data import training_corpus
 from ..errors import UserInputError
 from ..formats.schema import RECIPE_CONFIG_KEY
-from .runtime import RecoveryPrompt
+from ..integrations.peft_compat import get_peft_model
+from ..integrations.peft_lora import lora_config_for
+from ..integrations.trainer_callbacks import BestValidationCallback
+from ..nn import PackedLinear, has_packed_layers
+from .data import PromptTuningCollator, TokenWindows, token_windows
+from .distill import DistillationTrainer, check_teacher
+from .runtime import RecoveryPrompt, attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
+from .shared import SharedPromptTrainer, check_partners, tie_prompt
+from .trainer_setup import build_trainer, training_arguments
 
 __all__ = ["PromptInit", "RecoveryConfig", "RecoveryMethod", "RecoveryResult", "lora_model", "prompt_tuning_model", "recover"]
 
@@ -148,7 +158,6 @@ def prompt_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, 
     ``config.init``; every weight of ``model`` is frozen."""
     from peft import PromptTuningConfig
 
-    from ..integrations.peft_compat import get_peft_model
 
     config = config or RecoveryConfig()
     torch.manual_seed(config.seed)
@@ -164,10 +173,6 @@ def prompt_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, 
 
 def lora_model(model: nn.Module, config: RecoveryConfig | None = None):
     """``model`` wrapped as a PEFT LoRA model on every decoder-block linear (packed ones too)."""
-    from ..compressors.blocks import find_decoder_layers, find_linear_layers
-    from ..integrations.peft_compat import get_peft_model
-    from ..integrations.peft_lora import lora_config_for
-    from ..nn import PackedLinear
 
     config = config or RecoveryConfig(method=RecoveryMethod.LORA)
     _, layers = find_decoder_layers(model)
@@ -179,8 +184,6 @@ def lora_model(model: nn.Module, config: RecoveryConfig | None = None):
 
 
 def _check_full(model: nn.Module) -> None:
-    from ..nn import has_packed_layers
-
     if has_packed_layers(model):
         raise UserInputError("method=FULL trains the weights themselves and this model holds packed (quantized / "
                              "sparse) layers; use PROMPT or LORA, or a dense model (e.g. layers dropped only)")
@@ -250,14 +253,10 @@ def _language_modelling(teacher, tied):
 
 
 def _distillation(teacher, tied):
-    from .distill import DistillationTrainer
-
     return DistillationTrainer, {"teacher": teacher}
 
 
 def _shared_prompt(teacher, tied):
-    from .shared import SharedPromptTrainer
-
     return SharedPromptTrainer, {"partners": tied}
 
 
@@ -304,11 +303,9 @@ def _check_models(model: nn.Module, config: RecoveryConfig, teacher: nn.Module |
     """Everything about the models that can fail, before any data is read."""
     _METHODS[config.method].check(model)
     if teacher is not None:
-        from .distill import check_teacher
 
         check_teacher(model, teacher)
     if partners:
-        from .shared import check_partners
 
         if not _METHODS[config.method].gives_prompt or teacher is not None:
             raise UserInputError("shared_with trains one soft prompt for several models: it needs method=PROMPT "
@@ -319,10 +316,8 @@ def _check_models(model: nn.Module, config: RecoveryConfig, teacher: nn.Module |
 def _datasets(config: RecoveryConfig, tokenizer, train_dataset, eval_dataset):
     """The given datasets, or windows of ``config.dataset`` (validation from held-out documents); the config then
     names the corpus that was read (C4 unreachable: the offline sample)."""
-    from .data import TokenWindows, token_windows
 
     if train_dataset is None or eval_dataset is None:
-        from ..data import training_corpus
 
         dataset, split = training_corpus(config.dataset)  # C4 unreachable: the offline sample, said in one line
         if dataset != config.dataset:
@@ -379,10 +374,6 @@ def recover(
     Returns:
         `RecoveryResult` with the best-validation prompt.
     """
-    from ..integrations.trainer_callbacks import BestValidationCallback
-    from .data import PromptTuningCollator
-    from .runtime import attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
-    from .trainer_setup import build_trainer, training_arguments
 
     config = _settings(config, overrides)
     method = _METHODS[config.method]
@@ -399,7 +390,6 @@ def recover(
     trained = method.wrap(model, config, tokenizer)
     tied = []
     if partners:
-        from .shared import tie_prompt
 
         tied = [tie_prompt(trained, partner, trained.peft_config[trained.active_adapter]).eval()
                 for partner in partners]

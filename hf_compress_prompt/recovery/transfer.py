@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..evaluation import perplexity
 from .runtime import RecoveryPrompt, attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
 
 __all__ = ["TransferMatrix", "evaluate_transfer", "gap_closed"]
@@ -84,7 +85,6 @@ def evaluate_transfer(
 
     A prompt already attached to a model is put back afterwards.
     """
-    from ..evaluation import perplexity
 
     def score(model, ids) -> float:
         return perplexity(model, ids, seqlen=seqlen, max_windows=max_windows, autocast_bf16=autocast_bf16,
