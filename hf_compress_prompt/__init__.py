@@ -16,6 +16,7 @@ from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
 from .integrations import CompressedConfig, CompressedHfQuantizer
 from .integrations.checkpoints import from_pretrained, save_pretrained
+from .integrations.export import export
 from .models import DEFAULT_MODEL_NAME, default_model_path, load_model_and_tokenizer, locate_default_gguf
 from .models.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, register as _register_pruned_llama
 
@@ -35,6 +36,7 @@ __all__ = [
     "calibration_batches",
     "default_model_path",
     "eval_tokens",
+    "export",
     "from_pretrained",
     "list_corpora",
     "load_model_and_tokenizer",

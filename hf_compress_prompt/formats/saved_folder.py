@@ -32,7 +32,7 @@ from pathlib import Path
 from .._logging import get_logger
 from ..errors import UserInputError
 
-__all__ = ["PROMPT_SUBFOLDER", "atomic_directory", "check_save_target"]
+__all__ = ["METADATA_SUBFOLDER", "PROMPT_SUBFOLDER", "SPARSITY_MASKS", "atomic_directory", "check_save_target"]
 
 logger = get_logger(__name__)
 
@@ -48,6 +48,8 @@ _SAVED_FILES = frozenset({
 _SAVED_WEIGHTS = re.compile(r"(model|pytorch_model|adapter_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 _MODEL_MARKERS = ("config.json", "adapter_config.json")
 _CHAT_TEMPLATES = "additional_chat_templates"  # transformers saves extra chat templates there (*.jinja)
+METADATA_SUBFOLDER = "hf_compress_prompt"  # this package's own files in a folder another format describes
+SPARSITY_MASKS = "sparsity_masks.safetensors"  # in it: the keep masks of a compressed-tensors export's sparse layers
 _STAGING_MARKER = ".hf_compress_prompt-staging.json"  # inside every staging folder this module creates
 _ACTIVE: set[Path] = set()  # staging folders being written by this process
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2  # <fcntl.h>, <linux/fs.h>
@@ -119,6 +121,9 @@ def _foreign_entry(folder: Path, top: bool = True) -> str | None:
         if entry.is_dir():
             if top and entry.name == PROMPT_SUBFOLDER:
                 inner = _foreign_entry(entry, top=False)
+            elif top and entry.name == METADATA_SUBFOLDER:
+                inner = next((f.name for f in sorted(entry.iterdir()) if f.is_symlink() or not f.is_file()
+                              or f.name != SPARSITY_MASKS), None)
             elif top and entry.name == _CHAT_TEMPLATES:
                 inner = next((f.name for f in sorted(entry.iterdir()) if f.is_symlink() or not f.is_file()
                               or f.suffix != ".jinja"), None)

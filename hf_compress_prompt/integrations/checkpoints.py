@@ -19,6 +19,7 @@ from ..errors import MissingResourceError, UserInputError
 from ..formats.saved_folder import PROMPT_SUBFOLDER, atomic_directory, check_save_target
 from ..recovery import io as prompt_io
 from ..recovery.runtime import attach_saved_prompt, original_method, recovery_prompt_of, register_prompt_method
+from ..formats.compressed_tensors import CT_QUANT_METHOD, SPARSITY_KEY
 from .transformers_quantizer import QUANT_METHOD, CompressedConfig
 
 __all__ = ["atomic_directory", "check_save_target", "from_pretrained", "save_pretrained"]
@@ -79,12 +80,15 @@ def _read_config(path: Path) -> dict:
 
 
 def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, model_class=None, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` for compressed checkpoints, including GPTQ ones.
+    """``AutoModelForCausalLM.from_pretrained`` for compressed checkpoints, including GPTQ and compressed-tensors ones.
 
     A folder saved by this package loads as well with plain ``AutoModelForCausalLM.from_pretrained`` once
     ``hf_compress_prompt`` is imported; this function additionally routes GPTQ checkpoints
-    (``quant_method: "gptq"``) to this package's CPU-capable runtime modules instead of GPTQModel, and attaches a
-    saved recovery prompt to models without packed layers too (e.g. only layers dropped).
+    (``quant_method: "gptq"``) to this package's CPU-capable runtime modules instead of GPTQModel, compressed-tensors
+    ``pack-quantized`` checkpoints (llm-compressor's W4A16 / W8A16, or :func:`hf_compress_prompt.export`) to them
+    without decompressing (transformers' own handler decompresses to full precision; a scheme this package does not
+    run is refused in one line pointing there), and attaches a saved recovery prompt (``recovery_prompt/``) to every
+    model, also one without packed layers (e.g. only layers dropped).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,6 +101,13 @@ def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, *, model_c
             config.quantization_config = CompressedConfig.from_gptq(quant).to_dict()
             kwargs["config"] = config
             logger.info("loading GPTQ checkpoint %s into hf_compress_prompt modules", path)
+        elif quant.get("quant_method") == CT_QUANT_METHOD and "config" not in kwargs:
+            config = AutoConfig.from_pretrained(path)
+            sparsity = getattr(config, SPARSITY_KEY, None)
+            config.quantization_config = CompressedConfig.from_compressed_tensors(quant, sparsity).to_dict()
+            kwargs["config"] = config
+            logger.info("loading compressed-tensors checkpoint %s into hf_compress_prompt modules (no decompression)",
+                        path)
         elif quant and quant.get("quant_method") not in (None, QUANT_METHOD):
             logger.info("%s uses quant_method %r; loading it with transformers as is", path, quant.get("quant_method"))
     model = model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)

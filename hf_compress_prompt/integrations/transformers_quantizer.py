@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -20,8 +21,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .._logging import get_logger
 from ..errors import UserInputError
 from ..formats import FORMAT_VERSION, LinearFormat
+from ..formats.compressed_tensors import MASKS_FILE
 from ..nn import PackedLinear, packed_linear_class, use_growing_cache
 from ..recovery import PROMPT_SUBFOLDER, add_recovery_methods, attach_recovery_prompt
+from .compressed_tensors import CTImportLinear, check_ct_config, install_ct_modules, repack_ct_modules
 from .gptq_import import GPTQImportLinear, install_gptq_modules, repack_gptq_modules
 from .safetensors_check import CheckpointError, check_folder, check_tensors, checkpoint_location, checkpoint_tensors
 
@@ -37,7 +40,7 @@ __all__ = [
 logger = get_logger(__name__)
 
 QUANT_METHOD = "hf_compress_prompt"
-CHECKPOINT_FORMATS = ("native", "gptq")
+CHECKPOINT_FORMATS = ("native", "gptq", "compressed-tensors")
 
 
 class CompressedConfig(QuantizationConfigMixin):
@@ -47,12 +50,15 @@ class CompressedConfig(QuantizationConfigMixin):
         layers (`dict[str, dict]`): qualified module name -> its :class:`~hf_compress_prompt.formats.LinearFormat`
             as a dict (bits, group size, symmetry, act-order, sparsity kind and kept count).
         format_version (`int`): the on-disk format version; a version this package does not know is an error.
-        checkpoint_format (`str`, defaults to ``"native"``): ``"native"`` (this package's layout) or ``"gptq"``
-            (an AutoGPTQ/GPTQModel/optimum checkpoint, repacked at load time).
+        checkpoint_format (`str`, defaults to ``"native"``): ``"native"`` (this package's layout), ``"gptq"``
+            (an AutoGPTQ/GPTQModel/optimum checkpoint) or ``"compressed-tensors"`` (``pack-quantized``, as
+            llm-compressor writes it), the last two repacked at load time.
         recipe (`dict`, *optional*): the compression recipe (steps and calibration) that produced the weights.
         dropped_layers (`list[int]`, *optional*): decoder layers removed by layer dropping (original indices).
         modules_to_not_convert (`list[str]`, *optional*): modules kept in floating point (e.g. ``lm_head``).
         gptq (`dict`, *optional*): the original GPTQ quantization config, for ``checkpoint_format="gptq"``.
+        compressed_tensors (`dict`, *optional*): the original compressed-tensors quantization config (and, under
+            ``"sparsity"``, this package's record of sparse layers), for ``checkpoint_format="compressed-tensors"``.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class CompressedConfig(QuantizationConfigMixin):
         dropped_layers: list[int] | None = None,
         modules_to_not_convert: list[str] | None = None,
         gptq: dict | None = None,
+        compressed_tensors: dict | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -75,6 +82,7 @@ class CompressedConfig(QuantizationConfigMixin):
         self.dropped_layers = list(dropped_layers or [])
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.gptq = gptq
+        self.compressed_tensors = compressed_tensors
         if kwargs:
             logger.warning("ignoring unknown quantization_config keys %s", sorted(kwargs))
         self.post_init()
@@ -110,6 +118,9 @@ class CompressedConfig(QuantizationConfigMixin):
             raise UserInputError(f"checkpoint_format={self.checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
         if self.checkpoint_format == "gptq" and not self.gptq:
             raise UserInputError("checkpoint_format='gptq' needs the original GPTQ config under 'gptq'")
+        if self.checkpoint_format == "compressed-tensors" and not self.compressed_tensors:
+            raise UserInputError("checkpoint_format='compressed-tensors' needs the original config under "
+                                 "'compressed_tensors'")
         self.layer_formats()  # validates every layer entry
 
     def layer_formats(self) -> dict[str, LinearFormat]:
@@ -125,6 +136,14 @@ class CompressedConfig(QuantizationConfigMixin):
     def from_gptq(cls, gptq_config: dict) -> CompressedConfig:
         """A config that loads a GPTQ checkpoint (``quant_method: "gptq"``) into this package's modules."""
         return cls(checkpoint_format="gptq", gptq=dict(gptq_config))
+
+    @classmethod
+    def from_compressed_tensors(cls, quant: dict, sparsity: dict[str, str] | None = None) -> CompressedConfig:
+        """A config that loads a compressed-tensors ``pack-quantized`` checkpoint into this package's modules
+        (``sparsity``: the sparse layers this package recorded when it exported the checkpoint)."""
+        check_ct_config(quant)
+        return cls(checkpoint_format="compressed-tensors",
+                   compressed_tensors={"quantization_config": dict(quant), "sparsity": dict(sparsity or {})})
 
 
 def install_packed_modules(model: nn.Module, formats: dict[str, LinearFormat], dtype: torch.dtype, device="meta") -> None:
@@ -244,6 +263,11 @@ class CompressedHfQuantizer(HfQuantizer):
             _check_dense_tensors(model, found, {n for n, m in model.named_modules() if isinstance(m, GPTQImportLinear)},
                                  self)
             return model
+        if config.checkpoint_format == "compressed-tensors":
+            install_ct_modules(model, config.compressed_tensors["quantization_config"], found, float_dtype)
+            _check_dense_tensors(model, found, {n for n, m in model.named_modules() if isinstance(m, CTImportLinear)},
+                                 self)
+            return model
         formats = config.layer_formats()
         if found is not None:
             expected = {}
@@ -262,6 +286,17 @@ class CompressedHfQuantizer(HfQuantizer):
             gptq = self.quantization_config.gptq
             self.quantization_config = CompressedConfig(layers={k: f.to_dict() for k, f in layers.items()},
                                                         recipe={"imported_from": {"quant_method": "gptq", **gptq}})
+            model.config.quantization_config = self.quantization_config
+        elif self.quantization_config.checkpoint_format == "compressed-tensors":
+            ct = self.quantization_config.compressed_tensors
+            sparsity = ct.get("sparsity") or {}
+            masks = _read_masks(getattr(self, "_checkpoint_dir", None)) if sparsity else None
+            layers = repack_ct_modules(model, sparsity, masks)
+            quant = ct["quantization_config"]
+            self.quantization_config = CompressedConfig(
+                layers={k: f.to_dict() for k, f in layers.items()},
+                recipe={"imported_from": {"quant_method": quant.get("quant_method"), "format": quant.get("format"),
+                                          "version": quant.get("version")}})
             model.config.quantization_config = self.quantization_config
         use_growing_cache(model)  # generate appends keys/values in place (docs/results/decode_cache_1t.md)
         _attach_saved_prompt(model, getattr(self, "_checkpoint_dir", None))
@@ -319,6 +354,15 @@ def attach_quantization_config(model: nn.Module, formats: dict[str, LinearFormat
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     return config
+
+
+def _read_masks(directory: Path | None) -> dict[str, torch.Tensor]:
+    """The keep masks of the sparse layers of an exported compressed-tensors checkpoint."""
+    path = None if directory is None else directory / MASKS_FILE
+    if path is None or not path.is_file():
+        raise CheckpointError(f"the config records sparse layers but {MASKS_FILE} is missing from the folder; export "
+                              "the model again")
+    return load_file(str(path))
 
 
 def _saved_quantized(folder: Path) -> bool:
