@@ -419,6 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--results", default=None, help="JSON file or string: {dataset: perplexity} for the card")
     pu.add_argument("--private", action="store_true", help="create the repository private")
 
+    ex = commands.add_parser(
+        "export", help="write a compressed model as compressed-tensors (stock transformers and vLLM load it)",
+        description="Writes the model's integer layers as compressed-tensors pack-quantized (sparse + int layers as "
+        "plain int, their masks kept in hf_compress_prompt/), its recovery prompt in recovery_prompt/ (PEFT format) "
+        "and the tokenizer. Float sparse layers and structurally pruned models are refused.",
+        epilog=_EPILOG + "\nexample:\n  hf-compress-prompt export out/gptq-w4 --output out/gptq-w4-ct",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("model", help="a compressed model folder saved by this package (or a checkpoint it opens)")
+    ex.add_argument("--output", required=True, help="folder to create")
+    ex.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"], help="export format")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="float dtype of the scales and dense weights (default float32: exact; bfloat16 halves them)")
+    ex.add_argument("--overwrite", action="store_true", default=False, help="replace an earlier export at --output")
+
     et = commands.add_parser(
         "evaluate-tasks", help="knowledge-intensive tasks (LLM-KICK) on several models side by side",
         description="Factoid QA, MMLU 0/5-shot, closed/open-book retrieval QA and summarization on each model; a "
@@ -684,6 +699,18 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .integrations.export import export
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
+    folder = export(model, args.output, args.format, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"exported ({args.format}): {folder}")
+    return EXIT_OK
+
+
 def _parse_models(specs: list[str]) -> dict[str, tuple[str | None, bool]]:
     models = {}
     for spec in specs:
@@ -749,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
             check_save_target(args.output, args.overwrite)
         commands = {"eval": _cmd_eval, "demo": _cmd_demo, "compress": _cmd_compress, "recover": _cmd_recover,
                     "prune-structured": _cmd_prune_structured,
-                    "transfer": _cmd_transfer, "push": _cmd_push, "evaluate-tasks": _cmd_evaluate_tasks,
+                    "transfer": _cmd_transfer, "push": _cmd_push, "export": _cmd_export, "evaluate-tasks": _cmd_evaluate_tasks,
                     "report": _cmd_report}
         return commands[args.command](args)
     except UserInputError as exc:

@@ -10,7 +10,7 @@ from hf_compress_prompt.cli import EXIT_OK, EXIT_USAGE, main
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "hf_compress_prompt", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("eval", "demo", "compress", "recover", "transfer", "push", "evaluate-tasks", "report"):
+    for command in ("eval", "demo", "compress", "recover", "transfer", "push", "export", "evaluate-tasks", "report"):
         assert command in out.stdout
     assert "exit status" in out.stdout
 

@@ -265,3 +265,18 @@ def test_schemes_we_do_not_run_are_refused_in_one_line(tmp_path, change, message
     with pytest.raises(UserInputError, match=message) as info:
         hcp.from_pretrained(folder)
     assert "\n" not in str(info.value) and "AutoModelForCausalLM.from_pretrained" in str(info.value)
+
+
+def test_cli_export(tiny_llama, byte_tokenizer, tmp_path, capsys):
+    from hf_compress_prompt.cli import EXIT_OK, EXIT_USAGE, main
+
+    compress_(tiny_llama, RTNConfig(bits=4, group_size=32), progress=False)
+    hcp.save_pretrained(tiny_llama, tmp_path / "native", tokenizer=byte_tokenizer)
+    assert main(["export", str(tmp_path / "native"), "--output", str(tmp_path / "ct"), "--dtype", "bfloat16"]) == EXIT_OK
+    assert "exported (compressed-tensors)" in capsys.readouterr().out
+    back = hcp.from_pretrained(tmp_path / "ct")
+    layer = back.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.weight_scale.dtype == torch.bfloat16
+    (tmp_path / "ct" / "mine.txt").write_text("x")
+    assert main(["export", str(tmp_path / "native"), "--output", str(tmp_path / "ct"), "--overwrite"]) == EXIT_USAGE
+    assert "mine.txt" in capsys.readouterr().err
