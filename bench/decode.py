@@ -32,7 +32,9 @@ from __future__ import annotations
 import copy
 import gc
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from common import any_of, bench_parser, markdown_table, preset_settings, start_bench, write_results
@@ -56,6 +58,14 @@ _SETTINGS = {
 }
 _STEPS = preset_settings({name: preset for name, (_, preset, _) in _SETTINGS.items()})
 SETTINGS = {name: (dtype, _STEPS[name], run_dtype) for name, (dtype, _, run_dtype) in _SETTINGS.items()}
+# The same compressed-tensors checkpoint (--ct-model) opened two ways: name -> (opened by, dtype it runs in)
+CT_SETTINGS = {
+    "compressed-tensors W4A16, transformers native": ("transformers", _BF16),
+    "compressed-tensors W4A16, hf_compress_prompt": ("hf_compress_prompt", _BF16),
+    "compressed-tensors W4A16, transformers native, fp32": ("transformers", _FP32),
+    "compressed-tensors W4A16, hf_compress_prompt, fp32 act.": ("hf_compress_prompt", _FP32),
+}
+SETTINGS.update({name: (run_dtype, None, run_dtype) for name, (_, run_dtype) in CT_SETTINGS.items()})
 PROMPT_SUFFIX = " + 100-token recovery prompt"  # any setting + this: a prompt attached (its values do not matter)
 COMPILE_SUFFIX = " + torch.compile, static cache"  # any setting + this: transformers' compiled decoding
 CACHE_SUFFIXES = (" + DynamicCache", " + GrowingCache")  # any setting (+ prompt) + this: that cache, passed in
@@ -83,6 +93,37 @@ def _cache_factory(model, cache: str | None):
 
     kind = {" + DynamicCache": DynamicCache, " + GrowingCache": GrowingCache, None: None}[cache]
     return None if kind is None else (lambda: {"cache": kind(config=model.config)})
+
+
+def _default_ct_checkpoint(folder) -> str:
+    """A W4A16 checkpoint like the Hub's (symmetric int4, groups of 64, lm_head kept): the embedded model, RTN
+    quantized here and written by ``hcp.export`` (compressed-tensors' own decompressor reads it bit for bit; the
+    tests check that)."""
+    import hf_compress_prompt as hcp
+    from hf_compress_prompt.compressors import RTNConfig
+    from hf_compress_prompt.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(dtype=_BF16)
+    compress_(model, RTNConfig(bits=4, group_size=64, symmetric=True), progress=False)
+    return str(hcp.export(model, folder, tokenizer=tokenizer))
+
+
+def _open_ct(path: str, opened_by: str, dtype: torch.dtype):
+    """The checkpoint opened natively by transformers (decompressed to dense on the first forward; asymmetric
+    checkpoints with ``dequantize=True``, see docs/deploy.md) or by this package (packed modules, no decompression)."""
+    import json
+    from pathlib import Path
+
+    import hf_compress_prompt as hcp
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if opened_by == "hf_compress_prompt":
+        return hcp.from_pretrained(path, dtype=dtype).eval(), tokenizer
+    quant = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    asymmetric = any(not g["weights"].get("symmetric", True) for g in quant["config_groups"].values())
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asymmetric else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval(), tokenizer
 
 
 def _resident(model) -> int:
@@ -239,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--ct-model", default=None,
+                        help="compressed-tensors checkpoint for the 'compressed-tensors ...' rows (default: the embedded "
+                             "model RTN int4 g64 symmetric, exported here)")
     parser.add_argument("--ab-pairs", type=int, default=9,
                         help="for prompted rows: pairs of generate calls with the prompt disabled / enabled on the same "
                              "model, alternating (0: skip)")
@@ -247,16 +291,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
     records = []
     parsed = {name: parse_setting(name) for name in args.settings}  # unknown names fail before any measurement
+    scratch = tempfile.TemporaryDirectory(prefix="decode-ct-")
+    ct_model = args.ct_model
+    if ct_model is None and any(parsed[n][0] in CT_SETTINGS for n in args.settings):
+        ct_model = _default_ct_checkpoint(Path(scratch.name) / "w4a16-g64")
     for name in args.settings:
         base_name, prompted, cache, compiled = parsed[name]
         dtype, steps, run_dtype = SETTINGS[base_name]
         gc.collect()  # the previous setting's model and its kernel layouts are gone before this one is measured
         cache_before = cpu.cache_bytes()
-        model, tokenizer = load_model_and_tokenizer()
-        model = model.to(dtype)
-        if steps:
-            compress_(model, Recipe(steps), progress=False)
-        model = model.to(run_dtype)  # what from_pretrained(..., dtype=run_dtype) gives: packed codes stay as stored
+        if base_name in CT_SETTINGS:
+            model, tokenizer = _open_ct(ct_model, CT_SETTINGS[base_name][0], run_dtype)
+        else:
+            model, tokenizer = load_model_and_tokenizer()
+            model = model.to(dtype)
+            if steps:
+                compress_(model, Recipe(steps), progress=False)
+            model = model.to(run_dtype)  # what from_pretrained(..., dtype=run_dtype) gives: packed codes stay as stored
         if prompted:
             hidden = model.config.hidden_size
             soft = RecoveryPrompt(torch.randn(100, hidden, generator=torch.Generator().manual_seed(0)) * 0.02)
@@ -266,10 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch:
             n = args.prompt_tokens
             prompt = torch.stack([stream[i * n: (i + 1) * n] for i in range(batch)])  # (batch, n)
-            record = {"setting": name, "batch": batch, "dtype": str(run_dtype).split(".")[1], "resident_MB": _resident(model) / 1e6,
+            record = {"setting": name, "batch": batch, "dtype": str(run_dtype).split(".")[1],
                       "kernels": kernels, **measure(model, prompt, args.new_tokens, args.reps, compiled,
                                                               _cache_factory(model, cache))}
-            record["kernel_cache_MB"] = (cpu.cache_bytes() - cache_before) / 1e6 if steps else 0.0
+            record["resident_MB"] = _resident(model) / 1e6  # after the runs: transformers decompresses on first use
+            record["kernel_cache_MB"] = (cpu.cache_bytes() - cache_before) / 1e6 if steps or kernels else 0.0
             if prompted and not compiled and args.ab_pairs:
                 record["prompt_ab"] = measure_prompt_ab(model, prompt, args.new_tokens, args.ab_pairs,
                                                         _cache_factory(model, cache))
@@ -333,7 +385,28 @@ def main(argv: list[str] | None = None) -> None:
         "model's layers only). Kernels used by packed layers: see the JSON ('kernels'). One SDPA call at a decode step (9 query heads, 3 KV heads, 256 keys), median of 7 x "
         f"200 calls in this run: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us (x 30 layers per token)."
     )
-    settings = {"settings": args.settings, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+    if any(parsed[n][0] in CT_SETTINGS for n in args.settings):
+        pairs = []
+        for r in records:
+            opened_by = CT_SETTINGS.get(parsed[r["setting"]][0], (None,))[0]
+            if opened_by != "hf_compress_prompt":
+                continue
+            twin_name = r["setting"].replace("hf_compress_prompt", "transformers native").replace(", fp32 act.", ", fp32")
+            twin = next((t for t in records if t["setting"] == twin_name and t["batch"] == r["batch"]), None)
+            if twin is not None:
+                r["vs_transformers_native"] = r["tokens_per_s"] / twin["tokens_per_s"]
+                pairs.append([twin_name.removesuffix(", fp32").replace(", transformers native", ""), r["dtype"],
+                              r["batch"], f"{twin['tokens_per_s']:.1f}", f"{r['tokens_per_s']:.1f}",
+                              f"{r['vs_transformers_native']:.2f}x", f"{twin['resident_MB']:.0f}",
+                              f"{r['resident_MB']:.0f} + {r['kernel_cache_MB']:.0f}"])
+        if pairs:
+            table += ("\n\nThe same compressed-tensors checkpoint opened natively by transformers (which decompresses "
+                      "it to dense weights on the first forward) and by hf_compress_prompt (packed modules, C kernels), "
+                      f"measured in this run ({ct_model if args.ct_model else 'default: the embedded model RTN int4 g64 symmetric, exported by hcp.export'})"
+                      ":\n\n" + markdown_table(["checkpoint", "dtype", "batch", "transformers tokens/s",
+                                                 "hf_compress_prompt tokens/s", "ratio", "transformers resident MB",
+                                                 "hf_compress_prompt resident + kernel cache MB"], pairs))
+    settings = {"settings": args.settings, "batch": args.batch, "ct_model": args.ct_model, "prompt_tokens": args.prompt_tokens,
                 "new_tokens": args.new_tokens, "reps": args.reps, "ab_pairs": args.ab_pairs, "threads": args.threads,
                 "kernel_status": status(), "sdpa_decode_step_us": sdpa}
     path = write_results(args.output or f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
