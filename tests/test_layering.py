@@ -24,7 +24,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"kernels": ("kernels",), "evaluation": ("evaluation",)},
     {"nn": ("nn",)},
     {"recovery core": ("recovery",)},
-    {"integrations": ("integrations",)},
+    {"integrations": ("integrations",), "serving": ("serving",)},  # serving: vLLM prompt_embeds (recovery core only)
     {"models": ("models",)},
     {"compressors": ("compressors",)},
     {"recovery training": ("recovery.train", "recovery.distill", "recovery.shared", "recovery.trainer_setup")},
