@@ -16,6 +16,7 @@ from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
 from .integrations import CompressedConfig, CompressedHfQuantizer
 from .integrations.checkpoints import from_pretrained, save_pretrained
+from . import serving
 from .integrations.export import export
 from .models import DEFAULT_MODEL_NAME, default_model_path, load_model_and_tokenizer, locate_default_gguf
 from .models.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM, register as _register_pruned_llama
@@ -44,4 +45,5 @@ __all__ = [
     "locate_default_gguf",
     "perplexity",
     "save_pretrained",
+    "serving",
 ]

@@ -107,17 +107,9 @@ def prompt_embeds(
                 raise UserInputError(f"texts[{i}] has token id {max(ids)}, beyond the {vocab} rows of the embeddings: "
                                      "the tokenizer is not the model's")
             tokens = embed(torch.tensor(ids, dtype=torch.long, device=weight.device))  # (L, hidden)
-            row = _prepend_prompt(prompt.embedding, tokens.unsqueeze(0))[0]  # (n + L, hidden)
+            row = prompt.prepend(tokens.unsqueeze(0))[0]  # (n + L, hidden)
             out.append(row.to(device="cpu", dtype=dtype or row.dtype))
     return out
-
-
-def _prepend_prompt(prompt: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
-    """``[prompt; tokens]`` for a batch, ``(B, n + L, hidden)`` from the prompt ``(n, hidden)`` and the tokens'
-    embeddings ``(B, L, hidden)``: the prompt rounded to their dtype, on their device, as the runtime builds the
-    inputs of a forward without a cache (``recovery.runtime._pre_forward_in_generate``)."""
-    prompt = prompt.to(device=token_embeds.device, dtype=token_embeds.dtype)  # (n, hidden)
-    return torch.cat([prompt.expand(token_embeds.shape[0], -1, -1), token_embeds], dim=1)  # (B, n + L, hidden)
 
 
 def _prompt_and_embeddings(model_or_prompt, embeddings) -> tuple[RecoveryPrompt, Callable, torch.Tensor]:

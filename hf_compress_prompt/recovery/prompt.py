@@ -25,3 +25,10 @@ class RecoveryPrompt:
     @property
     def num_virtual_tokens(self) -> int:
         return self.embedding.shape[0]
+
+    def prepend(self, token_embeds: torch.Tensor) -> torch.Tensor:
+        """``[prompt; tokens]``: the inputs a model sees with the prompt, `(B, n + L, hidden)` from the tokens'
+        embeddings `(B, L, hidden)`, the prompt rounded to their dtype and moved to their device (prompt tuning's
+        definition; the runtime's forward without a cache and :mod:`hf_compress_prompt.serving` both build it here)."""
+        prompt = self.embedding.to(device=token_embeds.device, dtype=token_embeds.dtype)  # (n, hidden)
+        return torch.cat([prompt.expand(token_embeds.shape[0], -1, -1), token_embeds], dim=1)  # (B, n + L, hidden)

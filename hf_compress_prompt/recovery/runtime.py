@@ -333,9 +333,8 @@ def _pre_forward_in_generate(model: nn.Module, state: _State, past, kwargs: dict
         if tokens is None or tokens.shape[1] <= n:
             return None
         embeds = model.get_input_embeddings()(tokens[:, n:])  # (B, L, hidden)
-        prompt = state.prompt.embedding.to(device=embeds.device, dtype=embeds.dtype)
         kwargs["input_ids"] = None
-        kwargs["inputs_embeds"] = torch.cat([prompt.expand(len(tokens), -1, -1), embeds], dim=1)  # (B, n + L, hidden)
+        kwargs["inputs_embeds"] = state.prompt.prepend(embeds)  # (B, n + L, hidden)
         return (), kwargs
     if past is not state.generation_cache or past.get_seq_length() > 0:
         return None  # a decode step: the prompt is already in the cache
