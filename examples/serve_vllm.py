@@ -84,7 +84,10 @@ def offline(args, texts: list[str]) -> None:
     except ImportError as exc:
         sys.exit(f"vllm is not importable here ({exc}); install it (pip install vllm), or run --mode server "
                  "against `vllm serve MODEL --enable-prompt-embeds`")
-    llm = LLM(model=str(args.model), enable_prompt_embeds=True)
+    # max_model_len: the CPU build reserves a KV cache for it; gpu_memory_utilization: on the CPU build, the share
+    # of RAM vLLM may take (its default, 0.92, fails when anything else holds memory)
+    llm = LLM(model=str(args.model), enable_prompt_embeds=True, max_model_len=args.max_model_len,
+              gpu_memory_utilization=args.memory_fraction)
     tokenizer, embeds = build_embeds(args.model, texts, args.chat, dtype=llm.model_config.dtype)
     outputs = llm.generate([{"prompt_embeds": e} for e in embeds], SamplingParams(max_tokens=args.max_tokens,
                                                                                  temperature=0.0))
@@ -138,6 +141,9 @@ def main() -> None:
     parser.add_argument("--text", action="append", help="a prompt (repeatable; default: two examples)")
     parser.add_argument("--chat", action="store_true", help="wrap each text in the tokenizer's chat template")
     parser.add_argument("--max-tokens", type=int, default=24, help="new tokens per prompt (greedy)")
+    parser.add_argument("--max-model-len", type=int, default=1024, help="vLLM's context length (offline)")
+    parser.add_argument("--memory-fraction", type=float, default=0.5,
+                        help="vLLM's gpu_memory_utilization: on its CPU build, the share of RAM it may reserve")
     parser.add_argument("--compare", action="store_true",
                         help="offline: also generate with this package's own runtime and compare the tokens")
     args = parser.parse_args()
