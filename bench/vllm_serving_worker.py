@@ -7,17 +7,21 @@ tensors), generates greedily with vLLM's offline ``LLM``, and writes the tokens 
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("requests", help="the .pt file bench/vllm_serving.py wrote")
+    parser.add_argument("result", help="where to write the JSON result")
+    args = parser.parse_args()
     import torch
     from vllm import LLM, SamplingParams
 
-    requests = torch.load(sys.argv[1], weights_only=True)
+    requests = torch.load(args.requests, weights_only=True)
     llm = LLM(model=requests["model"], dtype=requests["dtype"], enforce_eager=True, max_model_len=requests["max_model_len"],
               enable_prompt_embeds=True, enable_prefix_caching=False, seed=0, gpu_memory_utilization=0.5)
     params = SamplingParams(temperature=0, max_tokens=requests["new_tokens"], ignore_eos=True)
@@ -36,7 +40,7 @@ def main() -> None:
     import vllm
 
     out["vllm_version"], out["torch_threads"] = vllm.__version__, torch.get_num_threads()
-    with open(sys.argv[2], "w") as f:
+    with open(args.result, "w") as f:
         json.dump(out, f)
 
 
