@@ -114,8 +114,9 @@ def _open_ct(path: str, opened_by: str, dtype: torch.dtype):
     import json
     from pathlib import Path
 
-    import hf_compress_prompt as hcp
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+    import hf_compress_prompt as hcp
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if opened_by == "hf_compress_prompt":

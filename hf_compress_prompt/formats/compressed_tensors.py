@@ -193,8 +193,8 @@ def read_ct_layer(weights: dict, tensors: dict[str, torch.Tensor], in_features: 
     g_idx = tensors.get("weight_g_idx")
     trivial = g_idx is None or torch.equal(g_idx.long().cpu(), static_group_index(in_features, group_size if
                                                                                      group_size != -1 else in_features))
-    kwargs = dict(bias=bias is not None, bits=bits, group_size=group_size, symmetric=symmetric, g_idx=not trivial,
-                  act_order=weights.get("actorder") in ("weight", "static", "group", True))
+    kwargs = {"bias": bias is not None, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+              "g_idx": not trivial, "act_order": weights.get("actorder") in ("weight", "static", "group", True)}
     if sparsity is None:  # the words are already ours: no repacking
         fmt = LinearFormat(in_features, out_features, **kwargs)
         stored = {"weight": packed.contiguous(), "weight_scale": scale.contiguous(), "weight_zero": zero.contiguous()}

@@ -29,7 +29,6 @@ from ..errors import UserInputError
 from ..formats import LinearFormat
 from ..formats.compressed_tensors import (
     CT_FORMAT,
-    CT_QUANT_METHOD,
     CT_TESTED_VERSION,
     MASKS_FILE,
     SPARSITY_KEY,

@@ -229,8 +229,8 @@ def test_asymmetric_checkpoints_need_dequantize_in_stock_transformers(tmp_path):
 
 
 def test_a_prompt_trains_on_an_imported_checkpoint(tmp_path, byte_tokenizer):
-    from hf_compress_prompt.recovery.train import recover
     from hf_compress_prompt.recovery.data import TokenWindows
+    from hf_compress_prompt.recovery.train import recover
 
     model = hcp.from_pretrained(_ct_checkpoint(tmp_path / "ct", symmetric=True))
     windows = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
