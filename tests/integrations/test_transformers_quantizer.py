@@ -41,16 +41,6 @@ CASES = {  # name -> (steps, runtime class of the block linears)
 }
 
 
-@pytest.fixture
-def calib():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def ids():
-    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
-
-
 def _block_linears(model):
     return {n: m for n, m in model.named_modules() if ".layers." in n and n.endswith(("proj", "fc1", "fc2"))}
 
