@@ -1,5 +1,5 @@
-"""Running a model with its recovery prompt attached: forward, ``generate`` and ``pipeline`` apply it, and the
-prompt's key/value cache is computed once and reused (prefix caching).
+"""Running a model with its recovery prompt (or prefix) attached: forward, ``generate`` and ``pipeline`` apply it,
+and the prompt's key/value cache is computed once and reused (prefix caching).
 
 A soft prompt is ``n`` learned input embeddings placed before every sequence. Its keys and values in each layer do
 not depend on what follows (causal attention), so they are computed once per model dtype and device and copied
@@ -8,6 +8,11 @@ prepended by PEFT's ``PeftModelForCausalLM`` (positions ``0..n-1`` for the promp
 come back for the tokens only (PEFT also returns the ``n`` prompt positions), and a loss from ``labels`` scores the
 same ``L - 1`` next tokens as the model without a prompt (PEFT's also scores the first token, predicted from the last
 virtual token), so perplexities with and without the prompt compare like for like.
+
+A :class:`~.prefix.RecoveryPrefix` (prefix tuning: learned keys and values in every layer) is served the same way,
+its keys and values taken as they are instead of computed from embeddings: the tokens attend to them at positions
+``n..`` exactly as in PEFT's ``PrefixTuning`` forward, and decoding costs what a prompt of the same length costs.
+Without a cache (``generate(use_cache=False)``) every forward gets a fresh cache holding the prefix.
 
 ``generate`` gives the tokens of that definition (the prompt's embeddings before the tokens, everything recomputed)
 in every decoding mode transformers offers for input ids: greedy, sampling, beams, ``num_return_sequences``, left
@@ -41,9 +46,11 @@ from torch import nn
 from ..errors import UserInputError
 from ..nn.kv_cache import GrowingCache
 from .io import PROMPT_SUBFOLDER, load_recovery_prompt
+from .prefix import RecoveryPrefix, check_prefix_length, prefix_layout
 from .prompt import RecoveryPrompt
 
 __all__ = [
+    "RecoveryPrefix",
     "RecoveryPrompt",
     "add_recovery_methods",
     "attach_recovery_prompt",
@@ -52,6 +59,7 @@ __all__ = [
     "disable_recovery_prompt",
     "enable_recovery_prompt",
     "original_method",
+    "prefix_of_prompt",
     "recovery_prompt_of",
     "register_prompt_method",
 ]
@@ -66,7 +74,7 @@ _PROMPT_METHODS: dict[str, Callable] = {}
 class _State:
     """What a model with an attached prompt carries (``model._hcp_recovery``)."""
 
-    def __init__(self, prompt: RecoveryPrompt):
+    def __init__(self, prompt: RecoveryPrompt | RecoveryPrefix):
         self.prompt = prompt
         self.enabled = True
         self.bypass = False  # set while the prompt's own cache is computed
@@ -108,13 +116,35 @@ def original_method(model: nn.Module, name: str) -> Callable:
     return state.originals[name]
 
 
-def recovery_prompt_of(model: nn.Module) -> RecoveryPrompt | None:
-    """The prompt attached to ``model`` (enabled or not), else `None`."""
+def recovery_prompt_of(model: nn.Module) -> RecoveryPrompt | RecoveryPrefix | None:
+    """The prompt (or prefix) attached to ``model`` (enabled or not), else `None`."""
     state = getattr(model, _STATE, None)
     return state.prompt if state is not None else None
 
 
-def _check(model: nn.Module, prompt: RecoveryPrompt) -> None:
+def _check(model: nn.Module, prompt: RecoveryPrompt | RecoveryPrefix) -> None:
+    if isinstance(prompt, RecoveryPrefix):
+        _check_prefix(model, prompt)
+        tensor = prompt.key_values
+    else:
+        _check_prompt_shape(model, prompt)
+        tensor = prompt.embedding
+    check_prefix_length(model, prompt.num_virtual_tokens)
+    vocab = prompt.metadata.get("vocab_size")
+    if vocab is not None and vocab != model.config.vocab_size:
+        raise UserInputError(
+            f"the recovery prompt was trained with a vocabulary of {vocab} tokens, the model has "
+            f"{model.config.vocab_size}: a different tokenizer"
+        )
+    if not torch.isfinite(tensor).all():
+        raise UserInputError(f"the recovery {_kind(prompt)} holds NaN or infinite values")
+
+
+def _kind(prompt: RecoveryPrompt | RecoveryPrefix) -> str:
+    return "prefix" if isinstance(prompt, RecoveryPrefix) else "prompt"
+
+
+def _check_prompt_shape(model: nn.Module, prompt: RecoveryPrompt) -> None:
     if prompt.embedding.dim() != 2 or prompt.embedding.shape[0] < 1:
         raise UserInputError(f"a recovery prompt is (num_virtual_tokens, hidden_size); got {tuple(prompt.embedding.shape)}")
     hidden = model.get_input_embeddings().embedding_dim
@@ -123,26 +153,34 @@ def _check(model: nn.Module, prompt: RecoveryPrompt) -> None:
             f"the recovery prompt has hidden size {prompt.embedding.shape[1]}, the model {hidden}: it was trained for "
             f"another model ({prompt.metadata.get('base_model', 'unknown base model')})"
         )
-    vocab = prompt.metadata.get("vocab_size")
-    if vocab is not None and vocab != model.config.vocab_size:
+
+
+def _check_prefix(model: nn.Module, prefix: RecoveryPrefix) -> None:
+    shape = tuple(prefix.key_values.shape)
+    if len(shape) != 5 or shape[1] != 2 or shape[3] < 1:
+        raise UserInputError(f"a recovery prefix is (num_layers, 2, kv_heads, num_virtual_tokens, head_dim); got {shape}")
+    layout = prefix_layout(model)  # refuses a model whose cache a prefix cannot be served from
+    if prefix.layout != layout:
+        have, want = prefix.layout, layout
         raise UserInputError(
-            f"the recovery prompt was trained with a vocabulary of {vocab} tokens, the model has "
-            f"{model.config.vocab_size}: a different tokenizer"
-        )
-    if not torch.isfinite(prompt.embedding).all():
-        raise UserInputError("the recovery prompt holds NaN or infinite values")
+            f"the recovery prefix has {have.num_layers} layers of {have.num_key_value_heads} key/value heads of "
+            f"{have.head_dim}, the model {want.num_layers} of {want.num_key_value_heads} of {want.head_dim}: it was "
+            f"trained for another model ({prefix.metadata.get('base_model', 'unknown base model')})")
 
 
-def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | str | os.PathLike) -> nn.Module:
+def attach_recovery_prompt(model: nn.Module, prompt: RecoveryPrompt | RecoveryPrefix | str | os.PathLike) -> nn.Module:
     """Makes ``model`` (a causal LM) run with ``prompt`` before every sequence; returns ``model``.
 
-    Replaces a prompt attached earlier. ``prompt`` may be a :class:`RecoveryPrompt` or a folder / Hub repo saved by
-    :func:`~hf_compress_prompt.recovery.save_recovery_prompt` (PEFT prompt-tuning format).
+    Replaces a prompt attached earlier. ``prompt`` may be a :class:`RecoveryPrompt`, a :class:`RecoveryPrefix`
+    (every layer's keys and values), or a folder / Hub repo saved by
+    :func:`~hf_compress_prompt.recovery.save_recovery_prompt` (PEFT prompt-tuning or prefix-tuning format).
 
     Raises:
-        UserInputError: hidden size or vocabulary do not match the model, or the prompt is not finite.
+        UserInputError: hidden size (a prefix: layers, key/value heads, head size) or vocabulary do not match the
+            model, the prompt leaves no room in the model's positions, it is not finite, or (a prefix) the model's
+            cache cannot serve one.
     """
-    if not isinstance(prompt, RecoveryPrompt):
+    if not isinstance(prompt, (RecoveryPrompt, RecoveryPrefix)):
         prompt = load_recovery_prompt(prompt)
     _check(model, prompt)
     state = getattr(model, _STATE, None)
@@ -220,21 +258,53 @@ def _active(model: nn.Module) -> _State | None:
 # ----- the prompt's key/value cache -----------------------------------------------------------------------------
 def _prompt_kv(model: nn.Module, state: _State) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the prompt's keys and values for batch 1, ``(1, kv_heads, n, head_dim)``: computed once per
-    model dtype and device (the prompt and the frozen weights decide them)."""
+    model dtype and device (the prompt and the frozen weights decide them; a prefix is them already)."""
     embed = model.get_input_embeddings().weight
     key = (embed.dtype, embed.device)
     kv = state.cache.get(key)
     if kv is None:
-        prompt = state.prompt.embedding.to(device=embed.device, dtype=embed.dtype).unsqueeze(0)  # (1, n, hidden)
-        state.bypass = True
-        try:
-            with torch.no_grad():
-                out = model(inputs_embeds=prompt, use_cache=True)
-        finally:
-            state.bypass = False
-        kv = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
+        if isinstance(state.prompt, RecoveryPrefix):
+            kv = [(k.to(device=embed.device, dtype=embed.dtype), v.to(device=embed.device, dtype=embed.dtype))
+                  for k, v in state.prompt.layer_key_values()]
+        else:
+            kv = _embeddings_kv(model, state.prompt.embedding.to(device=embed.device, dtype=embed.dtype))
         state.cache = {key: kv}  # one entry: a dtype or device change rebuilds it
     return kv
+
+
+def _embeddings_kv(model: nn.Module, embedding: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys and values the model computes from ``embedding`` `(n, hidden)` at positions ``0..n-1``,
+    each `(1, kv_heads, n, head_dim)`, with any attached prompt bypassed."""
+    state = getattr(model, _STATE, None)
+    if state is not None:
+        state.bypass = True
+    try:
+        with torch.no_grad():
+            out = model(inputs_embeds=embedding.unsqueeze(0), use_cache=True)  # (1, n, hidden)
+    finally:
+        if state is not None:
+            state.bypass = False
+    return [(layer.keys, layer.values) for layer in _output_cache(out).layers]
+
+
+def prefix_of_prompt(model: nn.Module, prompt: RecoveryPrompt, metadata: dict | None = None) -> RecoveryPrefix:
+    """The prefix that acts on ``model`` exactly as ``prompt`` does: the keys and values its layers compute from the
+    prompt's embeddings (positions ``0..n-1``), in float32. Prefix training starts from it (``init`` other than
+    RANDOM), so a prefix starts where the prompt would.
+
+    Raises:
+        UserInputError: the prompt does not fit the model, or the model's cache cannot serve a prefix.
+    """
+    layout = prefix_layout(model)
+    _check_prompt_shape(model, prompt)
+    embed = model.get_input_embeddings().weight
+    kv = _embeddings_kv(model, prompt.embedding.to(device=embed.device, dtype=embed.dtype))
+    key_values = torch.stack([torch.stack([k[0], v[0]]) for k, v in kv]).float().cpu()  # (L, 2, h, n, d)
+    prefix = RecoveryPrefix(key_values, dict(prompt.metadata if metadata is None else metadata))
+    if prefix.layout != layout:
+        raise UserInputError(f"{type(model).__name__}'s cache holds {prefix.layout}, its config says {layout}; "
+                             "method PREFIX cannot serve this model")
+    return prefix
 
 
 def _new_cache(model: nn.Module, static_length: int | None = None):
@@ -261,7 +331,7 @@ def _prefix_cache(model: nn.Module, state: _State, batch: int, cache=None):
 
 
 # ----- forward --------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_parameters(cls: type) -> tuple[str, ...]:
     return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
 
@@ -322,7 +392,8 @@ def _pre_forward_in_generate(model: nn.Module, state: _State, past, kwargs: dict
     them: the prompt's positions are ``0..n-1``).
 
     Without a cache every forward gets the whole sequence: the placeholders' embeddings are replaced by the prompt's
-    (prompt tuning by its definition). With one, the first forward is the first to know the real batch (beams and
+    (prompt tuning by its definition); a prefix, which has no embeddings, goes into a fresh cache instead and the
+    placeholders are dropped. With one, the first forward is the first to know the real batch (beams and
     ``num_return_sequences`` expand it inside transformers; assisted decoding sends the whole sequence): the
     prompt's keys and values go into the empty cache for that batch, and the placeholders are dropped from the
     inputs. Later forwards continue from the cache unchanged.
@@ -332,6 +403,10 @@ def _pre_forward_in_generate(model: nn.Module, state: _State, past, kwargs: dict
     if state.generation_cache is None:  # use_cache=False
         if tokens is None or tokens.shape[1] <= n:
             return None
+        if isinstance(state.prompt, RecoveryPrefix):  # keys and values, no embeddings: a fresh cache holds them
+            kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+            cache = kwargs[_cache_kwarg(model)] = _new_cache(model)
+            return _without_placeholders(model, state, cache, kwargs, tokens.shape[0])
         embeds = model.get_input_embeddings()(tokens[:, n:])  # (B, L, hidden)
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = state.prompt.prepend(embeds)  # (B, n + L, hidden)
@@ -343,11 +418,18 @@ def _pre_forward_in_generate(model: nn.Module, state: _State, past, kwargs: dict
     if tokens is None or tokens.shape[1] <= n:
         raise UserInputError(f"generate with a recovery prompt of {n} virtual tokens needs a first forward of more "
                              f"than {n} positions; with prefill_chunk_size, make the chunks longer than {n}")
+    return _without_placeholders(model, state, past, kwargs, tokens.shape[0])
+
+
+def _without_placeholders(model: nn.Module, state: _State, cache, kwargs: dict, batch: int):
+    """The forward's inputs without their ``n`` leading placeholders (their place taken by the prompt's keys and
+    values, written into the empty ``cache`` for ``batch`` sequences); the mask keeps counting them as keys."""
+    n = state.prompt.num_virtual_tokens
     for name in ("input_ids", "inputs_embeds", "position_ids", "cache_position"):
         if kwargs.get(name) is not None:
             kwargs[name] = kwargs[name][..., n:] if name != "inputs_embeds" else kwargs[name][:, n:]
     kwargs["attention_mask"] = _drop_query_rows(kwargs.get("attention_mask"), n)
-    _fill_prompt(model, state, past, tokens.shape[0])
+    _fill_prompt(model, state, cache, batch)
     return (), kwargs
 
 

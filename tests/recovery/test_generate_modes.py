@@ -1,7 +1,10 @@
 """``generate`` with an attached recovery prompt gives the tokens of prompt tuning by its definition in every decoding
 mode: the oracle is transformers' own decoding (the same mode, the same seed) on a copy of the model that sees
 ``[prompt embeddings; token embeddings]`` at every step with no cache, recomputing everything. Each mode either
-equals the oracle or is refused with one clear error; none may return other tokens silently."""
+equals the oracle or is refused with one clear error; none may return other tokens silently.
+
+A recovery prefix (keys and values in every layer) goes through the same table: its oracle is PEFT's prefix-tuning
+forward recomputed at every step (a fresh cache holding the prefix, the mask extended, positions after it)."""
 
 import copy
 
@@ -11,7 +14,7 @@ from builders import build_tiny_llama, greedy_with_prompt_recomputed
 
 from hf_compress_prompt.compressors import RTNConfig, compress_
 from hf_compress_prompt.errors import UserInputError
-from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt
+from hf_compress_prompt.recovery import RecoveryPrefix, RecoveryPrompt, attach_recovery_prompt
 
 N, L, NEW = 6, 10, 6
 
@@ -19,6 +22,58 @@ N, L, NEW = 6, 10, 6
 def _prompt(hidden=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     return RecoveryPrompt(torch.randn(N, hidden, generator=g) * 0.5, {"base_model": "tiny"})
+
+
+def _prefix(seed=0):
+    """A random prefix for the tiny Llama: 2 layers of 2 key/value heads of 32 (PEFT's initial scale)."""
+    g = torch.Generator().manual_seed(seed)
+    return RecoveryPrefix(torch.randn(2, 2, 2, N, 32, generator=g), {"base_model": "tiny"})
+
+
+def _prefix_oracle(model, prefix):
+    """A copy of ``model`` (no runtime attached) whose every forward is PEFT's prefix-tuning forward: a fresh cache
+    holding the prefix (any cache transformers passes back is dropped), the mask extended with ones, the tokens'
+    positions shifted by ``n``. Used with ``use_cache=False``, the whole sequence is recomputed at every step."""
+    from transformers import DynamicCache
+
+    oracle = copy.deepcopy(model)
+
+    def prefixed(module, args, kwargs):
+        assert not args
+        ids = kwargs["input_ids"]
+        batch = len(ids)
+        cache = DynamicCache(config=module.config)
+        for i, layer in enumerate(prefix.key_values):  # (2, h, n, d)
+            cache.update(layer[0].expand(batch, -1, -1, -1).clone(), layer[1].expand(batch, -1, -1, -1).clone(), i)
+        kwargs.pop("past_key_values", None)
+        kwargs["cache"] = cache
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"].new_ones(batch, N), kwargs["attention_mask"]], 1)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + N
+        return args, kwargs
+
+    oracle.register_forward_pre_hook(prefixed, with_kwargs=True)
+    return oracle
+
+
+def _peft_prefix_twin(model, prefix):
+    """PEFT's own prefix-tuning model of a copy of ``model`` (no runtime attached), holding ``prefix``."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    twin = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)).eval()
+    with torch.no_grad():
+        twin.prompt_encoder["default"].embedding.weight.copy_(prefix.to_peft())
+    return twin
+
+
+def _greedy_recomputed(twin, ids, steps):
+    """Greedy decoding with ``twin``'s forward, everything recomputed every step (no generate, no cache)."""
+    seq = ids.clone()
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, twin(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    return seq
 
 
 def _oracle(model, prompt):
@@ -140,21 +195,36 @@ def model(request):
     return model
 
 
-def _likely_token(model, prompt, ids):
+def _likely_token(oracle, ids):
     """The token greedy decoding picks first: as an eos id, min_length is what keeps it from ending the sequence."""
-    return greedy_with_prompt_recomputed(model, prompt, ids[:1], 1)[0, -1].item()
+    return oracle.generate(ids[:1], max_new_tokens=1, do_sample=False, use_cache=False, pad_token_id=0)[0, -1].item()
 
 
 @pytest.mark.parametrize("inputs, options, oracle_drops", [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_generate_equals_the_full_recompute_oracle(model, inputs, options, oracle_drops):
     prompt = _prompt()
-    oracle = _oracle(model, prompt)
+    _check_case(model, _oracle(model, prompt), prompt, inputs, options, oracle_drops,
+                lambda oracle, ids: greedy_with_prompt_recomputed(oracle, prompt, ids, NEW))
+
+
+@pytest.mark.parametrize("inputs, options, oracle_drops", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_generate_with_a_prefix_equals_peft_prefix_recomputed(tiny_llama, inputs, options, oracle_drops):
+    # the same table with a prefix (dense only: a packed model runs the same runtime path)
+    prefix = _prefix()
+    twin = _peft_prefix_twin(tiny_llama, prefix)  # copies made before the prefix is attached
+    _check_case(tiny_llama, _prefix_oracle(tiny_llama, prefix), prefix, inputs, options, oracle_drops,
+                lambda oracle, ids: _greedy_recomputed(twin, ids, NEW))
+
+
+def _check_case(model, oracle, prompt, inputs, options, oracle_drops, recomputed):
+    """``model`` with ``prompt`` attached generates the oracle's tokens for one row of the table; for plain greedy
+    decoding the oracle also equals ``recomputed(oracle, ids)`` (decoding by the definition, no generate)."""
     attach_recovery_prompt(model, prompt)
     ids, mask = _inputs(inputs)
     options = {k: v() if callable(v) else v for k, v in options.items()}
     kwargs = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, **options}
     if kwargs.get("eos_token_id") == "likely":
-        kwargs["eos_token_id"] = _likely_token(oracle, prompt, ids)
+        kwargs["eos_token_id"] = _likely_token(oracle, ids)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     torch.manual_seed(0)
     ours = model.generate(ids, attention_mask=mask, **kwargs)
@@ -167,14 +237,15 @@ def test_generate_equals_the_full_recompute_oracle(model, inputs, options, oracl
     assert ours[:, L:].tolist() == theirs[:, L:].tolist()
     if inputs == "one" and set(options) <= {"use_cache", "cache_implementation", "assistant_model",
                                             "prompt_lookup_num_tokens"}:  # plain greedy decoding
-        assert torch.equal(theirs, greedy_with_prompt_recomputed(oracle, prompt, ids, NEW))  # the oracle is right
+        assert torch.equal(theirs, recomputed(oracle, ids))  # the oracle is right
 
 
-def test_pipeline_equals_the_oracle(model, byte_tokenizer):
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_pipeline_equals_the_oracle(model, byte_tokenizer, kind):
     from transformers import pipeline
 
-    prompt = _prompt(seed=5)
-    oracle = _oracle(model, prompt)
+    prompt = _prompt(seed=5) if kind == "prompt" else _prefix(seed=5)
+    oracle = (_oracle if kind == "prompt" else _prefix_oracle)(model, prompt)
     attach_recovery_prompt(model, prompt)
     pipe = pipeline("text-generation", model=model, tokenizer=byte_tokenizer, device="cpu")
     ids = byte_tokenizer("the cat sat", return_tensors="pt").input_ids
