@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import UserInputError
 from .recovery.io import PROMPT_SUBFOLDER, load_recovery_prompt
+from .recovery.prefix import RecoveryPrefix
 from .recovery.prompt import RecoveryPrompt
 from .recovery.runtime import recovery_prompt_of
 
@@ -85,7 +86,8 @@ def prompt_embeds(
         CPU (where vLLM takes them), without gradient.
 
     Raises:
-        UserInputError: a model without a recovery prompt; a prompt without ``embeddings`` (or a model with them);
+        UserInputError: a model without a recovery prompt, or with a recovery prefix (keys and values in every layer
+            cannot be sent as ``prompt_embeds``); a prompt without ``embeddings`` (or a model with them);
             the prompt's hidden size (or vocabulary) not the embeddings'; no texts, an empty text or chat, or one
             that gives no tokens; a chat without ``chat=True`` or without a chat template.
     """
@@ -124,7 +126,7 @@ def _prompt_and_embeddings(model_or_prompt, embeddings) -> tuple[RecoveryPrompt,
                                  "(model.get_input_embeddings())")
         embeddings = model_or_prompt.get_input_embeddings()
     else:
-        if isinstance(model_or_prompt, RecoveryPrompt):
+        if isinstance(model_or_prompt, (RecoveryPrompt, RecoveryPrefix)):
             prompt = model_or_prompt
         elif isinstance(model_or_prompt, (str, os.PathLike)):
             folder = Path(model_or_prompt) / PROMPT_SUBFOLDER
@@ -132,9 +134,13 @@ def _prompt_and_embeddings(model_or_prompt, embeddings) -> tuple[RecoveryPrompt,
         else:
             raise UserInputError(f"model_or_prompt is a {type(model_or_prompt).__name__}; pass a model with a recovery "
                                  "prompt attached, a RecoveryPrompt, or the path of a saved recovery_prompt/ folder")
-        if embeddings is None:
+        if embeddings is None and not isinstance(prompt, RecoveryPrefix):
             raise UserInputError("without a model, pass embeddings: the model's input embedding module "
                                  "(model.get_input_embeddings()) or its weight (vocab_size, hidden_size)")
+    if isinstance(prompt, RecoveryPrefix):
+        raise UserInputError("a recovery prefix (method PREFIX) is keys and values in every layer, not input "
+                             "embeddings: vLLM's prompt_embeds cannot carry it; serve it with this package's generate "
+                             "(hcp.from_pretrained), or train method=PROMPT for vLLM")
     if isinstance(embeddings, torch.Tensor):
         weight, embed = embeddings, embeddings.__getitem__  # (vocab, hidden)[ids] -> (L, hidden)
     elif isinstance(embeddings, nn.Module) and isinstance(getattr(embeddings, "weight", None), torch.Tensor):

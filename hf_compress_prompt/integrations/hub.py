@@ -21,7 +21,7 @@ from .._logging import get_logger
 from ..errors import UserInputError
 from ..formats.schema import RECIPE_CONFIG_KEY
 from ..nn import PackedLinear
-from ..recovery import RecoveryPrompt, recovery_prompt_of
+from ..recovery import RecoveryPrefix, RecoveryPrompt, recovery_prompt_of
 from ..recovery.io import write_recovery_prompt
 from ..recovery.runtime import register_prompt_method
 from .checkpoints import save_pretrained
@@ -92,16 +92,19 @@ def _results_table(results: dict[str, float] | None, baseline: dict[str, float] 
 
 def recovery_prompt_card(prompt, repo_id: str, *, results: dict[str, float] | None = None,
                          baseline: dict[str, float] | None = None, compressed_model: str | None = None):
-    """The model card of a recovery prompt (``results``: dataset -> perplexity with the prompt; ``baseline``:
-    the same without it)."""
+    """The model card of a recovery prompt or prefix (``results``: dataset -> perplexity with the prompt;
+    ``baseline``: the same without it)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     meta = prompt.metadata
     base = meta.get("base_model") or None
     training = meta.get("training") or {}
+    is_prefix = isinstance(prompt, RecoveryPrefix)
+    tensor = prompt.key_values if is_prefix else prompt.embedding
     card_data = ModelCardData(
         base_model=base, library_name="peft", pipeline_tag="text-generation", model_name=repo_id.split("/")[-1],
-        tags=[LIBRARY_TAG, "prompt-tuning", "soft-prompt", "compression-recovery"],
+        tags=[LIBRARY_TAG, *(["prefix-tuning"] if is_prefix else ["prompt-tuning", "soft-prompt"]),
+              "compression-recovery"],
         eval_results=_eval_results(results, "with prompt"),
     )
     training_text = (
@@ -113,8 +116,9 @@ def recovery_prompt_card(prompt, repo_id: str, *, results: dict[str, float] | No
     )
     return ModelCard.from_template(
         card_data, template_path=str(_template("recovery_prompt.md")),
-        title=f"Recovery prompt {repo_id}", num_virtual_tokens=prompt.num_virtual_tokens,
-        hidden_size=prompt.embedding.shape[1], parameters=prompt.embedding.numel(), base_model=base,
+        title=f"Recovery {'prefix' if is_prefix else 'prompt'} {repo_id}", num_virtual_tokens=prompt.num_virtual_tokens,
+        is_prefix=is_prefix, num_layers=tensor.shape[0], projection=bool(training.get("prefix_projection")),
+        hidden_size=meta.get("hidden_size") if is_prefix else tensor.shape[1], parameters=tensor.numel(), base_model=base,
         recipe=_prompt_recipes_text(meta), training=training_text,
         results_table=_results_table(results, baseline), repo_id=repo_id,
         compressed_model=compressed_model or "<your compressed model>",
@@ -140,6 +144,7 @@ def compressed_model_card(model: nn.Module, repo_id: str, *, results: dict[str, 
         card_data, template_path=str(_template("compressed_model.md")), title=repo_id.split("/")[-1],
         base_model=base, formats=", ".join(formats) or "no packed layers",
         size_note=f"{packed / 1e6:.1f} MB of packed layer tensors", has_prompt=prompt is not None,
+        prompt_kind="prefix" if isinstance(prompt, RecoveryPrefix) else "prompt",
         num_virtual_tokens=prompt.num_virtual_tokens if prompt else 0,
         recipe=_recipe_text(getattr(model.config, RECIPE_CONFIG_KEY, None)),
         results_table=_results_table(results), repo_id=repo_id,
@@ -168,8 +173,8 @@ def push_recovery_prompt(prompt_or_model, repo_id: str, *, results: dict[str, fl
                          baseline: dict[str, float] | None = None, compressed_model: str | None = None,
                          token: str | None = None, private: bool | None = None,
                          commit_message: str = "Upload recovery prompt") -> str:
-    """Uploads a recovery prompt (a :class:`~hf_compress_prompt.recovery.RecoveryPrompt`, or the one attached to a
-    model) in PEFT format with its metadata and a model card; returns the commit URL.
+    """Uploads a recovery prompt (a :class:`~hf_compress_prompt.recovery.RecoveryPrompt` or
+    :class:`~hf_compress_prompt.recovery.RecoveryPrefix`, or the one attached to a model) in PEFT format with its metadata and a model card; returns the commit URL.
 
     Raises:
         UserInputError: a model without an attached prompt.
@@ -177,7 +182,7 @@ def push_recovery_prompt(prompt_or_model, repo_id: str, *, results: dict[str, fl
     """
     model = None
     prompt = prompt_or_model
-    if not isinstance(prompt, RecoveryPrompt):
+    if not isinstance(prompt, (RecoveryPrompt, RecoveryPrefix)):
         model, prompt = prompt_or_model, recovery_prompt_of(prompt_or_model)
         if prompt is None:
             raise UserInputError("this model has no recovery prompt attached; train one with recover() first")

@@ -95,7 +95,7 @@ def prefix_layout(model: nn.Module) -> PrefixLayout:
         UserInputError: a model whose cache a prefix cannot be served from, named with the reason: an
             encoder-decoder, a model without a dynamic cache (recurrent or static-only caches), a cache with
             other than full-attention layers (sliding windows, hybrid or linear attention), keys and values of
-            different widths, or a different number of key/value heads per layer (structured pruning).
+            different widths, or layers with other key/value heads than the config's (structured pruning).
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     kind = getattr(config, "model_type", type(model).__name__)
@@ -122,12 +122,11 @@ def prefix_layout(model: nn.Module) -> PrefixLayout:
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     per_layer = getattr(config, "layer_num_key_value_heads", None)
-    if per_layer is not None:
-        if len(set(per_layer)) != 1:
-            raise UserInputError(f"method PREFIX stores every layer's keys and values in one tensor (PEFT's layout); "
-                                 f"this {kind} has {sorted(set(per_layer))} key/value heads in different layers; "
-                                 "use method PROMPT")
-        kv_heads = per_layer[0]
+    if per_layer is not None and set(per_layer) != {kv_heads}:
+        raise UserInputError(f"method PREFIX stores every layer's keys and values in one tensor of the config's "
+                             f"num_key_value_heads={kv_heads} heads (PEFT's layout); this {kind} has "
+                             f"{sorted(set(per_layer))} key/value heads in its layers (structured pruning); use method "
+                             "PROMPT")
     layers = getattr(config, "num_hidden_layers", None)
     if not heads or not kv_heads or not layers:
         raise UserInputError(f"cannot read the attention layout of {kind} (num_attention_heads, num_key_value_heads, "

@@ -6,7 +6,8 @@ A prompt trained on one compression transfers well to other levels of the same m
 Training the prompt on every model it will serve removes the need to transfer: each step runs the same batch through
 each model with the same (tied) prompt embedding and minimises the mean of their language-modelling losses. The cost
 per step is one forward and backward pass per model; validation is the mean loss too, so the best-validation prompt
-is the one with the lowest geometric-mean perplexity over the models.
+is the one with the lowest geometric-mean perplexity over the models. A prefix (method PREFIX: keys and values in
+every layer, its projection included) is shared the same way between models of one cache layout.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from transformers import Trainer
 
 from ..errors import UserInputError
 from ..integrations.peft_compat import get_peft_model
+from .prefix import prefix_layout
 
 __all__ = ["SharedPromptTrainer", "check_partners", "tie_prompt"]
 
 
-def check_partners(model: nn.Module, partners: list[nn.Module]) -> None:
+def check_partners(model: nn.Module, partners: list[nn.Module], *, prefix: bool = False) -> None:
     """Refuses partners that are ``model`` itself (or repeated), or have another vocabulary or hidden size: a prompt
-    is a sequence of input embeddings and means the same only to models that share them."""
+    is a sequence of input embeddings and means the same only to models that share them. A prefix (``prefix``) is
+    every layer's keys and values: the partners' caches must also have ``model``'s layout."""
     vocab, hidden = model.config.vocab_size, model.get_input_embeddings().embedding_dim
     seen = {id(model)}
     for i, partner in enumerate(partners):
@@ -34,19 +37,22 @@ def check_partners(model: nn.Module, partners: list[nn.Module]) -> None:
         if (p_vocab, p_hidden) != (vocab, hidden):
             raise UserInputError(f"shared_with[{i}] has vocabulary {p_vocab} and hidden size {p_hidden}, the model "
                                  f"{vocab} and {hidden}: one prompt can only serve models of one base model")
+        if prefix and prefix_layout(partner) != prefix_layout(model):
+            raise UserInputError(f"shared_with[{i}] caches {prefix_layout(partner)}, the model {prefix_layout(model)}: "
+                                 "one prefix fills caches of one layout (layers, key/value heads, head size)")
 
 
 def tie_prompt(peft_model: nn.Module, partner: nn.Module, peft_config) -> nn.Module:
-    """``partner`` wrapped as a PEFT prompt-tuning model whose prompt embedding is ``peft_model``'s own module
-    (the same parameter, so gradients from both models add up in it)."""
+    """``partner`` wrapped as a PEFT prompt-tuning (or prefix-tuning) model whose prompt encoder is ``peft_model``'s
+    own module (the same parameters, a prefix's projection included, so gradients from both models add up in
+    them)."""
     import copy
 
 
     config = copy.deepcopy(peft_config)  # PEFT writes the partner's name into the config it is given
     config.base_model_name_or_path = None
     wrapped = get_peft_model(partner, config)
-    wrapped.prompt_encoder[wrapped.active_adapter].embedding = \
-        peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    wrapped.prompt_encoder[wrapped.active_adapter] = peft_model.prompt_encoder[peft_model.active_adapter]
     return wrapped
 
 

@@ -37,11 +37,19 @@ from ..integrations.trainer_callbacks import BestValidationCallback
 from ..nn import PackedLinear, has_packed_layers
 from .data import PromptTuningCollator, TokenWindows, token_windows
 from .distill import DistillationTrainer, check_teacher
-from .runtime import RecoveryPrompt, attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
+from .prefix import RecoveryPrefix, check_prefix_length, prefix_layout
+from .runtime import (
+    RecoveryPrompt,
+    attach_recovery_prompt,
+    detach_recovery_prompt,
+    prefix_of_prompt,
+    recovery_prompt_of,
+)
 from .shared import SharedPromptTrainer, check_partners, tie_prompt
 from .trainer_setup import build_trainer, training_arguments
 
-__all__ = ["PromptInit", "RecoveryConfig", "RecoveryMethod", "RecoveryResult", "lora_model", "prompt_tuning_model", "recover"]
+__all__ = ["PromptInit", "RecoveryConfig", "RecoveryMethod", "RecoveryResult", "lora_model", "prefix_tuning_model",
+           "prompt_tuning_model", "recover"]
 
 logger = get_logger(__name__)
 
@@ -50,11 +58,13 @@ class RecoveryMethod(str, enum.Enum):
     """``PROMPT``: soft prompt (the paper's method, weights frozen); ``LORA``: PEFT LoRA beside every block linear
     (packed layers keep their codes and mask, :mod:`~hf_compress_prompt.integrations.peft_lora`); ``FULL``:
     continued pretraining of all remaining weights (LayerChop's recovery for layer-dropped models; dense weights
-    only, and it does not keep a pruning mask)."""
+    only, and it does not keep a pruning mask); ``PREFIX``: deep prompts, trainable keys and values in every layer
+    (PEFT prefix tuning, weights frozen; :class:`~.prefix.RecoveryPrefix`)."""
 
     PROMPT = "PROMPT"
     LORA = "LORA"
     FULL = "FULL"
+    PREFIX = "PREFIX"
 
 
 class PromptInit(str, enum.Enum):
@@ -72,7 +82,7 @@ class PromptInit(str, enum.Enum):
 class RecoveryConfig:
     """Settings of :func:`recover`."""
 
-    method: RecoveryMethod = field(default=RecoveryMethod.PROMPT, metadata={"help": "PROMPT, LORA or FULL"})
+    method: RecoveryMethod = field(default=RecoveryMethod.PROMPT, metadata={"help": "PROMPT, LORA, FULL or PREFIX"})
     num_virtual_tokens: int = field(default=100, metadata={"help": "virtual tokens in the prompt"})
     init: PromptInit = field(default=PromptInit.VOCAB, metadata={"help": "VOCAB, TEXT, SAMPLE_VOCAB or RANDOM"})
     init_text: str | None = field(default=None, metadata={"help": "the text for init=TEXT"})
@@ -90,6 +100,10 @@ class RecoveryConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (method=LORA)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (method=LORA)"})
+    prefix_projection: bool = field(default=False, metadata={
+        "help": "method=PREFIX: train the keys and values through PEFT's reparametrising MLP (saved as its output)"})
+    prefix_hidden_size: int | None = field(default=None, metadata={
+        "help": "method=PREFIX with prefix_projection: the MLP's hidden size (none: the key/value width)"})
 
     def __post_init__(self):
         self.init = PromptInit(self.init)
@@ -109,6 +123,9 @@ class RecoveryConfig:
                                  f"{self.max_grad_norm}: need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise UserInputError(f"warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        if self.prefix_hidden_size is not None and (self.prefix_hidden_size < 1 or not self.prefix_projection):
+            raise UserInputError(f"prefix_hidden_size={self.prefix_hidden_size} sizes the MLP of method=PREFIX with "
+                                 "prefix_projection=True; give a positive size with both, or leave it unset")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "init": self.init.value, "method": self.method.value}
@@ -116,10 +133,11 @@ class RecoveryConfig:
 
 @dataclass
 class RecoveryResult:
-    """What :func:`recover` returns: the trained prompt (best validation; `None` for LORA / FULL), the trained
+    """What :func:`recover` returns: the trained prompt (best validation; a :class:`~.prefix.RecoveryPrefix` for
+    PREFIX, `None` for LORA / FULL), the trained
     module (the PEFT model for PROMPT / LORA, the model itself for FULL), the validation history and timings."""
 
-    prompt: RecoveryPrompt | None
+    prompt: RecoveryPrompt | RecoveryPrefix | None
     trained: nn.Module
     best_perplexity: float
     best_step: int
@@ -169,6 +187,50 @@ def prompt_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, 
         with torch.no_grad():
             peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight.copy_(initial)
     return peft_model
+
+
+def prefix_tuning_model(model: nn.Module, config: RecoveryConfig | None = None, tokenizer=None):
+    """``model`` wrapped as a PEFT prefix-tuning model (task CAUSAL_LM): ``num_virtual_tokens`` trainable keys and
+    values in every layer (the key/value heads under grouped-query attention), through PEFT's reparametrising MLP
+    when ``config.prefix_projection``; every weight of ``model`` is frozen.
+
+    Unless ``config.init`` is RANDOM (PEFT's initialisation), the prefix starts as the keys and values of the prompt
+    ``init`` gives (:func:`~.runtime.prefix_of_prompt`): the prefix model then starts where the prompt-tuned one
+    does. Without the projection those are the trained tensor itself; with it, the MLP's last layer is solved by
+    least squares so that its output is them (exactly when ``num_virtual_tokens <= prefix_hidden_size + 1``).
+
+    Raises:
+        UserInputError: a model whose cache cannot serve a prefix (:func:`~.prefix.prefix_layout` says why).
+    """
+    from peft import PrefixTuningConfig
+
+    config = config or RecoveryConfig(method=RecoveryMethod.PREFIX)
+    layout = prefix_layout(model)
+    torch.manual_seed(config.seed)
+    initial = _initial_prompt(model, config, tokenizer)
+    start = None if initial is None else prefix_of_prompt(model, RecoveryPrompt(initial)).to_peft()  # (n, L*2*kv)
+    peft_config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens, token_dim=layout.token_dim,
+        num_attention_heads=layout.num_key_value_heads, num_layers=layout.num_layers,
+        prefix_projection=config.prefix_projection, encoder_hidden_size=config.prefix_hidden_size or layout.token_dim)
+    peft_model = get_peft_model(model, peft_config)
+    if start is not None:
+        encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+        with torch.no_grad():
+            if not config.prefix_projection:
+                encoder.embedding.weight.copy_(start)
+            else:  # output = tanh(E W1 + b1) W2 + b2: solve [hidden, 1] [W2; b2] = start, minimum norm
+                hidden = encoder.transform[1](encoder.transform[0](encoder.embedding.weight))  # (n, e)
+                design = torch.cat([hidden, hidden.new_ones(len(hidden), 1)], dim=1).double()  # (n, e + 1)
+                solution = torch.linalg.pinv(design) @ start.double()  # (e + 1, L*2*kv)
+                encoder.transform[2].weight.copy_(solution[:-1].T)
+                encoder.transform[2].bias.copy_(solution[-1])
+    return peft_model
+
+
+def _check_prefix(model: nn.Module, config: RecoveryConfig) -> None:
+    prefix_layout(model)
+    check_prefix_length(model, config.num_virtual_tokens, following=config.seqlen)
 
 
 def lora_model(model: nn.Module, config: RecoveryConfig | None = None):
@@ -233,16 +295,25 @@ class _Method:
     """How :func:`recover` trains with one :class:`RecoveryMethod`."""
 
     wrap: Callable  # (model, config, tokenizer) -> the module that trains (a PEFT model, or the model itself)
-    check: Callable = lambda model: None  # refuses a model it cannot train, before any data is read
-    gives_prompt: bool = False  # the result holds a RecoveryPrompt (and shared_with is allowed)
+    check: Callable = lambda model, config: None  # refuses a model it cannot train, before any data is read
+    # (PEFT model, PEFT's saved prompt tensor, metadata) -> the RecoveryPrompt / RecoveryPrefix of the result
+    # (shared_with is allowed); None: the result holds no prompt
+    prompt_of: Callable | None = None
     freezes_weights: bool = True  # the models' requires_grad flags are given back after training
+
+    @property
+    def gives_prompt(self) -> bool:
+        return self.prompt_of is not None
 
 
 _METHODS = {
-    RecoveryMethod.PROMPT: _Method(prompt_tuning_model, gives_prompt=True),
+    RecoveryMethod.PROMPT: _Method(prompt_tuning_model,
+                                   prompt_of=lambda trained, saved, meta: RecoveryPrompt(saved, meta)),  # (n, hidden)
     RecoveryMethod.LORA: _Method(lambda model, config, tokenizer: lora_model(model, config)),
-    RecoveryMethod.FULL: _Method(lambda model, config, tokenizer: _full_model(model), check=_check_full,
-                                 freezes_weights=False),
+    RecoveryMethod.FULL: _Method(lambda model, config, tokenizer: _full_model(model),
+                                 check=lambda model, config: _check_full(model), freezes_weights=False),
+    RecoveryMethod.PREFIX: _Method(prefix_tuning_model, check=_check_prefix, prompt_of=lambda trained, saved, meta:
+                                   RecoveryPrefix.from_peft(saved, prefix_layout(trained.get_base_model()), meta)),
 }
 
 
@@ -301,7 +372,7 @@ def _settings(config: RecoveryConfig | None, overrides: dict) -> RecoveryConfig:
 def _check_models(model: nn.Module, config: RecoveryConfig, teacher: nn.Module | None,
                   partners: list[nn.Module]) -> None:
     """Everything about the models that can fail, before any data is read."""
-    _METHODS[config.method].check(model)
+    _METHODS[config.method].check(model, config)
     if teacher is not None:
 
         check_teacher(model, teacher)
@@ -309,8 +380,8 @@ def _check_models(model: nn.Module, config: RecoveryConfig, teacher: nn.Module |
 
         if not _METHODS[config.method].gives_prompt or teacher is not None:
             raise UserInputError("shared_with trains one soft prompt for several models: it needs method=PROMPT "
-                                 "and no teacher")
-        check_partners(model, partners)
+                                 "(or PREFIX) and no teacher")
+        check_partners(model, partners, prefix=config.method is RecoveryMethod.PREFIX)
 
 
 def _datasets(config: RecoveryConfig, tokenizer, train_dataset, eval_dataset):
@@ -369,7 +440,8 @@ def recover(
             Validation stays the corpus perplexity.
         shared_with (`list[nn.Module]`, *optional*): other compressions of the same base model: one prompt is
             trained for all of them at once (:mod:`~.shared`; mean loss, one pass per model and step), and attached
-            to each when ``attach``. ``best_perplexity`` is then the geometric mean over the models. PROMPT only.
+            to each when ``attach``. ``best_perplexity`` is then the geometric mean over the models. PROMPT or
+            PREFIX (the prefix's projection, if any, is shared too).
 
     Returns:
         `RecoveryResult` with the best-validation prompt.
@@ -421,8 +493,9 @@ def recover(
     prompt = None
     if method.gives_prompt:
         base = trained.get_base_model()
-        embedding = trained.get_prompt_embedding_to_save(trained.active_adapter).detach().float().cpu()  # (n, hidden)
-        prompt = RecoveryPrompt(embedding, _metadata(base, config, callback, output.global_step, teacher, partners))
+        saved = trained.get_prompt_embedding_to_save(trained.active_adapter).detach().float().cpu()  # PEFT's layout
+        prompt = method.prompt_of(trained, saved, _metadata(base, config, callback, output.global_step, teacher,
+                                                            partners))
         for target, old in zip([base, *partners], previous):
             if attach:
                 attach_recovery_prompt(target, prompt)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..evaluation import perplexity
+from .prefix import RecoveryPrefix
 from .runtime import RecoveryPrompt, attach_recovery_prompt, detach_recovery_prompt, recovery_prompt_of
 
 __all__ = ["TransferMatrix", "evaluate_transfer", "gap_closed"]
@@ -65,7 +66,7 @@ class TransferMatrix:
 
 
 def evaluate_transfer(
-    prompts: dict[str, RecoveryPrompt],
+    prompts: dict[str, RecoveryPrompt | RecoveryPrefix],
     models: dict[str, nn.Module],
     datasets: dict[str, object],
     *,
@@ -77,7 +78,7 @@ def evaluate_transfer(
     """Perplexity of each model on each evaluation set, without a prompt and with each prompt.
 
     Args:
-        prompts: name (where it was trained) -> prompt.
+        prompts: name (where it was trained) -> prompt (or prefix: one trained for a model of the same cache layout).
         models: name (the target compression setting) -> model.
         datasets: name -> evaluation token ids `(1, N)` (e.g. ``eval_tokens("wikitext2", tokenizer)``).
         dense: dataset name -> the dense model's perplexity, for the fraction of the gap closed.

@@ -230,4 +230,4 @@ def test_every_recovery_method_has_a_row_in_the_dispatch_table():
     from hf_compress_prompt.recovery.train import _METHODS, RecoveryMethod
 
     assert set(_METHODS) == set(RecoveryMethod)
-    assert [m for m, row in _METHODS.items() if row.gives_prompt] == [RecoveryMethod.PROMPT]
+    assert [m for m, row in _METHODS.items() if row.gives_prompt] == [RecoveryMethod.PROMPT, RecoveryMethod.PREFIX]
