@@ -37,6 +37,7 @@ from ..integrations.trainer_callbacks import BestValidationCallback
 from ..nn import PackedLinear, has_packed_layers
 from .data import PromptTuningCollator, TokenWindows, token_windows
 from .distill import DistillationTrainer, check_teacher
+from .losses import LanguageModellingTrainer
 from .prefix import RecoveryPrefix, check_prefix_length, prefix_layout
 from .runtime import (
     RecoveryPrompt,
@@ -97,6 +98,12 @@ class RecoveryConfig:
     eval_steps: int = field(default=25, metadata={"help": "validate every this many steps"})
     eval_windows: int = field(default=8, metadata={"help": "validation windows (held-out documents)"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (fp32 prompt and optimizer state)"})
+    loss_chunk_size: int = field(default=256, metadata={
+        "help": "language-modelling loss: the output projection and cross-entropy computed this many scored positions "
+                "at a time, never holding all logits (same loss, faster and smaller; 0: the model's own loss)"})
+    cast_frozen_weights: bool = field(default=True, metadata={
+        "help": "with bf16: hold the frozen linear weights in bf16 while training (the casts autocast makes on every "
+                "step, made once: same numbers; 2 more bytes per weight while training, fp32 put back after)"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (method=LORA)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (method=LORA)"})
@@ -111,6 +118,8 @@ class RecoveryConfig:
         for name in ("num_virtual_tokens", "seqlen", "batch_size", "eval_steps", "eval_windows"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.loss_chunk_size < 0:
+            raise UserInputError(f"loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: the model's own loss)")
         if self.max_steps < 1:
             raise UserInputError(f"max_steps={self.max_steps}: training needs at least one step")
         if self.init is PromptInit.TEXT and not self.init_text:
@@ -317,21 +326,20 @@ _METHODS = {
 }
 
 
-def _language_modelling(teacher, tied):
-    from transformers import Trainer
+def _language_modelling(teacher, tied, config: RecoveryConfig):
+    return LanguageModellingTrainer, {"loss_chunk_size": config.loss_chunk_size,
+                                      "cast_frozen_weights": config.cast_frozen_weights}
 
-    return Trainer, {}
 
-
-def _distillation(teacher, tied):
+def _distillation(teacher, tied, config: RecoveryConfig):
     return DistillationTrainer, {"teacher": teacher}
 
 
-def _shared_prompt(teacher, tied):
+def _shared_prompt(teacher, tied, config: RecoveryConfig):
     return SharedPromptTrainer, {"partners": tied}
 
 
-_LOSSES = {  # the loss -> (teacher, tied partner models) -> (its Trainer class, that class's own arguments)
+_LOSSES = {  # the loss -> (teacher, tied partner models, config) -> (its Trainer class, that class's own arguments)
     "language modelling": _language_modelling,
     "distillation": _distillation,
     "shared prompt": _shared_prompt,
@@ -469,7 +477,7 @@ def recover(
     callback = BestValidationCallback()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     loss = "shared prompt" if tied else "language modelling" if teacher is None else "distillation"
-    trainer_class, trainer_extra = _LOSSES[loss](teacher, tied)
+    trainer_class, trainer_extra = _LOSSES[loss](teacher, tied, config)
     with tempfile.TemporaryDirectory(prefix="hcp-recover-") as scratch:
         args = training_arguments(output_dir or scratch, seed=config.seed, overrides=training_args,
                                   **_schedule(config, save=output_dir is not None))
