@@ -12,7 +12,9 @@ table sets each "+ 100-token recovery prompt" row beside the same setting withou
 step of the prompt's 100 extra cached positions; a third measures that cost on the prompted row's own model,
 disabling and enabling the prompt between alternating calls (--ab-pairs), free of drift between rows (this box's
 speed swings by 20-30% between runs a few seconds apart: the profiler once showed the same ops 30% slower in one
-generate than in the next).
+generate than in the next). With --prefix-ab-pairs, a prompted row's model also alternates the prompt with a
+recovery prefix of the same length (method PREFIX: its keys and values in every layer, here the prompt's own,
+`prefix_of_prompt`): what a prefix costs per decode step against a prompt of the same length.
 
 The packed settings use RTN 4-bit g64 and magnitude 50% (the speed depends only on the format); their layers run
 the C kernels when this machine can build them (`hf_compress_prompt.kernels.status()`). The tied 49152 x 576
@@ -25,6 +27,8 @@ gives; on this CPU bf16 attention (SDPA) is several times slower than fp32 at on
     python bench/decode.py --settings "dense bf16" "packed 4-bit g64" --batch 1 --new-tokens 32
     python bench/decode.py --output decode_prompt_1t --settings "packed 4-bit g64 + 4-bit head, fp32 act."{,\
         " + 100-token recovery prompt"}{," + DynamicCache"," + GrowingCache"}   # the prompt's decode cost
+    python bench/decode.py --output decode_prefix_ab_1t --batch 1 8 --ab-pairs 0 --prefix-ab-pairs 9 --settings \
+        "packed 4-bit g64 + 4-bit head, fp32 act. + 100-token recovery prompt"   # prefix vs prompt, same length
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from common import any_of, bench_parser, markdown_table, preset_settings, start_
 from hf_compress_prompt.compressors import Recipe, compress_
 from hf_compress_prompt.kernels import cpu, status
 from hf_compress_prompt.nn import PackedLinear, layer_status
-from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt
+from hf_compress_prompt.recovery import RecoveryPrompt, attach_recovery_prompt, prefix_of_prompt
 
 _BF16, _FP32 = torch.bfloat16, torch.float32
 # name -> (dtype the model is compressed in, preset, dtype it runs in: activations, norms, attention, embedding)
@@ -247,6 +251,42 @@ def measure_prompt_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, 
             "ratio_min": min(ratios), "ratio_max": max(ratios), "steps_without": steps[False], "steps_with": steps[True]}
 
 
+def measure_prefix_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, cache=None) -> dict:
+    """A recovery prefix's decode cost against the prompt of the same length on one model object: the attached
+    prompt and its prefix (``prefix_of_prompt``: the same keys and values, so the same tokens) attached in turn,
+    alternating as :func:`measure_prompt_ab` does; each attach is followed by an untimed call (the prompt's cache is
+    computed once per attach). Ratio = median over pairs of (prefix / prompt)."""
+    from hf_compress_prompt.recovery import recovery_prompt_of
+
+    soft = recovery_prompt_of(model)
+    deep = prefix_of_prompt(model, soft)
+    attention = torch.ones_like(prompt)
+    short, long = _generation_config(model, 1), _generation_config(model, 1 + new_tokens)
+    fresh = cache or dict
+
+    def timed(config) -> float:
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=attention, generation_config=config, **fresh())
+        return time.perf_counter() - start
+
+    steps = {"prompt": [], "prefix": []}  # ms per decode step, one per pair
+    try:
+        with torch.no_grad():
+            for i in range(pairs):
+                for kind in (("prompt", "prefix") if i % 2 == 0 else ("prefix", "prompt")):
+                    attach_recovery_prompt(model, soft if kind == "prompt" else deep)
+                    timed(short)  # untimed: fills the prompt's once-computed cache
+                    one = timed(short)
+                    steps[kind].append(1e3 * max(timed(long) - one, 1e-9) / new_tokens)
+    finally:
+        attach_recovery_prompt(model, soft)
+    ratios = [deep_ms / soft_ms for deep_ms, soft_ms in zip(steps["prefix"], steps["prompt"])]
+    return {"pairs": pairs, "ms_per_step_prompt": statistics.median(steps["prompt"]),
+            "ms_per_step_prefix": statistics.median(steps["prefix"]), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "steps_prompt": steps["prompt"],
+            "steps_prefix": steps["prefix"]}
+
+
 def _percent(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.0f}%"
 
@@ -287,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ab-pairs", type=int, default=9,
                         help="for prompted rows: pairs of generate calls with the prompt disabled / enabled on the same "
                              "model, alternating (0: skip)")
+    parser.add_argument("--prefix-ab-pairs", type=int, default=0,
+                        help="for prompted rows: pairs of generate calls with the prompt and a recovery prefix of the "
+                             "same length attached in turn on the same model, alternating (0: skip)")
     args, machine = start_bench(parser, argv)
     sdpa = attention_microbench()
     print(f"SDPA, one query over 256 keys: bf16 {sdpa['bfloat16']:.0f} us, fp32 {sdpa['float32']:.0f} us", flush=True)
@@ -326,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:
             if prompted and not compiled and args.ab_pairs:
                 record["prompt_ab"] = measure_prompt_ab(model, prompt, args.new_tokens, args.ab_pairs,
                                                         _cache_factory(model, cache))
+            if prompted and not compiled and args.prefix_ab_pairs:
+                record["prefix_ab"] = measure_prefix_ab(model, prompt, args.new_tokens, args.prefix_ab_pairs,
+                                                        _cache_factory(model, cache))
+                print(f"{name} batch {batch}: prefix / prompt per decode step {record['prefix_ab']['ratio']:.3f}x",
+                      flush=True)
             records.append(record)
             print(f"{name} batch {batch}: {record['tokens_per_s']:.1f} tokens/s, prefill {record['prefill_s'] * 1e3:.0f} ms, "
                   f"linear share {_percent(record['linear_share_of_generate'])}, warm-up {record['warm_up_s']:.0f} s",
@@ -374,6 +422,17 @@ def main(argv: list[str] | None = None) -> None:
                   "of the drift between rows measured minutes apart. Ratio: median over the pairs, then the range."
                   "\n\n" + markdown_table(["setting", "batch", "median ms per step, prompt disabled", "enabled",
                                             "ratio (median of pairs)", "range over pairs"], ab))
+    deep = [[r["setting"].replace(PROMPT_SUFFIX, "", 1), r["batch"], f"{r['prefix_ab']['ms_per_step_prompt']:.2f}",
+             f"{r['prefix_ab']['ms_per_step_prefix']:.2f}", f"{r['prefix_ab']['ratio']:.3f}x",
+             f"{r['prefix_ab']['ratio_min']:.3f}x .. {r['prefix_ab']['ratio_max']:.3f}x"]
+            for r in records if r.get("prefix_ab")]
+    if deep:
+        table += ("\n\nA recovery prefix (method PREFIX: keys and values in every layer; here the 100-token prompt's "
+                  "own, so both give the same tokens) against the 100-token prompt, attached in turn on one model "
+                  f"object ({args.prefix_ab_pairs} alternating pairs, an untimed call after each attach; decode step as "
+                  "above). Ratio: median over the pairs of prefix / prompt, then the range.\n\n" + markdown_table(
+                      ["setting", "batch", "median ms per step, 100-token prompt", "100-token prefix",
+                       "ratio (median of pairs)", "range over pairs"], deep))
     notes = (
         f"Greedy `generate`, {args.new_tokens} new tokens after a {args.prompt_tokens}-token WikiText-2 prompt per "
         f"sequence; decode time = median generate time - median prefill time over {args.reps} runs; {args.threads} "
@@ -408,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  "hf_compress_prompt tokens/s", "ratio", "transformers resident MB",
                                                  "hf_compress_prompt resident + kernel cache MB"], pairs))
     settings = {"settings": args.settings, "batch": args.batch, "ct_model": args.ct_model, "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens, "reps": args.reps, "ab_pairs": args.ab_pairs, "threads": args.threads,
+                "new_tokens": args.new_tokens, "reps": args.reps, "ab_pairs": args.ab_pairs,
+                "prefix_ab_pairs": args.prefix_ab_pairs, "threads": args.threads,
                 "kernel_status": status(), "sdpa_decode_step_us": sdpa}
     path = write_results(args.output or f"decode_{args.threads}t", title=f"Generation speed, SmolLM2-135M-Instruct, {args.threads} thread(s)",
                          settings=settings, machine=machine, table=table, records=records,
