@@ -175,6 +175,18 @@ def test_trained_prefix_is_saved_in_peft_format_and_peft_gives_our_logits(projec
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
+def test_a_prefix_saved_by_peft_loads_as_ours(tiny_llama, projection, tmp_path):
+    twin = _peft_prefix_model(tiny_llama, projection)
+    twin.save_pretrained(tmp_path / "peft")  # PEFT saves the projection's output: every layer's keys and values
+    prefix = load_recovery_prompt(tmp_path / "peft")
+    assert isinstance(prefix, RecoveryPrefix) and prefix.num_virtual_tokens == N
+    attach_recovery_prompt(tiny_llama, prefix)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_llama(ids).logits, twin(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
 def test_the_prefix_starts_as_the_prompt_initialisations_keys_and_values(tiny_llama, projection):
     config = RecoveryConfig(method="PREFIX", num_virtual_tokens=N, prefix_projection=projection)
     start = prefix_of_prompt(tiny_llama, RecoveryPrompt(tiny_llama.get_input_embeddings().weight[:N].detach()))
