@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
 
 from .._logging import get_logger
 from ..errors import UserInputError
+from .losses import LanguageModellingTrainer
 from .runtime import recovery_prompt_of
 
 __all__ = ["DistillationTrainer", "check_teacher", "distillation_loss"]
@@ -61,16 +61,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return kl.mean() * temperature**2
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(LanguageModellingTrainer):
     """A ``transformers.Trainer`` whose training loss is :func:`distillation_loss` against ``teacher`` (frozen, run
-    without gradients on the same ``input_ids``); evaluation keeps the model's own language-modelling loss.
+    without gradients on the same ``input_ids``); evaluation keeps the language-modelling loss (computed in chunks,
+    and the frozen weights held in bf16 while training: :class:`~.losses.LanguageModellingTrainer`).
     ``recover(..., teacher=...)`` builds it with the package's one Trainer set-up (:mod:`~.trainer_setup`).
 
     Args:
         teacher (`nn.Module`): a causal LM with the student's vocabulary, usually the uncompressed model. It must
             not be the student itself, and should carry no recovery prompt.
         temperature (`float`, defaults to 1.0).
-        *args, **kwargs: passed to ``Trainer``.
+        *args, **kwargs: passed to :class:`~.losses.LanguageModellingTrainer` (``loss_chunk_size``, ...) and
+            ``Trainer``.
     """
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps

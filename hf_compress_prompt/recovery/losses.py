@@ -256,15 +256,39 @@ class LanguageModellingTrainer(Trainer):
             return None
         return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
 
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """The Trainer's mixed precision around every ``compute_loss`` (training and evaluation). ``Trainer`` leaves
+        it to accelerate's wrapper of the model's ``forward``, which is lost when something else re-binds
+        ``forward`` after ``prepare``: PEFT's ``disable_adapter()`` on a prompt-learning model (recover()'s baseline
+        validation) puts back the unwrapped ``forward`` on exit, and every later step then ran in fp32 despite
+        ``bf16=True``. Entering the autocast here as well holds whatever happens to the wrapper."""
+        return self.accelerator.autocast()
+
+    def frozen_models(self) -> list[nn.Module]:
+        """The models whose frozen linear weights :meth:`train` holds in the autocast dtype (subclasses add theirs)."""
+        return [self.model]
+
     def train(self, *args, **kwargs):
-        with frozen_linear_weights_as(self.model, self._frozen_weights_dtype()):
+        with contextlib.ExitStack() as stack:
+            for model in self.frozen_models():
+                if self.loss_chunk_size > 0:
+                    head_is_last(self.accelerator.unwrap_model(model))  # its fp32 check, before the weights change
+                stack.enter_context(frozen_linear_weights_as(model, self._frozen_weights_dtype()))
             return super().train(*args, **kwargs)
+
+    def language_modelling_loss(self, model, inputs, num_items=None):
+        """``(loss, outputs)`` of ``model`` on ``inputs`` (with labels): :func:`causal_lm_loss` under the Trainer's
+        autocast where the model allows it, else the model's own ``model(**inputs)`` loss."""
+        if self.loss_chunk_size > 0 and head_is_last(self.accelerator.unwrap_model(model)):
+            with self.accelerator.autocast():  # the model's mixed precision (accelerate wraps only its forward)
+                return causal_lm_loss(model, inputs, num_items=num_items, chunk_size=self.loss_chunk_size)
+        outputs = model(**inputs, **({} if num_items is None else {"num_items_in_batch": num_items}))
+        return outputs.loss, outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (not self.chunked_loss or inputs.get("labels") is None or self.label_smoother is not None
                 or self.compute_loss_func is not None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None  # as Trainer hands it the model
-        with self.accelerator.autocast():  # the model's mixed precision (accelerate wraps only its forward)
-            loss, outputs = causal_lm_loss(model, inputs, num_items=num_items, chunk_size=self.loss_chunk_size)
+        loss, outputs = self.language_modelling_loss(model, inputs, num_items)
         return (loss, outputs) if return_outputs else loss

@@ -13,10 +13,10 @@ every layer, its projection included) is shared the same way between models of o
 from __future__ import annotations
 
 from torch import nn
-from transformers import Trainer
 
 from ..errors import UserInputError
 from ..integrations.peft_compat import get_peft_model
+from .losses import LanguageModellingTrainer
 from .prefix import prefix_layout
 
 __all__ = ["SharedPromptTrainer", "check_partners", "tie_prompt"]
@@ -56,15 +56,18 @@ def tie_prompt(peft_model: nn.Module, partner: nn.Module, peft_config) -> nn.Mod
     return wrapped
 
 
-class SharedPromptTrainer(Trainer):
+class SharedPromptTrainer(LanguageModellingTrainer):
     """A ``transformers.Trainer`` whose loss (training and validation) is the mean language-modelling loss of the
-    model and ``partners`` on the same batch, all prompted by one tied prompt embedding (:func:`tie_prompt`).
+    model and ``partners`` on the same batch, all prompted by one tied prompt embedding (:func:`tie_prompt`), each
+    computed in chunks and with the frozen weights held in bf16 while training
+    (:class:`~.losses.LanguageModellingTrainer`).
     ``recover(..., shared_with=[...])`` builds it with the package's one Trainer set-up (:mod:`~.trainer_setup`).
 
     Args:
         partners (`list[nn.Module]`): PEFT prompt-tuning models sharing the trained model's prompt embedding; their
             weights are frozen. Only the trained model's parameters reach the optimizer.
-        *args, **kwargs: passed to ``Trainer``.
+        *args, **kwargs: passed to :class:`~.losses.LanguageModellingTrainer` (``loss_chunk_size``, ...) and
+            ``Trainer``.
     """
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
@@ -73,12 +76,16 @@ class SharedPromptTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.partners = partners
 
+    def frozen_models(self) -> list[nn.Module]:
+        return [self.model, *self.partners]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        losses = [outputs.loss]
+        first, outputs = self.language_modelling_loss(model, inputs)  # chunked where the model allows (losses.py)
+        losses = [first]
         for partner in self.partners:
             device = next(partner.parameters()).device
             with self.accelerator.autocast():  # the trained model's mixed precision (accelerate wraps only it)
-                losses.append(partner(**{k: v.to(device) for k, v in inputs.items()}).loss.to(outputs.loss.device))
+                loss, _ = self.language_modelling_loss(partner, {k: v.to(device) for k, v in inputs.items()})
+            losses.append(loss.to(first.device))
         loss = sum(losses) / len(losses)
         return (loss, outputs) if return_outputs else loss

@@ -332,11 +332,13 @@ def _language_modelling(teacher, tied, config: RecoveryConfig):
 
 
 def _distillation(teacher, tied, config: RecoveryConfig):
-    return DistillationTrainer, {"teacher": teacher}
+    return DistillationTrainer, {"teacher": teacher, "loss_chunk_size": config.loss_chunk_size,
+                                 "cast_frozen_weights": config.cast_frozen_weights}
 
 
 def _shared_prompt(teacher, tied, config: RecoveryConfig):
-    return SharedPromptTrainer, {"partners": tied}
+    return SharedPromptTrainer, {"partners": tied, "loss_chunk_size": config.loss_chunk_size,
+                                 "cast_frozen_weights": config.cast_frozen_weights}
 
 
 _LOSSES = {  # the loss -> (teacher, tied partner models, config) -> (its Trainer class, that class's own arguments)

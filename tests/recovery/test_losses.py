@@ -173,9 +173,18 @@ def test_prefix_tuning_loss_equals_the_models_own():
         assert (g - r).norm() <= 1e-4 * r.norm()
 
 
+LOSS_SETUPS = {  # the loss recover() trains -> the extra models it needs (built fresh for each run)
+    "language modelling": lambda build: {},
+    "shared prompt": lambda build: {"shared_with": [build(initializer_range=0.12)]},
+    "distillation": lambda build: {"teacher": build(initializer_range=0.12)},
+}
+
+
+@pytest.mark.parametrize("loss", LOSS_SETUPS)
 @pytest.mark.parametrize("bf16", [False, True])
-def test_recover_with_the_chunked_loss_and_cast_weights_equals_the_plain_loss(bf16, byte_tokenizer, monkeypatch):
-    from builders import build_steerable_llama
+def test_recover_with_the_chunked_loss_and_cast_weights_equals_the_plain_loss(bf16, loss, byte_tokenizer,
+                                                                              monkeypatch):
+    from builders import build_llama
 
     from hf_compress_prompt.recovery import losses
     from hf_compress_prompt.recovery.data import TokenWindows
@@ -191,16 +200,48 @@ def test_recover_with_the_chunked_loss_and_cast_weights_equals_the_plain_loss(bf
                 "bf16": bf16, "learning_rate": 0.03, "max_steps": 4}
     runs = {}
     for name, fast in {"plain": (0, False), "fast": (16, True)}.items():
-        model = build_steerable_llama()
-        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        model = build_llama(initializer_range=0.1)
+        extra = LOSS_SETUPS[loss](build_llama)
+        frozen = [model, *extra.get("shared_with", [])]
+        weights = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen]
         calls.clear()
         runs[name] = recover(model, byte_tokenizer, train_dataset=train, eval_dataset=valid,
-                             loss_chunk_size=fast[0], cast_frozen_weights=fast[1], **settings)
+                             loss_chunk_size=fast[0], cast_frozen_weights=fast[1], **extra, **settings)
         assert bool(calls) == (name == "fast")  # the chunked loss ran (training and validation) only when asked
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # fp32 weights given back
+        for m, before in zip(frozen, weights):  # fp32 weights given back
+            assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     plain, fast = ([h["eval_loss"] for h in runs[n].history] for n in ("plain", "fast"))
     assert len(plain) == len(fast) == 3
     assert max(abs(a - b) for a, b in zip(plain, fast)) < (2e-2 if bf16 else 1e-4)
     assert plain[-1] < plain[0] - 0.05  # the prompt learnt: the curves compared are not flat
     difference = (runs["fast"].prompt.embedding - runs["plain"].prompt.embedding).norm()
     assert difference <= (5e-2 if bf16 else 1e-3) * runs["plain"].prompt.embedding.norm()
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("PROMPT", 0), ("PROMPT", 16), ("LORA", 0)])
+def test_bf16_training_steps_run_under_autocast(method, chunk, byte_tokenizer):
+    """recover()'s baseline validation disables the adapter; for a prompt, PEFT then puts back a forward without
+    accelerate's autocast wrapper, and the steps used to run in fp32 despite bf16=True."""
+    from builders import build_llama
+    from transformers import TrainerCallback
+
+    from hf_compress_prompt.recovery.data import TokenWindows
+    from hf_compress_prompt.recovery.train import recover
+
+    model = build_llama(initializer_range=0.1)
+    seen = {True: [], False: []}  # training mode -> autocast enabled in each forward of a block linear
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.hook = model.model.layers[0].mlp.up_proj.register_forward_pre_hook(
+                lambda m, a: seen[m.training].append(torch.is_autocast_enabled("cpu")))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.hook.remove()
+
+    windows = torch.randint(3, 250, (6, 32), generator=torch.Generator().manual_seed(0))
+    recover(model, byte_tokenizer, train_dataset=TokenWindows(windows[:4]), eval_dataset=TokenWindows(windows[4:]),
+            method=method, loss_chunk_size=chunk, num_virtual_tokens=4, seqlen=32, batch_size=2, eval_steps=2, eval_windows=2, bf16=True,
+            max_steps=2, callbacks=[Watch()])
+    assert len(seen[True]) == 2 and all(seen[True])  # both steps
+    assert seen[False] and all(seen[False])  # and the validation during training
