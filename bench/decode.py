@@ -219,13 +219,12 @@ def measure(model, prompt: torch.Tensor, new_tokens: int, reps: int, compiled: b
             "warm_up_s": warm_up}
 
 
-def measure_prompt_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, cache=None) -> dict:
-    """The prompt's decode cost on one model object: generate with the prompt disabled and enabled, alternating
-    (pair i runs off then on for even i, on then off for odd i), so both states see the same weights, kernels and
-    the machine's drift. Per call, the time of a decode step = (generate of 1 + ``new_tokens`` tokens - generate of
-    1 token) / ``new_tokens``: prefill cancels out. Ratio = median over pairs of (with / without)."""
-    from hf_compress_prompt.recovery import disable_recovery_prompt, enable_recovery_prompt
-
+def _alternating_steps(model, prompt: torch.Tensor, new_tokens: int, pairs: int, cache, states: dict, *,
+                       warm: bool = False) -> dict[str, list[float]]:
+    """ms per decode step in each of two ``states`` (name -> a function that puts ``model`` in that state), one
+    figure per pair, alternating (pair i runs the states in order for even i, reversed for odd i) so both see the
+    same weights, kernels and the machine's drift. Per call, a decode step = (generate of 1 + ``new_tokens`` tokens
+    - generate of 1 token) / ``new_tokens``: prefill cancels out. ``warm``: one untimed call after entering a state."""
     attention = torch.ones_like(prompt)
     short, long = _generation_config(model, 1), _generation_config(model, 1 + new_tokens)
     fresh = cache or dict
@@ -235,49 +234,50 @@ def measure_prompt_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, 
         model.generate(prompt, attention_mask=attention, generation_config=config, **fresh())
         return time.perf_counter() - start
 
-    steps = {False: [], True: []}  # prompt enabled -> ms per decode step, one per pair
+    names = list(states)
+    steps = {name: [] for name in names}
+    with torch.no_grad():
+        for i in range(pairs):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                states[name]()
+                if warm:
+                    timed(short)
+                one = timed(short)
+                steps[name].append(1e3 * max(timed(long) - one, 1e-9) / new_tokens)
+    return steps
+
+
+def measure_prompt_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, cache=None) -> dict:
+    """The prompt's decode cost on one model object: generate with the prompt disabled and enabled, alternating
+    (:func:`_alternating_steps`). Ratio = median over pairs of (with / without)."""
+    from hf_compress_prompt.recovery import disable_recovery_prompt, enable_recovery_prompt
+
     try:
-        with torch.no_grad():
-            for i in range(pairs):
-                for enabled in ((False, True) if i % 2 == 0 else (True, False)):
-                    (enable_recovery_prompt if enabled else disable_recovery_prompt)(model)
-                    one = timed(short)
-                    steps[enabled].append(1e3 * max(timed(long) - one, 1e-9) / new_tokens)
+        steps = _alternating_steps(model, prompt, new_tokens, pairs, cache,
+                                   {"without": lambda: disable_recovery_prompt(model),
+                                    "with": lambda: enable_recovery_prompt(model)})
     finally:
         enable_recovery_prompt(model)
-    ratios = [on / off for on, off in zip(steps[True], steps[False])]
-    return {"pairs": pairs, "ms_per_step_without": statistics.median(steps[False]),
-            "ms_per_step_with": statistics.median(steps[True]), "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios), "ratio_max": max(ratios), "steps_without": steps[False], "steps_with": steps[True]}
+    ratios = [on / off for on, off in zip(steps["with"], steps["without"])]
+    return {"pairs": pairs, "ms_per_step_without": statistics.median(steps["without"]),
+            "ms_per_step_with": statistics.median(steps["with"]), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "steps_without": steps["without"],
+            "steps_with": steps["with"]}
 
 
 def measure_prefix_ab(model, prompt: torch.Tensor, new_tokens: int, pairs: int, cache=None) -> dict:
     """A recovery prefix's decode cost against the prompt of the same length on one model object: the attached
     prompt and its prefix (``prefix_of_prompt``: the same keys and values, so the same tokens) attached in turn,
-    alternating as :func:`measure_prompt_ab` does; each attach is followed by an untimed call (the prompt's cache is
+    alternating (:func:`_alternating_steps`); each attach is followed by an untimed call (the prompt's cache is
     computed once per attach). Ratio = median over pairs of (prefix / prompt)."""
     from hf_compress_prompt.recovery import recovery_prompt_of
 
     soft = recovery_prompt_of(model)
     deep = prefix_of_prompt(model, soft)
-    attention = torch.ones_like(prompt)
-    short, long = _generation_config(model, 1), _generation_config(model, 1 + new_tokens)
-    fresh = cache or dict
-
-    def timed(config) -> float:
-        start = time.perf_counter()
-        model.generate(prompt, attention_mask=attention, generation_config=config, **fresh())
-        return time.perf_counter() - start
-
-    steps = {"prompt": [], "prefix": []}  # ms per decode step, one per pair
     try:
-        with torch.no_grad():
-            for i in range(pairs):
-                for kind in (("prompt", "prefix") if i % 2 == 0 else ("prefix", "prompt")):
-                    attach_recovery_prompt(model, soft if kind == "prompt" else deep)
-                    timed(short)  # untimed: fills the prompt's once-computed cache
-                    one = timed(short)
-                    steps[kind].append(1e3 * max(timed(long) - one, 1e-9) / new_tokens)
+        steps = _alternating_steps(model, prompt, new_tokens, pairs, cache,
+                                   {"prompt": lambda: attach_recovery_prompt(model, soft),
+                                    "prefix": lambda: attach_recovery_prompt(model, deep)}, warm=True)
     finally:
         attach_recovery_prompt(model, soft)
     ratios = [deep_ms / soft_ms for deep_ms, soft_ms in zip(steps["prefix"], steps["prompt"])]
