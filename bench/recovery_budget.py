@@ -38,7 +38,6 @@ from common import (
 )
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
-from hf_compress_prompt.recovery import detach_recovery_prompt
 from hf_compress_prompt.recovery.data import TokenWindows
 from hf_compress_prompt.recovery.generated import GenerationSettings, generated_texts, text_windows
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
@@ -263,9 +262,6 @@ def main(argv: list[str] | None = None) -> None:
         for arm in args.arms:
             records[arm]["kick"] = _kick_scores(kick, f"+ {arm}")
         _log("LLM-KICK subset done")
-    for arm, model in recovered_models.items():
-        if model is not None and getattr(model, "_hcp_recovery", None) is not None:
-            detach_recovery_prompt(model)
 
     # the curve: each validation's perplexity drop as a share of the arm's own baseline (its validation data differ
     # between data arms, so absolute validation perplexities do not compare; WikiText-2 / PTB in the table do)
