@@ -38,8 +38,9 @@ from common import (
 )
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
+from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.recovery.data import TokenWindows
-from hf_compress_prompt.recovery.generated import GenerationSettings, generated_texts, text_windows
+from hf_compress_prompt.recovery.generated import generated_split, settings_for
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 from hf_compress_prompt.recovery.transfer import gap_closed
 
@@ -115,23 +116,21 @@ def _questions(limit_after: int, count: int) -> list[str]:
 
 
 def _generated_data(dense, tokenizer, kind: str, args) -> tuple[TokenWindows, TokenWindows, dict]:
-    """Training and validation windows of the dense model's own text (the validation windows are the last
-    --eval-windows ones, never trained on)."""
+    """Training and validation windows of the dense model's own text, as ``recover(dataset="generated")`` makes
+    them (the validation windows are the last --eval-windows ones, never trained on)."""
     start = time.perf_counter()
     if kind == "self":
-        settings = GenerationSettings(kind="continuations", count=args.self_texts, max_new_tokens=args.self_tokens)
-        texts = generated_texts(dense, tokenizer, settings)
+        settings, questions = settings_for("continuations", args.self_texts, args.self_tokens), None
     else:
-        settings = GenerationSettings(kind="chat", count=args.chat_texts, max_new_tokens=args.chat_tokens,
-                                      temperature=0.7, top_p=0.9)
-        texts = generated_texts(dense, tokenizer, settings, questions=_questions(args.limit, args.chat_texts))
-    windows = text_windows(texts, tokenizer, args.seqlen)
-    if windows.shape[0] <= args.eval_windows:
-        raise SystemExit(f"{kind}: {windows.shape[0]} windows of generated text, need more than --eval-windows "
-                         f"{args.eval_windows}; generate more")
-    info = {"settings": settings.__dict__, "texts": len(texts), "windows": int(windows.shape[0]),
-            "seconds_to_read_or_generate": time.perf_counter() - start}
-    return (TokenWindows(windows[: -args.eval_windows]), TokenWindows(windows[-args.eval_windows:]), info)
+        settings, questions = settings_for("chat", args.chat_texts, args.chat_tokens), _questions(args.limit,
+                                                                                                  args.chat_texts)
+    try:
+        train, valid = generated_split(dense, tokenizer, args.seqlen, args.eval_windows, settings, questions=questions)
+    except UserInputError as exc:
+        raise SystemExit(f"{kind}: {exc}") from None
+    info = {"settings": settings.__dict__, "texts": min(settings.count, len(questions or [None] * settings.count)),
+            "windows": int(train.shape[0] + valid.shape[0]), "seconds_to_read_or_generate": time.perf_counter() - start}
+    return TokenWindows(train), TokenWindows(valid), info
 
 
 def _probe(model, tokenizer, config: RecoveryConfig, data: dict) -> float:

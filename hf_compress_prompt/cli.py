@@ -369,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--teacher", default=None, metavar="MODEL",
                     help="distil from this model (usually the uncompressed one; 'default' = the embedded SmolLM2): "
                          "train on the KL to its next-token distributions instead of the corpus' next tokens")
+    rc.add_argument("--generator", default=None, metavar="MODEL",
+                    help="with --dataset generated: the dense model that writes the training text ('default' = the "
+                         "embedded SmolLM2); generated once and cached")
+    rc.add_argument("--questions", default=None, metavar="FILE",
+                    help="with --dataset generated --generate-kind chat: the questions it answers, one per line")
     rc.add_argument("--shared-with", nargs="+", default=None, metavar="MODEL",
                     help="other compressions of the same base model: train one prompt for all of them at once (mean "
                          "loss; one pass per model and step); it is saved with --output's model")
@@ -592,6 +597,18 @@ def _prompt_dir(path: str) -> Path:
     return folder / PROMPT_SUBFOLDER if (folder / PROMPT_SUBFOLDER).is_dir() else folder
 
 
+def _questions(path: str) -> list[str]:
+    """The non-empty lines of ``path``."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UserInputError(f"--questions {path}: cannot read it ({exc.strerror or exc})") from None
+    questions = [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise UserInputError(f"--questions {path} holds no question (one per line)")
+    return questions
+
+
 def _cmd_recover(args: argparse.Namespace) -> int:
     from .integrations.checkpoints import save_pretrained
     from .models import load_model_and_tokenizer
@@ -601,13 +618,25 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     config = RecoveryConfig(**_config_values(args, _recovery_options()))  # bad settings fail before the model loads
     if args.resume and not args.checkpoints:
         raise UserInputError("--resume needs --checkpoints (the folder the interrupted run wrote)")
+    questions = _questions(args.questions) if args.questions else None
+    if config.dataset == "generated" and not args.generator:
+        raise UserInputError("--dataset generated trains on text the dense model writes: add --generator MODEL (its "
+                             "folder or Hub id; 'default' = the embedded SmolLM2)")
+    if args.generator and config.dataset != "generated":
+        raise UserInputError(f"--generator writes the training text of --dataset generated (not {config.dataset}): "
+                             "add --dataset generated or drop --generator")
+    if config.dataset == "generated" and config.generate_kind == "chat" and not questions:
+        raise UserInputError("--generate-kind chat needs --questions FILE (one question per line)")
     model, tokenizer = load_model_and_tokenizer(args.model)
+    generator = None
+    if args.generator:
+        generator, _ = load_model_and_tokenizer(None if args.generator == "default" else args.generator)
     teacher = None
     if args.teacher:
         teacher, _ = load_model_and_tokenizer(None if args.teacher == "default" else args.teacher)
     partners = [load_model_and_tokenizer(path)[0] for path in args.shared_with or []]
     result = recover(model, tokenizer, config, output_dir=args.checkpoints, resume_from_checkpoint=args.resume or None,
-                     teacher=teacher, shared_with=partners)
+                     teacher=teacher, shared_with=partners, generator=generator, questions=questions)
     for h in result.history:
         print(f"step {h['step']}: validation perplexity {h['perplexity']:.3f}"
               + (" (before training)" if h.get("baseline") else ""))

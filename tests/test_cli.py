@@ -153,6 +153,19 @@ def test_recover_distils_from_a_teacher(tiny_llama_dir, data_dir, tmp_path):
     assert metadata["loss"].startswith("KL") and metadata["teacher"]
 
 
+def test_recover_trains_on_text_the_dense_model_writes(tiny_llama_dir, tmp_path, monkeypatch):
+    from hf_compress_prompt.recovery import load_recovery_prompt
+
+    monkeypatch.setenv("HF_COMPRESS_PROMPT_GENERATED_CACHE", str(tmp_path / "generated"))
+    out = tmp_path / "self-taught"
+    code = main(["recover", "--model", str(tiny_llama_dir), "--output", str(out), "--steps", "2", "--tokens", "2",
+                 "--seqlen", "8", "--batch-size", "2", "--eval-steps", "1", "--eval-windows", "1", "--dataset",
+                 "generated", "--generator", str(tiny_llama_dir), "--generate-count", "2", "--generate-tokens", "24"])
+    assert code == EXIT_OK
+    assert load_recovery_prompt(out / "recovery_prompt").metadata["training"]["dataset"] == "generated"
+    assert len(list((tmp_path / "generated").glob("generated-*.jsonl"))) == 1
+
+
 def test_recover_shares_one_prompt_between_two_models(tiny_llama_dir, data_dir, tmp_path, capsys):
     from hf_compress_prompt import from_pretrained
     from hf_compress_prompt.formats import RECIPE_CONFIG_KEY

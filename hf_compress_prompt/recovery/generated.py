@@ -32,8 +32,8 @@ from torch import nn
 from .._logging import get_logger
 from ..errors import UserInputError
 
-__all__ = ["CACHE_ENV", "GENERATION_KINDS", "GenerationSettings", "generate_texts", "generated_texts",
-           "generated_windows", "text_windows"]
+__all__ = ["CACHE_ENV", "GENERATION_KINDS", "GenerationSettings", "generate_texts", "generated_split",
+           "generated_texts", "generated_windows", "settings_for", "text_windows"]
 
 logger = get_logger(__name__)
 
@@ -253,3 +253,29 @@ def generated_windows(model: nn.Module, tokenizer, seqlen: int, settings: Genera
     trains a prompt with no dataset at all."""
     texts = generated_texts(model, tokenizer, settings, starts=starts, questions=questions, cache_dir=cache_dir)
     return text_windows(texts, tokenizer, seqlen, max_windows=max_windows)
+
+
+def settings_for(kind: str, count: int, max_new_tokens: int) -> GenerationSettings:
+    """The settings :func:`~.train.recover` generates with for ``dataset="generated"``: unconditional samples at the
+    model's own distribution (temperature 1, top-p 0.95), or chat answers a little sharper (temperature 0.7,
+    top-p 0.9: an answer, not a ramble)."""
+    if kind == "chat":
+        return GenerationSettings(kind="chat", count=count, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9)
+    return GenerationSettings(kind=kind, count=count, max_new_tokens=max_new_tokens)
+
+
+def generated_split(model: nn.Module, tokenizer, seqlen: int, eval_windows: int,
+                    settings: GenerationSettings | None = None, *, questions: Sequence[str] | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation windows of the text ``model`` writes (:func:`generated_windows`): the last
+    ``eval_windows`` windows validate and are never trained on.
+
+    Returns:
+        `(train, valid)`: `torch.LongTensor`s of shape `(windows, seqlen)`.
+    """
+    windows = generated_windows(model, tokenizer, seqlen, settings, questions=questions, cache_dir=cache_dir)
+    if windows.shape[0] <= eval_windows:
+        raise UserInputError(f"the generated text gives {windows.shape[0]} windows of {seqlen} tokens, not more than "
+                             f"eval_windows={eval_windows}: generate more texts or tokens per text, or lower "
+                             "eval_windows / seqlen")
+    return windows[:-eval_windows], windows[-eval_windows:]

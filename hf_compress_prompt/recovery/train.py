@@ -37,6 +37,7 @@ from ..integrations.trainer_callbacks import BestValidationCallback
 from ..nn import PackedLinear, has_packed_layers
 from .data import PromptTuningCollator, TokenWindows, token_windows
 from .distill import DistillationTrainer, check_teacher
+from .generated import GENERATION_KINDS, generated_split, settings_for
 from .losses import LanguageModellingTrainer
 from .prefix import RecoveryPrefix, check_prefix_length, prefix_layout
 from .runtime import (
@@ -53,6 +54,8 @@ __all__ = ["PromptInit", "RecoveryConfig", "RecoveryMethod", "RecoveryResult", "
            "prompt_tuning_model", "recover"]
 
 logger = get_logger(__name__)
+
+GENERATED = "generated"  # RecoveryConfig.dataset: text the dense model writes (recover(..., generator=dense))
 
 
 class RecoveryMethod(str, enum.Enum):
@@ -87,7 +90,14 @@ class RecoveryConfig:
     num_virtual_tokens: int = field(default=100, metadata={"help": "virtual tokens in the prompt"})
     init: PromptInit = field(default=PromptInit.VOCAB, metadata={"help": "VOCAB, TEXT, SAMPLE_VOCAB or RANDOM"})
     init_text: str | None = field(default=None, metadata={"help": "the text for init=TEXT"})
-    dataset: str = field(default="c4", metadata={"help": "registered corpus to train on (hf_compress_prompt.list_corpora())"})
+    dataset: str = field(default="c4", metadata={
+        "help": "registered corpus to train on (hf_compress_prompt.list_corpora()), or 'generated': text the dense "
+                "model writes itself (recover(..., generator=dense); no dataset at all)"})
+    generate_kind: str = field(default="continuations", metadata={
+        "help": "dataset='generated': 'continuations' (samples from BOS) or 'chat' (answers to questions=[...] in the "
+                "chat template)"})
+    generate_count: int = field(default=256, metadata={"help": "dataset='generated': texts to generate (cached)"})
+    generate_tokens: int = field(default=320, metadata={"help": "dataset='generated': tokens sampled per text at most"})
     seqlen: int = field(default=512, metadata={"help": "tokens per training window"})
     max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=4, metadata={"help": "windows per step"})
@@ -115,13 +125,16 @@ class RecoveryConfig:
     def __post_init__(self):
         self.init = PromptInit(self.init)
         self.method = RecoveryMethod(self.method)
-        for name in ("num_virtual_tokens", "seqlen", "batch_size", "eval_steps", "eval_windows"):
+        for name in ("num_virtual_tokens", "seqlen", "batch_size", "eval_steps", "eval_windows", "generate_count",
+                     "generate_tokens"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name}={getattr(self, name)} must be >= 1")
         if self.loss_chunk_size < 0:
             raise UserInputError(f"loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: the model's own loss)")
         if self.max_steps < 1:
             raise UserInputError(f"max_steps={self.max_steps}: training needs at least one step")
+        if self.generate_kind not in GENERATION_KINDS:
+            raise UserInputError(f"generate_kind={self.generate_kind!r}; use one of {', '.join(GENERATION_KINDS)}")
         if self.init is PromptInit.TEXT and not self.init_text:
             raise UserInputError("init=TEXT needs init_text")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio"):
@@ -281,7 +294,9 @@ def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, te
         "steps": steps,
         "best_step": callback.best_step,
         "best_validation_perplexity": callback.best_perplexity,
-        "validation": f"{config.eval_windows} x {config.seqlen} tokens of held-out {config.dataset} documents",
+        "validation": f"{config.eval_windows} x {config.seqlen} tokens of held-out "
+                      + ("generated text (its last windows)" if config.dataset == GENERATED
+                         else f"{config.dataset} documents"),
         "vocab_size": model.config.vocab_size,
         "hidden_size": model.get_input_embeddings().embedding_dim,
         **shared,
@@ -394,12 +409,40 @@ def _check_models(model: nn.Module, config: RecoveryConfig, teacher: nn.Module |
         check_partners(model, partners, prefix=config.method is RecoveryMethod.PREFIX)
 
 
-def _datasets(config: RecoveryConfig, tokenizer, train_dataset, eval_dataset):
-    """The given datasets, or windows of ``config.dataset`` (validation from held-out documents); the config then
-    names the corpus that was read (C4 unreachable: the offline sample)."""
+def _check_generator(model: nn.Module, config: RecoveryConfig, generator: nn.Module | None, questions,
+                     given: bool) -> None:
+    """``dataset="generated"`` needs the dense model that writes the text (and questions for chat answers); a
+    generator is read for nothing else."""
+    if config.dataset != GENERATED or given:
+        if generator is not None or questions is not None:
+            raise UserInputError("generator= / questions= write the training text for dataset='generated' (and no "
+                                 "train_dataset / eval_dataset given); set dataset='generated' or drop them")
+        return
+    if generator is None:
+        raise UserInputError("dataset='generated' trains on text the dense (uncompressed) model writes: pass it, "
+                             "recover(compressed, tokenizer, config, generator=dense_model) (CLI: --generator MODEL), "
+                             "or train on a corpus (dataset='c4')")
+    if model is not None and generator.get_input_embeddings().weight.shape[0] != \
+            model.get_input_embeddings().weight.shape[0]:
+        raise UserInputError(f"the generator's vocabulary ({generator.get_input_embeddings().weight.shape[0]}) is not "
+                             f"the model's ({model.get_input_embeddings().weight.shape[0]}): generate with the dense "
+                             "model this one was compressed from")
+    if config.generate_kind == "chat" and not questions:
+        raise UserInputError("generate_kind='chat' needs the questions the dense model answers: "
+                             "recover(..., generator=dense_model, questions=[...]) (CLI: --questions FILE)")
 
+
+def _datasets(config: RecoveryConfig, tokenizer, train_dataset, eval_dataset, generator=None, questions=None):
+    """The given datasets, or windows of ``config.dataset`` (validation from held-out documents) or of the text
+    ``generator`` writes (validation: the last windows); the config then names the corpus that was read (C4
+    unreachable: the offline sample)."""
+    if (train_dataset is None or eval_dataset is None) and config.dataset == GENERATED:
+        settings = settings_for(config.generate_kind, config.generate_count, config.generate_tokens)
+        train, valid = generated_split(generator, tokenizer, config.seqlen, config.eval_windows, settings,
+                                       questions=questions)
+        return (config, train_dataset if train_dataset is not None else TokenWindows(train),
+                eval_dataset if eval_dataset is not None else TokenWindows(valid))
     if train_dataset is None or eval_dataset is None:
-
         dataset, split = training_corpus(config.dataset)  # C4 unreachable: the offline sample, said in one line
         if dataset != config.dataset:
             config = RecoveryConfig(**{**config.to_dict(), "dataset": dataset})  # the metadata records what ran
@@ -427,6 +470,8 @@ def recover(
     attach: bool = True,
     teacher: nn.Module | None = None,
     shared_with: list[nn.Module] | None = None,
+    generator: nn.Module | None = None,
+    questions: list[str] | None = None,
     **overrides,
 ) -> RecoveryResult:
     """Trains a soft prompt that recovers ``model``'s quality (all weights frozen) and returns it.
@@ -452,6 +497,11 @@ def recover(
             trained for all of them at once (:mod:`~.shared`; mean loss, one pass per model and step), and attached
             to each when ``attach``. ``best_perplexity`` is then the geometric mean over the models. PROMPT or
             PREFIX (the prefix's projection, if any, is shared too).
+        generator (`nn.Module`, *optional*): with ``config.dataset="generated"``: the dense model whose own text
+            (``config.generate_kind``, ``generate_count`` texts of up to ``generate_tokens``) is the training data,
+            generated once and cached (:mod:`~.generated`); the last ``eval_windows`` windows validate.
+        questions (`list[str]`, *optional*): what the generator answers for ``generate_kind="chat"``; keep them
+            apart from any evaluation questions.
 
     Returns:
         `RecoveryResult` with the best-validation prompt.
@@ -461,7 +511,9 @@ def recover(
     method = _METHODS[config.method]
     partners = list(shared_with or [])
     _check_models(model, config, teacher, partners)
-    config, train_dataset, eval_dataset = _datasets(config, tokenizer, train_dataset, eval_dataset)
+    _check_generator(model, config, generator, questions, given=train_dataset is not None and eval_dataset is not None)
+    config, train_dataset, eval_dataset = _datasets(config, tokenizer, train_dataset, eval_dataset, generator,
+                                                    questions)
 
     targets = [model, *partners]  # every model the prompt trains on
     previous = [recovery_prompt_of(m) for m in targets]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from builders import build_tiny_llama
+from builders import build_llama, build_tiny_llama
 
 from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.recovery import generated
@@ -158,3 +158,70 @@ def test_refusals_name_what_is_missing(tmp_path, byte_tokenizer):
     with pytest.raises(UserInputError, match="fewer than one window"):
         text_windows(["ab"], byte_tokenizer, 64)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_recover_on_generated_text_needs_no_dataset(tmp_path, byte_tokenizer, monkeypatch):
+    from hf_compress_prompt.recovery import recovery_prompt_of
+    from hf_compress_prompt.recovery.train import recover
+
+    monkeypatch.setenv(generated.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr("hf_compress_prompt.recovery.train.training_corpus", None)  # no corpus is read
+    dense = build_tiny_llama()
+    compressed = copy.deepcopy(dense)
+    config = {"dataset": "generated", "generate_count": 4, "generate_tokens": 40, "seqlen": 16, "eval_windows": 2,
+              "num_virtual_tokens": 2, "max_steps": 4, "batch_size": 2, "eval_steps": 2, "bf16": False}
+    result = recover(compressed, byte_tokenizer, generator=dense, **config)
+    assert result.best_perplexity <= result.baseline_perplexity
+    assert recovery_prompt_of(compressed) is not None
+    assert [p.name.startswith("generated-") for p in tmp_path.iterdir()] == [True]  # generated once, cached
+    metadata = result.prompt.metadata
+    assert metadata["training"]["dataset"] == "generated" and "generated text" in metadata["validation"]
+    # the same request reads the cache: the same windows, so the same baseline
+    again = recover(copy.deepcopy(dense), byte_tokenizer, generator=dense, **config)
+    assert again.baseline_perplexity == pytest.approx(result.baseline_perplexity)
+
+
+def test_recover_on_chat_answers(tmp_path, chat_tokenizer, monkeypatch):
+    from hf_compress_prompt.recovery.train import recover
+
+    monkeypatch.setenv(generated.CACHE_ENV, str(tmp_path))
+    dense = build_tiny_llama()
+    result = recover(copy.deepcopy(dense), chat_tokenizer, generator=dense, questions=["why?", "who?", "what?"],
+                     dataset="generated", generate_kind="chat", generate_count=3, generate_tokens=40, seqlen=16,
+                     eval_windows=1, num_virtual_tokens=2, max_steps=2, batch_size=2, eval_steps=1, bf16=False)
+    assert result.prompt is not None
+    header = json.loads(next(tmp_path.iterdir()).read_text().splitlines()[0])
+    assert header["settings"]["kind"] == "chat" and header["texts"] == 3
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"dataset": "generated"}, "generator=dense_model"),
+    ({"generator": True}, "set dataset='generated'"),
+    ({"questions": ["q"]}, "set dataset='generated'"),
+    ({"dataset": "generated", "generator": True, "generate_kind": "chat"}, "questions"),
+    ({"dataset": "generated", "generator": "other vocabulary"}, "vocabulary"),
+    ({"dataset": "generated", "generator": True, "generate_count": 1, "generate_tokens": 8}, "fewer than one window"),
+    ({"dataset": "generated", "generator": True, "generate_count": 1, "generate_tokens": 40, "eval_windows": 4},
+     "eval_windows=4"),
+    ({"generate_kind": "poems"}, "generate_kind='poems'"),
+    ({"generate_count": 0}, "generate_count=0"),
+])
+def test_recover_refuses_a_generation_request_it_cannot_serve(tmp_path, byte_tokenizer, monkeypatch, kwargs,
+                                                               fragment):
+    from hf_compress_prompt.recovery import recovery_prompt_of
+    from hf_compress_prompt.recovery.train import recover
+
+    monkeypatch.setenv(generated.CACHE_ENV, str(tmp_path / "cache"))
+    dense = build_tiny_llama()
+    compressed = copy.deepcopy(dense)
+    before = {k: v.clone() for k, v in compressed.state_dict().items()}
+    if kwargs.get("generator") is True:
+        kwargs = {**kwargs, "generator": dense}
+    elif kwargs.get("generator") == "other vocabulary":
+        kwargs = {**kwargs, "generator": build_llama(vocab_size=300, num_hidden_layers=2, eos_token_id=256, pad_token_id=256, bos_token_id=256)}
+    with pytest.raises(UserInputError, match=fragment.replace("(", r"\(")):
+        recover(compressed, byte_tokenizer, seqlen=16, max_steps=2, batch_size=2, num_virtual_tokens=2, bf16=False,
+                output_dir=tmp_path / "run", **kwargs)
+    assert recovery_prompt_of(compressed) is None
+    assert all(torch.equal(before[k], v) for k, v in compressed.state_dict().items())
+    assert not (tmp_path / "run").exists()  # nothing trained or written (a too-short text may be cached: it is ours)
