@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = bench_parser(__doc__, threads=2)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--minutes", type=float, default=4.0, help="CPU minutes of training per arm (user + system)")
+    parser.add_argument("--minutes", type=float, default=6.0, help="CPU minutes of training per arm (user + system)")
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-2, help="prompt / prefix learning rate (LoRA: 2e-4)")
