@@ -31,7 +31,7 @@ from ..compressors.blocks import find_decoder_layers, find_linear_layers
 from ..data import training_corpus
 from ..errors import UserInputError
 from ..formats.schema import RECIPE_CONFIG_KEY
-from ..integrations.peft_compat import get_peft_model
+from ..integrations.peft_compat import get_peft_model, quiet_peft_forward
 from ..integrations.peft_lora import lora_config_for
 from ..integrations.trainer_callbacks import BestValidationCallback
 from ..nn import PackedLinear, has_packed_layers
@@ -532,7 +532,7 @@ def recover(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     loss = "shared prompt" if tied else "language modelling" if teacher is None else "distillation"
     trainer_class, trainer_extra = _LOSSES[loss](teacher, tied, config)
-    with tempfile.TemporaryDirectory(prefix="hcp-recover-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="hcp-recover-") as scratch, quiet_peft_forward():
         args = training_arguments(output_dir or scratch, seed=config.seed, overrides=training_args,
                                   **_schedule(config, save=output_dir is not None))
         trainer = build_trainer(trainer_class, args, callbacks=[callback, *(callbacks or [])], model=trained,

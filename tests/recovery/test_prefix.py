@@ -174,6 +174,16 @@ def test_trained_prefix_is_saved_in_peft_format_and_peft_gives_our_logits(projec
     assert isinstance(reread, RecoveryPrefix) and torch.equal(reread.key_values, prefix.key_values)
 
 
+def test_prefix_training_shows_none_of_pefts_own_deprecation_warnings(byte_tokenizer):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recover(build_tiny_llama(), byte_tokenizer, method="PREFIX", max_steps=2,
+                train_dataset=TokenWindows(_windows(4)), eval_dataset=TokenWindows(_windows(2)), **FAST)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]  # PEFT's forward, not the user's call
+
+
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
 def test_a_prefix_saved_by_peft_loads_as_ours(tiny_llama, projection, tmp_path):
     twin = _peft_prefix_model(tiny_llama, projection)
