@@ -16,3 +16,27 @@ def test_help(script):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+needs_no_gpu = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+
+
+@needs_no_gpu
+def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
+    results = BENCH.parent / "docs" / "results"
+    before = sorted(p.name for p in results.iterdir())
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path)}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA GPU" in proc.stdout and "skipped" in proc.stdout
+    assert list(tmp_path.iterdir()) == [] and sorted(p.name for p in results.iterdir()) == before  # nothing written
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("argv", [["kernels_gpu.py"], ["recovery.py", "--device", "cuda"]], ids=" ".join)
+def test_gpu_benches_refuse_in_one_line_without_a_gpu(argv):
+    proc = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert "GPU" in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
