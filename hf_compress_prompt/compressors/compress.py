@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,8 +46,10 @@ __all__ = [
     "CompressionResult",
     "block_linears",
     "compress_",
+    "prepare_recipe",
     "record_pruned",
     "record_quantized",
+    "record_recipe",
     "register_compressor",
 ]
 
@@ -124,39 +127,38 @@ def _quantize_head(model, step, state, report) -> None:
     record_quantized(state, name, head, qw, report)
 
 
-@register_compressor(RTNConfig)
-def _run_rtn(model, step: RTNConfig, state, report, recipe, progress) -> None:
-    for name, module in tqdm(block_linears(model), desc="rtn", unit="linear", disable=not progress):
+# ---- per-linear work of each step: the in-memory handlers below loop it over the model, the streaming path
+# (streaming.py) over one block at a time; both run these same functions, so both write the same numbers ----
+
+def rtn_linear(step: RTNConfig, state: CompressionState, report: StepReport):
+    """RTN's work on one linear: ``(name, module) -> None``."""
+    def compress(name, module):
         qw = rtn_quantize(linear_weight(module).float(), step.bits, step.group_size, step.symmetric)
         record_quantized(state, name, module, qw, report)  # zeros of an earlier pruning step stay exactly 0
-    if step.lm_head:
-        _quantize_head(model, step, state, report)
+    return compress
 
 
-@register_compressor(MagnitudeConfig)
-def _run_magnitude(model, step: MagnitudeConfig, state, report, recipe, progress) -> None:
-    for name, module in tqdm(block_linears(model), desc="magnitude", unit="linear", disable=not progress):
+def magnitude_linear(step: MagnitudeConfig, state: CompressionState, report: StepReport):
+    """Magnitude pruning's work on one linear: ``(name, module) -> None``."""
+    def compress(name, module):
         weight, mask = magnitude_prune(linear_weight(module).float(), step.sparsity)
         record_pruned(state, name, module, weight, mask, report)
+    return compress
 
 
-@register_compressor(GPTQConfig)
-def _run_gptq(model, step: GPTQConfig, state, report, recipe, progress) -> None:
+def gptq_linear(step: GPTQConfig, state: CompressionState, report: StepReport):
+    """GPTQ's work on one linear given its input statistics: a :data:`~.layerwise.LinearCompressor`."""
     def compress(name, module, W, acc):
         qw = gptq_quantize(
             W, acc.H, step.bits, step.group_size, step.symmetric, step.act_order, step.damp, step.block_size,
             prune_mask=state.masks.get(module),
         )
         record_quantized(state, name, module, qw, report)
-
-    compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
-                       true_sequential=step.true_sequential, desc="gptq", progress=progress)
-    if step.lm_head:
-        _quantize_head(model, step, state, report)  # round-to-nearest: GPTQ covers the decoder blocks
+    return compress
 
 
-@register_compressor(SparseGPTConfig)
-def _run_sparsegpt(model, step: SparseGPTConfig, state, report, recipe, progress) -> None:
+def sparsegpt_linear(step: SparseGPTConfig, state: CompressionState, report: StepReport):
+    """SparseGPT's work (pruning, and quantization when ``bits`` is set) on one linear given its statistics."""
     def compress(name, module, W, acc):
         weight, mask, qw = sparsegpt_prune(
             W, acc.H, step.sparsity, step.bits, step.group_size, step.symmetric, step.damp, step.block_size
@@ -166,19 +168,74 @@ def _run_sparsegpt(model, step: SparseGPTConfig, state, report, recipe, progress
         if qw is not None:
             state.quantized[module] = qw
         _record(report, name, module, state, **({"bits": qw.bits, "group_size": qw.group_size} if qw else {}))
+    return compress
 
-    compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
-                       true_sequential=step.true_sequential, desc="sparsegpt", progress=progress)
+
+def wanda_linear(step: WandaConfig, state: CompressionState, report: StepReport):
+    """Wanda's work on one linear given its inputs' channel norms."""
+    def compress(name, module, W, acc):
+        weight, mask = wanda_prune(W, acc.channel_sq_norm, step.sparsity)
+        record_pruned(state, name, module, weight, mask, report)
+    return compress
+
+
+@dataclass(frozen=True)
+class BlockwiseStep:
+    """How a step compresses one decoder block at a time: its per-linear work (``make(step, state, report)``) and
+    whether that work needs calibration statistics (then a :data:`~.layerwise.LinearCompressor`, run by
+    :func:`~.layerwise.compress_block`; Wanda's diagonal ones only), else ``(name, module) -> None``."""
+
+    make: Callable
+    calibrated: bool
+    diagonal_only: bool = False
+
+
+BLOCKWISE_STEPS: dict[type[CompressionConfig], BlockwiseStep] = {
+    RTNConfig: BlockwiseStep(rtn_linear, calibrated=False),
+    MagnitudeConfig: BlockwiseStep(magnitude_linear, calibrated=False),
+    GPTQConfig: BlockwiseStep(gptq_linear, calibrated=True),
+    SparseGPTConfig: BlockwiseStep(sparsegpt_linear, calibrated=True),
+    WandaConfig: BlockwiseStep(wanda_linear, calibrated=True, diagonal_only=True),
+}
+
+
+@register_compressor(RTNConfig)
+def _run_rtn(model, step: RTNConfig, state, report, recipe, progress) -> None:
+    compress = rtn_linear(step, state, report)
+    for name, module in tqdm(block_linears(model), desc="rtn", unit="linear", disable=not progress):
+        compress(name, module)
+    if step.lm_head:
+        _quantize_head(model, step, state, report)
+
+
+@register_compressor(MagnitudeConfig)
+def _run_magnitude(model, step: MagnitudeConfig, state, report, recipe, progress) -> None:
+    compress = magnitude_linear(step, state, report)
+    for name, module in tqdm(block_linears(model), desc="magnitude", unit="linear", disable=not progress):
+        compress(name, module)
+
+
+@register_compressor(GPTQConfig)
+def _run_gptq(model, step: GPTQConfig, state, report, recipe, progress) -> None:
+    compress_layerwise(model, state.calibration_ids, gptq_linear(step, state, report),
+                       batch_size=recipe.calibration.batch_size, true_sequential=step.true_sequential, desc="gptq",
+                       progress=progress)
+    if step.lm_head:
+        _quantize_head(model, step, state, report)  # round-to-nearest: GPTQ covers the decoder blocks
+
+
+@register_compressor(SparseGPTConfig)
+def _run_sparsegpt(model, step: SparseGPTConfig, state, report, recipe, progress) -> None:
+    compress_layerwise(model, state.calibration_ids, sparsegpt_linear(step, state, report),
+                       batch_size=recipe.calibration.batch_size, true_sequential=step.true_sequential,
+                       desc="sparsegpt", progress=progress)
 
 
 @register_compressor(WandaConfig)
 def _run_wanda(model, step: WandaConfig, state, report, recipe, progress) -> None:
-    def compress(name, module, W, acc):
-        weight, mask = wanda_prune(W, acc.channel_sq_norm, step.sparsity)
-        record_pruned(state, name, module, weight, mask, report)
-
-    compress_layerwise(model, state.calibration_ids, compress, batch_size=recipe.calibration.batch_size,
-                       true_sequential=step.true_sequential, diagonal_only=True, desc="wanda", progress=progress)
+    compress_layerwise(model, state.calibration_ids, wanda_linear(step, state, report),
+                       batch_size=recipe.calibration.batch_size, true_sequential=step.true_sequential,
+                       diagonal_only=True, desc="wanda", progress=progress)
 
 
 @register_compressor(LayerDropConfig)
@@ -225,6 +282,56 @@ def _check_seqlen(model: nn.Module, seqlen: int) -> None:
         )
 
 
+def prepare_recipe(
+    model: nn.Module,
+    config: CompressionConfig | Recipe | list[CompressionConfig] | str,
+    *,
+    tokenizer=None,
+    calibration: CalibrationConfig | None = None,
+    calibration_ids: torch.Tensor | None = None,
+) -> tuple[Recipe, torch.Tensor | None]:
+    """The recipe ``config`` names, checked against ``model`` (every check that can fail, before any work), and its
+    calibration windows (sampled with ``tokenizer`` unless given); the recipe then records the corpus that was read.
+    ``model`` may live on the meta device (only its structure is read)."""
+    if isinstance(config, str):
+        config = preset_steps(config)  # an unknown name lists the presets
+    if isinstance(config, CompressionConfig):
+        recipe = Recipe([config])
+    elif isinstance(config, list):
+        recipe = Recipe(config)
+    elif isinstance(config, Recipe):
+        recipe = config
+    else:
+        raise UserInputError(f"compress_ expects a compression config, a Recipe or a preset name, got {type(config).__name__}")
+    if calibration is not None:
+        recipe = Recipe(recipe.steps, calibration)
+    _validate(model, recipe)
+
+    if any(step.needs_calibration for step in recipe.steps) and calibration_ids is None:
+        _check_seqlen(model, recipe.calibration.seqlen)
+        if tokenizer is None:
+            raise UserInputError("this recipe needs calibration data; pass tokenizer= (or calibration_ids=)")
+        c = recipe.calibration
+        dataset, split = training_corpus(c.dataset, c.split)  # C4 unreachable: the offline sample, said in one line
+        if (dataset, split) != (c.dataset, c.split):
+            recipe = Recipe(recipe.steps, dataclasses.replace(c, dataset=dataset, split=split))  # record what ran
+        calibration_ids = calibration_batches(dataset, tokenizer, c.nsamples, c.seqlen, seed=c.seed, split=split)
+    if calibration_ids is not None:
+        if calibration_ids.dim() != 2 or calibration_ids.numel() == 0:
+            raise UserInputError(f"calibration_ids must be a non-empty (nsamples, seqlen) tensor, got shape {tuple(calibration_ids.shape)}")
+        _check_seqlen(model, calibration_ids.shape[1])
+    return recipe, calibration_ids
+
+
+def record_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """Writes ``recipe`` into ``model.config`` (after any recipe an earlier compression recorded there)."""
+    previous = getattr(model.config, RECIPE_CONFIG_KEY, None)
+    recorded = recipe.to_dict()
+    if previous:
+        recorded["steps"] = list(previous.get("steps", [])) + recorded["steps"]
+    setattr(model.config, RECIPE_CONFIG_KEY, recorded)
+
+
 def compress_(
     model: nn.Module,
     config: CompressionConfig | Recipe | list[CompressionConfig] | str,
@@ -253,33 +360,8 @@ def compress_(
     Returns:
         `CompressionResult`
     """
-    if isinstance(config, str):
-        config = preset_steps(config)  # an unknown name lists the presets
-    if isinstance(config, CompressionConfig):
-        recipe = Recipe([config])
-    elif isinstance(config, list):
-        recipe = Recipe(config)
-    elif isinstance(config, Recipe):
-        recipe = config
-    else:
-        raise UserInputError(f"compress_ expects a compression config, a Recipe or a preset name, got {type(config).__name__}")
-    if calibration is not None:
-        recipe = Recipe(recipe.steps, calibration)
-    _validate(model, recipe)
-
-    if any(step.needs_calibration for step in recipe.steps) and calibration_ids is None:
-        _check_seqlen(model, recipe.calibration.seqlen)
-        if tokenizer is None:
-            raise UserInputError("this recipe needs calibration data; pass tokenizer= (or calibration_ids=)")
-        c = recipe.calibration
-        dataset, split = training_corpus(c.dataset, c.split)  # C4 unreachable: the offline sample, said in one line
-        if (dataset, split) != (c.dataset, c.split):
-            recipe = Recipe(recipe.steps, dataclasses.replace(c, dataset=dataset, split=split))  # record what ran
-        calibration_ids = calibration_batches(dataset, tokenizer, c.nsamples, c.seqlen, seed=c.seed, split=split)
-    if calibration_ids is not None:
-        if calibration_ids.dim() != 2 or calibration_ids.numel() == 0:
-            raise UserInputError(f"calibration_ids must be a non-empty (nsamples, seqlen) tensor, got shape {tuple(calibration_ids.shape)}")
-        _check_seqlen(model, calibration_ids.shape[1])
+    recipe, calibration_ids = prepare_recipe(model, config, tokenizer=tokenizer, calibration=calibration,
+                                             calibration_ids=calibration_ids)
 
     was_training = model.training
     model.eval()
@@ -295,11 +377,7 @@ def compress_(
     finally:
         model.train(was_training)
 
-    previous = getattr(model.config, RECIPE_CONFIG_KEY, None)
-    recorded = recipe.to_dict()
-    if previous:
-        recorded["steps"] = list(previous.get("steps", [])) + recorded["steps"]
-    setattr(model.config, RECIPE_CONFIG_KEY, recorded)
+    record_recipe(model, recipe)
     result = CompressionResult(recipe, state.reports, state.by_name(model, state.masks), state.by_name(model, state.quantized))
     if pack:
         pack_model(model, result)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .._logging import get_logger
 from ..methods.hessian import HessianAccumulator
 from .blocks import (
+    BlockInputs,
     capture_block_inputs,
     find_decoder_layers,
     find_linear_layers,
@@ -25,7 +26,7 @@ from .blocks import (
     sequential_groups,
 )
 
-__all__ = ["CLIP_TOKEN_NORM", "LinearCompressor", "compress_layerwise"]
+__all__ = ["CLIP_TOKEN_NORM", "LinearCompressor", "compress_block", "compress_layerwise"]
 
 logger = get_logger(__name__)
 
@@ -74,38 +75,59 @@ def compress_layerwise(
     batches = list(torch.split(calibration_ids, batch_size))
     inputs = capture_block_inputs(model, layers, batches)
     hidden = inputs.hidden
-    device = hidden[0].device
     for index, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
-        linears = find_linear_layers(block)
-        groups = sequential_groups(block, inputs)  # linears sharing one input, in forward order
-        rounds = [[g] for g in groups] if true_sequential else [groups]
-        for round_groups in rounds:
-            # One accumulator per shared input: q, k and v see the same tensor, so they share one Hessian.
-            accumulators, handles = {}, []
-            for group in round_groups:
-                in_features = linear_weight(linears[group[0]]).shape[1]
-                acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only,
-                                         clip_token_norm=None if diagonal_only else clip_token_norm)
-                for name in group:
-                    accumulators[name] = acc
-                handles.append(
-                    linears[group[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
-                )
-            # Nothing after the round's last linear matters for its statistics: stop each forward pass there.
-            last = linears[round_groups[-1][-1]]
-            handles.append(last.register_forward_hook(_stop_forward))
-            try:
-                for h_in, kwargs in zip(hidden, inputs.kwargs):
-                    try:
-                        block(h_in, **kwargs)
-                    except _StopForward:
-                        pass
-            finally:
-                for h in handles:
-                    h.remove()
-            for group in round_groups:
-                for name in group:
-                    module = linears[name]
-                    compress_linear(f"{path}.{index}.{name}", module, linear_weight(module).float(), accumulators[name])
-        hidden = run_block(block, inputs, hidden)  # the compressed block's outputs feed the next block
+        hidden = compress_block(block, f"{path}.{index}", inputs, hidden, compress_linear,
+                                true_sequential=true_sequential, diagonal_only=diagonal_only,
+                                clip_token_norm=clip_token_norm)
     logger.info("compressed %d blocks of %s", len(layers), path)
+
+
+@torch.no_grad()
+def compress_block(
+    block: nn.Module,
+    prefix: str,
+    inputs: BlockInputs,
+    hidden: list[torch.Tensor],
+    compress_linear: LinearCompressor,
+    *,
+    true_sequential: bool = True,
+    diagonal_only: bool = False,
+    clip_token_norm: float | None = CLIP_TOKEN_NORM,
+) -> list[torch.Tensor]:
+    """One block of :func:`compress_layerwise`: gathers its linears' input statistics from ``hidden`` (this block's
+    inputs, one tensor per calibration batch; ``inputs.kwargs`` the matching keyword arguments), runs
+    ``compress_linear`` on each (qualified name ``<prefix>.<name>``), and returns the compressed block's outputs for
+    ``hidden``: the next block's inputs."""
+    device = hidden[0].device
+    linears = find_linear_layers(block)
+    groups = sequential_groups(block, inputs)  # linears sharing one input, in forward order
+    rounds = [[g] for g in groups] if true_sequential else [groups]
+    for round_groups in rounds:
+        # One accumulator per shared input: q, k and v see the same tensor, so they share one Hessian.
+        accumulators, handles = {}, []
+        for group in round_groups:
+            in_features = linear_weight(linears[group[0]]).shape[1]
+            acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only,
+                                     clip_token_norm=None if diagonal_only else clip_token_norm)
+            for name in group:
+                accumulators[name] = acc
+            handles.append(
+                linears[group[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
+            )
+        # Nothing after the round's last linear matters for its statistics: stop each forward pass there.
+        last = linears[round_groups[-1][-1]]
+        handles.append(last.register_forward_hook(_stop_forward))
+        try:
+            for h_in, kwargs in zip(hidden, inputs.kwargs):
+                try:
+                    block(h_in, **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for group in round_groups:
+            for name in group:
+                module = linears[name]
+                compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), accumulators[name])
+    return run_block(block, inputs, hidden)  # the compressed block's outputs feed the next block

@@ -1,0 +1,139 @@
+"""Streaming compression of a checkpoint folder (issue 25, first part): byte-identical to the in-memory path for
+every block-wise method, one block materialised at a time, and the refusals."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import pytest
+import torch
+from builders import build_llama, build_tiny_llama
+
+import hf_compress_prompt as hcp
+from hf_compress_prompt.compressors import (
+    GPTQConfig,
+    LayerDropConfig,
+    MagnitudeConfig,
+    Recipe,
+    RTNConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    compress_,
+    streaming,
+)
+from hf_compress_prompt.compressors.streaming import CheckpointSource, compress_pretrained
+from hf_compress_prompt.errors import MissingResourceError, UserInputError
+
+IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+RECIPES = {
+    "rtn": RTNConfig(bits=4, group_size=32),
+    "rtn-head": RTNConfig(bits=4, group_size=32, lm_head=True, lm_head_bits=8),
+    "gptq-act-order": GPTQConfig(bits=4, group_size=32, act_order=True),
+    "gptq-3bit-per-channel": GPTQConfig(bits=3, group_size=-1),
+    "sparsegpt-50%+w4": SparseGPTConfig(sparsity=0.5, bits=4, group_size=32),
+    "wanda-2:4": WandaConfig(sparsity="2:4"),
+    "magnitude-50%": MagnitudeConfig(sparsity=0.5),
+    "wanda-50%+gptq-w4": Recipe([WandaConfig(sparsity=0.5), GPTQConfig(bits=4, group_size=32)]),
+    "sparsegpt-2:4+rtn-w4": Recipe([SparseGPTConfig(sparsity="2:4"), RTNConfig(bits=4, group_size=32)]),
+}
+
+
+def _folders_equal(a, b) -> None:
+    names_a, names_b = sorted(p.name for p in a.iterdir()), sorted(p.name for p in b.iterdir())
+    assert names_a == names_b
+    different = [n for n in names_a if not filecmp.cmp(a / n, b / n, shallow=False)]
+    assert not different, f"differ: {different}"
+
+
+def _in_memory(src, dst, recipe, **save_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    compress_(model, recipe, calibration_ids=IDS, progress=False)
+    hcp.save_pretrained(model, dst, **save_kwargs)
+    return model
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_the_folder_is_byte_identical_to_the_in_memory_one(name, tmp_path):
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=3).save_pretrained(src)
+    memory = _in_memory(src, tmp_path / "memory", RECIPES[name])
+    compress_pretrained(src, tmp_path / "stream", RECIPES[name], calibration_ids=IDS, progress=False)
+    _folders_equal(tmp_path / "memory", tmp_path / "stream")
+    loaded = hcp.from_pretrained(tmp_path / "stream")
+    ids = IDS[:1, :12]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, memory(ids).logits)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the work folder is gone
+
+
+def test_sharded_source_and_output_with_tokenizer_and_tied_head(tmp_path, byte_tokenizer):
+    src = tmp_path / "src"
+    build_llama(num_hidden_layers=3, tie_word_embeddings=True, eos_token_id=256, pad_token_id=256,
+                bos_token_id=256).save_pretrained(src, max_shard_size="60KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    recipe = GPTQConfig(bits=4, group_size=32)
+    _in_memory(src, tmp_path / "memory", recipe, tokenizer=byte_tokenizer, max_shard_size="40KB")
+    compress_pretrained(src, tmp_path / "stream", recipe, calibration_ids=IDS, tokenizer=byte_tokenizer,
+                        max_shard_size="40KB", progress=False)
+    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    _folders_equal(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=4).save_pretrained(src)
+    reads, real_get, real_load = [], CheckpointSource.get, streaming._load
+
+    def get(self, name):
+        reads.append(name)
+        return real_get(self, name)
+
+    def load(model, source, names, dtype):
+        in_memory = {n.split(".")[2] for n, t in model.state_dict(keep_vars=True).items()
+                     if n.startswith("model.layers.") and t.device.type != "meta"}
+        assert not in_memory, f"blocks {in_memory} still in memory when the next one is read"
+        real_load(model, source, names, dtype)
+
+    monkeypatch.setattr(CheckpointSource, "get", get)
+    monkeypatch.setattr(streaming, "_load", load)
+    compress_pretrained(src, tmp_path / "out", GPTQConfig(bits=4, group_size=32), calibration_ids=IDS,
+                        progress=False)
+    blocks = [int(n.split(".")[2]) for n in reads if n.startswith("model.layers.")]
+    assert blocks == sorted(blocks) and set(blocks) == {0, 1, 2, 3}  # each block read once, in order
+    assert len(reads) == len(set(reads))
+
+
+def test_refusals_name_the_problem_and_write_nothing(tmp_path):
+    src = tmp_path / "src"
+    build_tiny_llama().save_pretrained(src)
+    with pytest.raises(UserInputError, match="layer_drop.*in-memory|compress_ instead"):
+        compress_pretrained(src, tmp_path / "out", LayerDropConfig(fraction=0.5), calibration_ids=IDS)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    torch.save({}, pickled / "pytorch_model.bin")
+    with pytest.raises(MissingResourceError, match="pickle weights"):
+        compress_pretrained(pickled, tmp_path / "out", RTNConfig(bits=4, group_size=32))
+    with pytest.raises(MissingResourceError, match="no config.json"):
+        compress_pretrained(tmp_path / "nowhere", tmp_path / "out", RTNConfig(bits=4, group_size=32))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="notes.txt"):
+        compress_pretrained(src, theirs, RTNConfig(bits=4, group_size=32))
+    assert (theirs / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pickled", "src", "theirs"]
+
+
+def test_the_recipe_is_recorded_and_the_result_holds_no_tensors(tmp_path):
+    src = tmp_path / "src"
+    build_tiny_llama().save_pretrained(src)
+    result = compress_pretrained(src, tmp_path / "out", RTNConfig(bits=4, group_size=32), progress=False)
+    assert result.masks == {} and result.quantized == {} and [r.method for r in result.reports] == ["rtn"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["compression_recipe"]["steps"][0]["method"] == "rtn"
+    assert config["quantization_config"]["quant_method"]
