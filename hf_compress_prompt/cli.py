@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
         _step_options(), owners_named=True)
     _add_config_options(co.add_argument_group("calibration", "override the recipe's or preset's calibration settings"),
                         _calibration_options())
+    co.add_argument("--in-memory", action="store_true",
+                    help="load the whole model and compress it in memory. Without it, a --model that is a local "
+                         "folder with safetensors weights streams: one decoder block in memory at a time, the same "
+                         "output byte for byte (layer dropping always runs in memory); the command says which ran")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     rc = commands.add_parser(
@@ -563,13 +567,45 @@ def _recipe_from_args(args: argparse.Namespace):
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .compressors import compress_
+    from .compressors.streaming import compress_pretrained, is_safetensors_folder, streaming_refusal
     from .integrations.checkpoints import save_pretrained
     from .models import load_model_and_tokenizer
 
     recipe = _recipe_from_args(args)  # bad flags fail before the model loads
+    output = Path(args.output)
+    stream = args.model and is_safetensors_folder(args.model) and not args.in_memory
+    if stream and streaming_refusal(recipe):
+        print(f"compressing in memory: {streaming_refusal(recipe)}")
+        stream = False
+    if stream:
+        from transformers import AutoTokenizer
+
+        print(f"streaming {args.model}: one decoder block in memory at a time")
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        result = compress_pretrained(
+            args.model, output, recipe, tokenizer=tokenizer, overwrite=args.overwrite, progress=not args.no_progress,
+            extra_files=lambda r: {"compression_report.json": _compression_report(recipe, r)[1]})
+        for line in _compression_summary(result):
+            print(line)
+        packed = json.loads((output / "config.json").read_text()).get("quantization_config") or {}
+        print(f"saved to {output} ({len(packed.get('layers', {}))} packed layers, quantization_config in config.json; "
+              "recipe under 'compression_recipe')")
+        return EXIT_OK
     model, tokenizer = load_model_and_tokenizer(args.model)
     result = compress_(model, recipe, tokenizer=tokenizer, progress=not args.no_progress)
-    output = Path(args.output)
+    report = _compression_report(recipe, result)[1]
+    save_pretrained(model, output, tokenizer=tokenizer, overwrite=args.overwrite,
+                    extra_files={"compression_report.json": report})
+    for line in _compression_summary(result):
+        print(line)
+    packed = getattr(model.config, "quantization_config", None)
+    what = f"{len(packed.layers)} packed layers, quantization_config in config.json" if packed else "plain transformers model"
+    print(f"saved to {output} ({what}; recipe under 'compression_recipe')")
+    return EXIT_OK
+
+
+def _compression_report(recipe, result) -> tuple[list[dict], str]:
+    """Per step: method, seconds, linears, mean sparsity, dropped layers; and the report file's text."""
     summary = []
     for report in result.reports:
         sparsities = [v["sparsity"] for v in report.layers.values()]
@@ -578,16 +614,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             "mean_sparsity": sum(sparsities) / len(sparsities) if sparsities else 0.0,
             "dropped_layers": report.dropped_layers,
         })
-    report = json.dumps({"recipe": recipe.to_dict(), "steps": summary}, indent=2) + "\n"
-    save_pretrained(model, output, tokenizer=tokenizer, overwrite=args.overwrite,
-                    extra_files={"compression_report.json": report})
-    for row in summary:
+    return summary, json.dumps({"recipe": recipe.to_dict(), "steps": summary}, indent=2) + "\n"
+
+
+def _compression_summary(result) -> list[str]:
+    lines = []
+    for row in _compression_report(result.recipe, result)[0]:
         extra = f", dropped layers {row['dropped_layers']}" if row["dropped_layers"] else ""
-        print(f"{row['method']}: {row['linears']} linear layers in {row['seconds']} s, mean sparsity {row['mean_sparsity']:.3f}{extra}")
-    packed = getattr(model.config, "quantization_config", None)
-    what = f"{len(packed.layers)} packed layers, quantization_config in config.json" if packed else "plain transformers model"
-    print(f"saved to {output} ({what}; recipe under 'compression_recipe')")
-    return EXIT_OK
+        lines.append(f"{row['method']}: {row['linears']} linear layers in {row['seconds']} s, mean sparsity "
+                     f"{row['mean_sparsity']:.3f}{extra}")
+    return lines
 
 
 def _prompt_dir(path: str) -> Path:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ from .layerwise import compress_block
 from .pack import pack_linear_module, sparsity_pattern
 from .state import CompressionResult, CompressionState, StepReport
 
-__all__ = ["CheckpointSource", "compress_pretrained", "streaming_refusal"]
+__all__ = ["CheckpointSource", "compress_pretrained", "is_safetensors_folder", "streaming_refusal"]
 
 logger = get_logger(__name__)
 
@@ -53,13 +55,16 @@ class CheckpointSource:
 
     Raises:
         MissingResourceError: the folder has no ``config.json`` or no safetensors weights (pickle-only checkpoints
-            are refused, as everywhere in this package).
+            are refused, as everywhere in this package). UserInputError: it is already compressed.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder).expanduser()
         if not (self.folder / "config.json").is_file():
             raise MissingResourceError(f"{self.folder} has no config.json; pass a saved model folder")
+        if json.loads((self.folder / "config.json").read_text()).get("quantization_config"):
+            raise UserInputError(f"{self.folder} is already compressed (quantization_config in config.json); "
+                                 "compress the original model")
         if (self.folder / _INDEX).is_file():
             weight_map = json.loads((self.folder / _INDEX).read_text())["weight_map"]
             self.files = {name: self.folder / file for name, file in weight_map.items()}
@@ -83,6 +88,12 @@ class CheckpointSource:
 
         with safe_open(self.files[name], framework="pt") as handle:
             return handle.get_tensor(name)
+
+
+def is_safetensors_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local checkpoint folder with safetensors weights (the streaming path's input)."""
+    folder = Path(path).expanduser()
+    return (folder / "config.json").is_file() and ((folder / _INDEX).is_file() or (folder / _SINGLE).is_file())
 
 
 def streaming_refusal(recipe: Recipe) -> str | None:
@@ -136,6 +147,7 @@ def compress_pretrained(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     max_shard_size: int | str = "50GB",
+    extra_files: dict[str, str] | Callable[[CompressionResult], dict[str, str]] | None = None,
     progress: bool = True,
 ) -> CompressionResult:
     """Compresses the checkpoint folder ``src`` into ``dst`` with one decoder block in memory at a time.
@@ -150,6 +162,8 @@ def compress_pretrained(
         dtype (`torch.dtype`, defaults to `torch.float32`): the precision the model is compressed in (the CLI's
             and ``load_model_and_tokenizer``'s).
         max_shard_size: as ``save_pretrained``'s.
+        extra_files (*optional*): more files (name -> text) written into the folder, or a callable making them from
+            the result (e.g. a report with the steps' times).
 
     Returns:
         `CompressionResult` with the recipe and the step reports; its ``masks`` and ``quantized`` are empty (the
@@ -193,6 +207,7 @@ def compress_pretrained(
             _load(model, source, _meta_names(model, prefix + "."), dtype)
             block = layers[index]
             for i, step in enumerate(recipe.steps):
+                started = time.perf_counter()
                 kind = BLOCKWISE_STEPS[type(step)]
                 work_fn = kind.make(step, state, reports[i])
                 if kind.calibrated:
@@ -202,6 +217,7 @@ def compress_pretrained(
                 else:
                     for name, module in find_linear_layers(block).items():
                         work_fn(f"{prefix}.{name}", module)
+                reports[i].seconds += time.perf_counter() - started
             formats.update(_pack(model, state, pattern, prefix + "."))
             block = layers[index]
             tensors = {f"{prefix}.{k}": v.contiguous() for k, v in block.state_dict().items()}
@@ -222,7 +238,11 @@ def compress_pretrained(
             _write_folder(model, folder, block_files, max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
-    return CompressionResult(recipe, reports, {}, {})
+            result = CompressionResult(recipe, reports, {}, {})
+            extra = extra_files(result) if callable(extra_files) else extra_files
+            for name, text in (extra or {}).items():
+                (folder / name).write_text(text)
+    return result
 
 
 def _pack(model: nn.Module, state: CompressionState, pattern, prefix: str, *, outside: bool = False) -> dict:

@@ -137,3 +137,29 @@ def test_the_recipe_is_recorded_and_the_result_holds_no_tensors(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["compression_recipe"]["steps"][0]["method"] == "rtn"
     assert config["quantization_config"]["quant_method"]
+
+
+def test_the_cli_streams_a_safetensors_folder_and_says_so(tiny_llama_dir, tmp_path, capsys):
+    from hf_compress_prompt.cli import EXIT_OK, main
+
+    common = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "16",
+              "--no-progress"]
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "s"), *common]) == EXIT_OK
+    assert "streaming" in capsys.readouterr().out
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "m"), "--in-memory",
+                 *common]) == EXIT_OK
+    assert "streaming" not in capsys.readouterr().out
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert filecmp.cmp(tmp_path / "s" / name, tmp_path / "m" / name, shallow=False), name
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "d"), "--method",
+                 "layer_drop", "--num-layers", "1", "--no-progress"]) == EXIT_OK
+    assert "compressing in memory: the streaming path does not run 'layer_drop'" in capsys.readouterr().out
+
+
+def test_an_already_compressed_source_is_refused(tmp_path):
+    src = tmp_path / "src"
+    build_tiny_llama().save_pretrained(src)
+    compress_pretrained(src, tmp_path / "once", RTNConfig(bits=4, group_size=32), progress=False)
+    with pytest.raises(UserInputError, match="already compressed"):
+        compress_pretrained(tmp_path / "once", tmp_path / "twice", RTNConfig(bits=4, group_size=32))
+    assert not (tmp_path / "twice").exists()
