@@ -354,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load the whole model and compress it in memory. Without it, a --model that is a local "
                          "folder with safetensors weights streams: one decoder block in memory at a time, the same "
                          "output byte for byte (layer dropping always runs in memory); the command says which ran")
+    co.add_argument("--resume", action="store_true",
+                    help="streaming only: continue a killed run from its last finished block (its state is in the "
+                         "hidden folder .<output name>.hcp-stream beside --output); the same output as an "
+                         "uninterrupted run")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     rc = commands.add_parser(
@@ -577,6 +581,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if stream and streaming_refusal(recipe):
         print(f"compressing in memory: {streaming_refusal(recipe)}")
         stream = False
+    if args.resume and not stream:
+        raise UserInputError("--resume continues a streaming run: --model must be a local folder with safetensors "
+                             "weights, without --in-memory, and the recipe block-wise (not layer dropping)")
     if stream:
         from transformers import AutoTokenizer
 
@@ -584,6 +591,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         result = compress_pretrained(
             args.model, output, recipe, tokenizer=tokenizer, overwrite=args.overwrite, progress=not args.no_progress,
+            resume=args.resume,
             extra_files=lambda r: {"compression_report.json": _compression_report(recipe, r)[1]})
         for line in _compression_summary(result):
             print(line)

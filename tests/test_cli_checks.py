@@ -39,6 +39,7 @@ BAD = [
     (["demo", "--threads", "two"], "--threads: 'two' is not an integer"),
     (["prune-structured", "--target", "nan", "--output", "x"], "--target: 'nan' is not a finite number"),
     (["compress", "--method", "gptq", "--nsamples", "0", "--output", "x"], "--nsamples: 0 must be >= 1"),
+    (["compress", "--method", "rtn", "--resume", "--output", "x"], "--resume continues a streaming run"),
 ]
 
 

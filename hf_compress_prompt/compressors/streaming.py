@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,8 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from ..errors import MissingResourceError, UserInputError
-from ..formats.safetensors_stream import entry_of, write_safetensors
+from ..formats import LinearFormat
+from ..formats.safetensors_stream import entry_of, safetensors_dtype, write_safetensors
 from ..formats.saved_folder import atomic_directory, check_save_target
 from ..formats.schema import RECIPE_CONFIG_KEY
 from ..integrations import attach_quantization_config
@@ -148,6 +148,7 @@ def compress_pretrained(
     overwrite: bool = False,
     max_shard_size: int | str = "50GB",
     extra_files: dict[str, str] | Callable[[CompressionResult], dict[str, str]] | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> CompressionResult:
     """Compresses the checkpoint folder ``src`` into ``dst`` with one decoder block in memory at a time.
@@ -164,14 +165,20 @@ def compress_pretrained(
         max_shard_size: as ``save_pretrained``'s.
         extra_files (*optional*): more files (name -> text) written into the folder, or a callable making them from
             the result (e.g. a report with the steps' times).
+        resume (`bool`, defaults to `False`): continue a killed run from its last finished block. Its state lives in
+            the hidden work folder ``.<dst name>.hcp-stream`` beside ``dst`` (never at ``dst``): the finished blocks'
+            packed tensors, the calibration activations after the last one, and a manifest of the source, recipe
+            and calibration it belongs to; the output equals an uninterrupted run's byte for byte. Without
+            ``resume``, a work folder left there is started over; after a finished run it is removed.
 
     Returns:
         `CompressionResult` with the recipe and the step reports; its ``masks`` and ``quantized`` are empty (the
         per-layer tensors went to the folder, never all in memory at once).
 
     Raises:
-        UserInputError: a recipe the streaming path cannot run (:func:`streaming_refusal`), or an output path a save
-            may not write. MissingResourceError: a source without config.json or safetensors weights.
+        UserInputError: a recipe the streaming path cannot run (:func:`streaming_refusal`), an output path a save
+            may not write, or a ``resume`` with no work folder or one of another source, recipe or calibration.
+            MissingResourceError: a source without config.json or safetensors weights.
     """
     source = CheckpointSource(src)
     check_save_target(dst, overwrite=overwrite)
@@ -194,55 +201,200 @@ def compress_pretrained(
         batches = list(torch.split(calibration_ids, recipe.calibration.batch_size))
         inputs = capture_block_inputs(model, layers, batches)
         streams = {i: inputs.hidden for i in calibrated}  # each calibrated step's own activations
-    from safetensors.torch import save_file
-
     pattern = sparsity_pattern(recipe)
-    formats = {}
-    parent = Path(dst).expanduser().resolve().parent
-    with tempfile.TemporaryDirectory(prefix=f".{Path(dst).name}.hcp-stream-", dir=parent) as work:
-        work = Path(work)
-        block_files: dict[str, Path] = {}
-        for index in tqdm(range(len(layers)), desc="stream", unit="block", disable=not progress):
-            prefix = f"{path}.{index}"
-            _load(model, source, _meta_names(model, prefix + "."), dtype)
-            block = layers[index]
-            for i, step in enumerate(recipe.steps):
-                started = time.perf_counter()
-                kind = BLOCKWISE_STEPS[type(step)]
-                work_fn = kind.make(step, state, reports[i])
-                if kind.calibrated:
-                    streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
-                                                true_sequential=step.true_sequential,
-                                                diagonal_only=kind.diagonal_only)
-                else:
-                    for name, module in find_linear_layers(block).items():
-                        work_fn(f"{prefix}.{name}", module)
-                reports[i].seconds += time.perf_counter() - started
-            formats.update(_pack(model, state, pattern, prefix + "."))
-            block = layers[index]
-            tensors = {f"{prefix}.{k}": v.contiguous() for k, v in block.state_dict().items()}
-            file = work / f"block-{index:05d}.safetensors"
-            save_file(tensors, file)
-            block_files.update(dict.fromkeys(tensors, file))
-            del tensors
-            layers[index] = block.to("meta")  # freed: the next block is read from the source alone
+    formats: dict[str, LinearFormat] = {}
+    work = _WorkFolder(dst, _manifest(source, recipe, calibration_ids, dtype), resume=resume)
+    done = -1
+    if resume:
+        done, formats, reports, saved_streams = work.progress(len(recipe.steps))
+        streams.update(saved_streams)
+        for index in range(done + 1):
+            _restore_block(model, f"{path}.{index}", work.block_file(index), formats)
+        logger.info("resuming %s after block %d of %d", work.path, done, len(layers))
+    for index in tqdm(range(done + 1, len(layers)), desc="stream", unit="block", disable=not progress,
+                      initial=done + 1, total=len(layers)):
+        prefix = f"{path}.{index}"
+        _load(model, source, _meta_names(model, prefix + "."), dtype)
+        block = layers[index]
         for i, step in enumerate(recipe.steps):
-            if getattr(step, "lm_head", False):
-                _quantize_head(model, step, state, reports[i])
-        formats.update(_pack(model, state, pattern, f"{path}.", outside=True))  # the head
-        record_recipe(model, recipe)
-        if formats:
-            attach_quantization_config(model, formats, recipe=getattr(model.config, RECIPE_CONFIG_KEY, None),
-                                       dropped_layers=[])
-        with atomic_directory(dst, overwrite=overwrite) as folder:
-            _write_folder(model, folder, block_files, max_shard_size)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
-            result = CompressionResult(recipe, reports, {}, {})
-            extra = extra_files(result) if callable(extra_files) else extra_files
-            for name, text in (extra or {}).items():
-                (folder / name).write_text(text)
+            started = time.perf_counter()
+            kind = BLOCKWISE_STEPS[type(step)]
+            work_fn = kind.make(step, state, reports[i])
+            if kind.calibrated:
+                streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
+                                            true_sequential=step.true_sequential,
+                                            diagonal_only=kind.diagonal_only)
+            else:
+                for name, module in find_linear_layers(block).items():
+                    work_fn(f"{prefix}.{name}", module)
+            reports[i].seconds += time.perf_counter() - started
+        formats.update(_pack(model, state, pattern, prefix + "."))
+        block = layers[index]
+        work.save_block(index, {f"{prefix}.{k}": v for k, v in block.state_dict().items()}, streams, formats,
+                        reports)
+        layers[index] = block.to("meta")  # freed: the next block is read from the source alone
+        _after_block(index)
+    block_files = {name: work.block_file(index) for index in range(len(layers))
+                   for name in _tensor_names(work.block_file(index))}
+    for i, step in enumerate(recipe.steps):
+        if getattr(step, "lm_head", False):
+            _quantize_head(model, step, state, reports[i])
+    formats.update(_pack(model, state, pattern, f"{path}.", outside=True))  # the head
+    record_recipe(model, recipe)
+    if formats:
+        attach_quantization_config(model, formats, recipe=getattr(model.config, RECIPE_CONFIG_KEY, None),
+                                   dropped_layers=[])
+    with atomic_directory(dst, overwrite=overwrite) as folder:
+        _write_folder(model, folder, block_files, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        result = CompressionResult(recipe, reports, {}, {})
+        extra = extra_files(result) if callable(extra_files) else extra_files
+        for name, text in (extra or {}).items():
+            (folder / name).write_text(text)
+    work.remove()
     return result
+
+
+# ---- the work folder: what a killed run leaves for --resume ----
+
+_WORK_SUFFIX = ".hcp-stream"
+_MANIFEST = "manifest.json"
+_PROGRESS = "progress.json"
+
+
+def _after_block(index: int) -> None:
+    """Called once block ``index`` is safely in the work folder (tests kill the process here)."""
+
+
+def _manifest(source: CheckpointSource, recipe: Recipe, calibration_ids: torch.Tensor | None,
+              dtype: torch.dtype) -> dict:
+    """What a run's work belongs to: the source (its config and weight files' sizes and times), the recipe, the
+    calibration tokens and the precision. A resume must match it exactly."""
+    import hashlib
+
+    from ..formats.schema import FORMAT_VERSION
+
+    files = sorted({p for p in source.files.values()})
+    weights = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    calibration = None if calibration_ids is None else hashlib.sha256(
+        calibration_ids.contiguous().numpy().tobytes()).hexdigest()
+    return {"format_version": FORMAT_VERSION, "source": str(source.folder.resolve()),
+            "source_config": hashlib.sha256((source.folder / "config.json").read_bytes()).hexdigest(),
+            "source_weights": weights, "recipe": recipe.to_dict(), "calibration_sha256": calibration,
+            "dtype": str(dtype)}
+
+
+def _write_json(path: Path, data) -> None:
+    """Writes ``path`` atomically (a temporary file beside it, then ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _tensor_names(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        return list(handle.keys())
+
+
+class _WorkFolder:
+    """``.<dst name>.hcp-stream`` beside ``dst``: the manifest, each finished block's packed tensors
+    (``block-NNNNN.safetensors``), the calibration activations after the last finished block
+    (``state-NNNNN.safetensors``) and ``progress.json`` (that block, the formats and reports so far), each written
+    atomically in that order, so a run killed anywhere leaves a consistent state."""
+
+    def __init__(self, dst: str | os.PathLike, manifest: dict, *, resume: bool):
+        target = Path(dst).expanduser().resolve()
+        self.path = target.parent / f".{target.name}{_WORK_SUFFIX}"
+        self.manifest = manifest = json.loads(json.dumps(manifest))  # as it reads back (tuples become lists)
+        mine = (self.path / _MANIFEST).is_file()
+        if resume:
+            if not mine or not (self.path / _PROGRESS).is_file():
+                raise UserInputError(f"resume: there is no interrupted run to resume for {target} (no work folder "
+                                     f"{self.path.name} beside it with a finished block); run without --resume")
+            saved = json.loads((self.path / _MANIFEST).read_text())
+            differ = [k for k in manifest if saved.get(k) != manifest[k]]
+            if differ:
+                raise UserInputError(f"resume: the work folder {self.path} belongs to another run (its {', '.join(differ)} "
+                                     "differ from this one's); run without --resume to start over")
+            return
+        if self.path.exists():
+            if not mine:
+                raise UserInputError(f"{self.path} exists and is not a work folder of this package; move it away")
+            logger.warning("starting over: removing the earlier run's work folder %s (resume=True continues it)",
+                           self.path)
+            self.remove()
+        self.path.mkdir()
+        _write_json(self.path / _MANIFEST, manifest)
+
+    def block_file(self, index: int) -> Path:
+        return self.path / f"block-{index:05d}.safetensors"
+
+    def save_block(self, index: int, tensors: dict[str, torch.Tensor], streams: dict[int, list[torch.Tensor]],
+                   formats: dict, reports: list[StepReport]) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.path / "block.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, self.block_file(index))
+        state = {f"{step}.{batch}": h.contiguous() for step, hidden in streams.items() for batch, h in enumerate(hidden)}
+        save_file(state, tmp)
+        os.replace(tmp, self.path / f"state-{index:05d}.safetensors")
+        _write_json(self.path / _PROGRESS, {
+            "done": index, "formats": {n: f.to_dict() for n, f in formats.items()},
+            "reports": [{"method": r.method, "seconds": r.seconds, "layers": r.layers} for r in reports]})
+        for old in self.path.glob("state-*.safetensors"):
+            if old.name != f"state-{index:05d}.safetensors":
+                old.unlink()  # ours: an earlier block's activations, no longer needed
+
+    def progress(self, steps: int) -> tuple[int, dict, list[StepReport], dict[int, list[torch.Tensor]]]:
+        """The last finished block, the formats and reports so far and the activations after that block."""
+        from safetensors.torch import load_file
+
+        data = json.loads((self.path / _PROGRESS).read_text())
+        done = int(data["done"])
+        formats = {n: LinearFormat.from_dict(f) for n, f in data["formats"].items()}
+        reports = [StepReport(r["method"], seconds=r["seconds"], layers=r["layers"]) for r in data["reports"]]
+        if len(reports) != steps:
+            raise UserInputError(f"resume: {self.path} holds {len(reports)} steps' reports, this recipe {steps}; "
+                                 "run without --resume to start over")
+        state = load_file(self.path / f"state-{done:05d}.safetensors")
+        streams: dict[int, list[torch.Tensor]] = {}
+        for key in sorted(state, key=lambda k: tuple(int(x) for x in k.split("."))):
+            step, _ = (int(x) for x in key.split("."))
+            streams.setdefault(step, []).append(state[key])
+        return done, formats, reports, streams
+
+    def remove(self) -> None:
+        import shutil
+
+        if (self.path / _MANIFEST).is_file():  # only a folder this package made
+            shutil.rmtree(self.path)
+
+
+def _restore_block(model: nn.Module, prefix: str, file: Path, formats: dict) -> None:
+    """Puts a block a killed run finished back into the skeleton as it left it: its packed layers (on the meta
+    device, their tensors stay in ``file``), checked against the file's tensors."""
+    from safetensors import safe_open
+
+    from ..nn import packed_linear_class
+
+    with safe_open(file, framework="pt") as handle:
+        saved = {n: (handle.get_slice(n).get_dtype(), tuple(handle.get_slice(n).get_shape())) for n in handle.keys()}  # noqa: SIM118
+    for name, fmt in formats.items():
+        if not name.startswith(prefix + "."):
+            continue
+        floats = [n for n in saved if n.startswith(name + ".") and saved[n][0] in ("F32", "BF16", "F16")]
+        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[saved[floats[0]][0]] \
+            if floats else torch.get_default_dtype()
+        model.set_submodule(name, packed_linear_class(fmt)(fmt, dtype=dtype, device="meta"))
+    expected = {f"{prefix}.{k}": (v.dtype, tuple(v.shape)) for k, v in
+                model.get_submodule(prefix).state_dict(keep_vars=True).items()}
+    if {n: (safetensors_dtype(d), s) for n, (d, s) in expected.items()} != saved:
+        raise UserInputError(f"resume: {file} does not hold the block the recipe makes; run without --resume to start "
+                             "over")
 
 
 def _pack(model: nn.Module, state: CompressionState, pattern, prefix: str, *, outside: bool = False) -> dict:

@@ -163,3 +163,87 @@ def test_an_already_compressed_source_is_refused(tmp_path):
     with pytest.raises(UserInputError, match="already compressed"):
         compress_pretrained(tmp_path / "once", tmp_path / "twice", RTNConfig(bits=4, group_size=32))
     assert not (tmp_path / "twice").exists()
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import torch
+from hf_compress_prompt.compressors import GPTQConfig, streaming
+
+src, dst, block, where = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "after-block":
+    streaming._after_block = lambda index: die() if index == block else None
+else:  # inside the block's save: its packed tensors and activations written, its progress not yet
+    real = streaming._write_json
+    def write_json(path, data):
+        if path.name == "progress.json" and data["done"] == block:
+            die()
+        real(path, data)
+    streaming._write_json = write_json
+ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+streaming.compress_pretrained(src, dst, GPTQConfig(bits=4, group_size=32), calibration_ids=ids, progress=False)
+"""
+
+
+@pytest.mark.parametrize(("block", "where"), [(0, "after-block"), (2, "after-block"), (3, "after-block"),
+                                               (1, "inside-save")])
+def test_a_killed_run_resumes_to_the_same_bytes(block, where, tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=4).save_pretrained(src)
+    recipe = GPTQConfig(bits=4, group_size=32)
+    compress_pretrained(src, tmp_path / "whole", recipe, calibration_ids=IDS, progress=False)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(src), str(out), str(block), where],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    work = tmp_path / ".out.hcp-stream"
+    assert work.is_dir() and not out.exists()  # the partial state is beside the output, never at it
+    compress_pretrained(src, out, recipe, calibration_ids=IDS, resume=True, progress=False)
+    _folders_equal(tmp_path / "whole", out)
+    assert not work.exists()
+
+
+def test_resume_refuses_another_run_s_work_or_none(tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=4).save_pretrained(src)
+    with pytest.raises(UserInputError, match="no interrupted run to resume"):
+        compress_pretrained(src, tmp_path / "out", GPTQConfig(bits=4, group_size=32), calibration_ids=IDS,
+                            resume=True)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(src), str(tmp_path / "out"), "1", "after-block"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -9
+    with pytest.raises(UserInputError, match="belongs to another run.*recipe"):
+        compress_pretrained(src, tmp_path / "out", GPTQConfig(bits=3, group_size=32), calibration_ids=IDS,
+                            resume=True)
+    with pytest.raises(UserInputError, match="calibration_sha256"):
+        compress_pretrained(src, tmp_path / "out", GPTQConfig(bits=4, group_size=32), calibration_ids=IDS + 1,
+                            resume=True)
+    assert (tmp_path / ".out.hcp-stream" / "progress.json").is_file()  # refusals leave the work as it was
+    # without resume, the run starts over (the work folder is ours) and still gives the uninterrupted bytes
+    compress_pretrained(src, tmp_path / "out", GPTQConfig(bits=4, group_size=32), calibration_ids=IDS,
+                        progress=False)
+    compress_pretrained(src, tmp_path / "whole", GPTQConfig(bits=4, group_size=32), calibration_ids=IDS,
+                        progress=False)
+    _folders_equal(tmp_path / "whole", tmp_path / "out")
+    assert not (tmp_path / ".out.hcp-stream").exists()
+
+
+def test_a_folder_in_the_work_folder_s_place_that_is_not_ours_is_refused(tmp_path):
+    src = tmp_path / "src"
+    build_tiny_llama().save_pretrained(src)
+    theirs = tmp_path / ".out.hcp-stream"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="not a work folder of this package"):
+        compress_pretrained(src, tmp_path / "out", RTNConfig(bits=4, group_size=32))
+    assert (theirs / "keep.txt").read_text() == "mine"
