@@ -7,6 +7,8 @@ renumbered so the KV cache indexes the right slots. It saves and reloads with pl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -21,9 +23,11 @@ _MAX_SCORE_TOKENS = 8192  # token positions kept per layer boundary for scoring 
 
 
 @torch.no_grad()
-def _boundary_states(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int, progress: bool) -> list[torch.Tensor]:
+def _boundary_states(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int, progress: bool,
+                     blocks: Iterable[nn.Module] | None = None) -> list[torch.Tensor]:
     """Hidden states at every layer boundary (input of layer 0 ... output of the last layer), each `(tokens, hidden)`
-    on a fixed subsample of at most ``_MAX_SCORE_TOKENS`` token positions."""
+    on a fixed subsample of at most ``_MAX_SCORE_TOKENS`` token positions. ``blocks`` yields the decoder blocks in
+    order (default: the model's own; the streaming path reads each from disk as it is reached)."""
     _, layers = find_decoder_layers(model)
     inputs = capture_block_inputs(model, layers, list(torch.split(calibration_ids, batch_size)))
     total = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
@@ -34,7 +38,8 @@ def _boundary_states(model: nn.Module, calibration_ids: torch.Tensor, batch_size
         return flat[keep].float()
 
     states, hidden = [sample(inputs.hidden)], inputs.hidden
-    for block in tqdm(layers, desc="score layers", unit="block", disable=not progress):
+    for block in tqdm(layers if blocks is None else blocks, desc="score layers", unit="block", total=len(layers),
+                      disable=not progress):
         hidden = run_block(block, inputs, hidden)
         states.append(sample(hidden))
     return states
@@ -42,18 +47,18 @@ def _boundary_states(model: nn.Module, calibration_ids: torch.Tensor, batch_size
 
 def score_layers(
     model: nn.Module, calibration_ids: torch.Tensor, *, span: int = 1, score: str = "angular_distance",
-    batch_size: int = 8, progress: bool = True,
+    batch_size: int = 8, progress: bool = True, blocks: Iterable[nn.Module] | None = None,
 ) -> list[float]:
     """Score of removing layers ``[l, l + span)`` for every start ``l``: the angular distance or block influence
     between the hidden states entering layer ``l`` and leaving layer ``l + span - 1``. Lower = cheaper to drop."""
-    states = _boundary_states(model, calibration_ids, batch_size, progress)
+    states = _boundary_states(model, calibration_ids, batch_size, progress, blocks)
     fn = angular_distance if score == "angular_distance" else block_influence
     return [fn(states[l], states[l + span]) for l in range(len(states) - span)]
 
 
 def choose_layers_to_drop(
     model: nn.Module, calibration_ids: torch.Tensor, count: int, *, score: str = "angular_distance",
-    batch_size: int = 8, progress: bool = True,
+    batch_size: int = 8, progress: bool = True, blocks: Iterable[nn.Module] | None = None,
 ) -> tuple[list[int], list[float]]:
     """Which ``count`` layers to remove, and the scores behind the choice.
 
@@ -62,10 +67,12 @@ def choose_layers_to_drop(
     Ties go to the earlier index, so the choice is deterministic.
     """
     if score == "angular_distance":
-        scores = score_layers(model, calibration_ids, span=count, score=score, batch_size=batch_size, progress=progress)
+        scores = score_layers(model, calibration_ids, span=count, score=score, batch_size=batch_size, progress=progress,
+                              blocks=blocks)
         start = min(range(len(scores)), key=lambda l: (scores[l], l))
         return list(range(start, start + count)), scores
-    scores = score_layers(model, calibration_ids, span=1, score=score, batch_size=batch_size, progress=progress)
+    scores = score_layers(model, calibration_ids, span=1, score=score, batch_size=batch_size, progress=progress,
+                          blocks=blocks)
     return sorted(sorted(range(len(scores)), key=lambda l: (scores[l], l))[:count]), scores
 
 

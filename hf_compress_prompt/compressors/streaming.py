@@ -36,7 +36,8 @@ from ..formats.schema import RECIPE_CONFIG_KEY
 from ..integrations import attach_quantization_config
 from .blocks import BlockInputs, capture_block_inputs, find_decoder_layers, find_linear_layers
 from .compress import BLOCKWISE_STEPS, _quantize_head, prepare_recipe, record_recipe
-from .configs import CalibrationConfig, CompressionConfig, Recipe
+from .configs import CalibrationConfig, CompressionConfig, LayerDropConfig, Recipe
+from .layer_drop import choose_layers_to_drop, drop_layers
 from .layerwise import compress_block
 from .pack import pack_linear_module, sparsity_pattern
 from .state import CompressionResult, CompressionState, StepReport
@@ -98,7 +99,12 @@ def is_safetensors_folder(path: str | os.PathLike) -> bool:
 
 def streaming_refusal(recipe: Recipe) -> str | None:
     """Why the streaming path cannot run ``recipe`` (the in-memory ``compress_`` can), or `None`."""
-    for step in recipe.steps:
+    for index, step in enumerate(recipe.steps):
+        if isinstance(step, LayerDropConfig) and index == 0:
+            continue  # scored in one streaming pass over the blocks before anything else
+        if isinstance(step, LayerDropConfig):
+            return ("the streaming path drops layers only as a recipe's first step (scoring them after another step "
+                    "needs the whole compressed model); load the model and call compress_ instead")
         if type(step) not in BLOCKWISE_STEPS:
             return (f"the streaming path does not run {step.method!r} steps yet (it compresses one block at a time; "
                     f"{step.method} needs the whole model); load the model and call compress_ instead")
@@ -118,17 +124,29 @@ def _skeleton(source: CheckpointSource, dtype: torch.dtype):
     return model.eval()
 
 
-def _load(model: nn.Module, source: CheckpointSource, names: list[str], dtype: torch.dtype) -> None:
+def _load(model: nn.Module, source: CheckpointSource, names: list[str], dtype: torch.dtype,
+          rename: tuple[str, str] | None = None) -> None:
     """Materialises the parameters and persistent buffers ``names`` from the source (floats cast to ``dtype``, as
-    ``from_pretrained(..., dtype=dtype)`` does)."""
+    ``from_pretrained(..., dtype=dtype)`` does); ``rename = (model prefix, source prefix)`` maps a block's names to
+    the source's (after layers were dropped, block 3 may be the source's block 4)."""
     from accelerate.utils import set_module_tensor_to_device
 
     for name in names:
-        if name not in source:
-            raise MissingResourceError(f"{source.folder} lacks the tensor {name!r} the model expects; the streaming "
+        stored = rename[1] + name[len(rename[0]):] if rename and name.startswith(rename[0]) else name
+        if stored not in source:
+            raise MissingResourceError(f"{source.folder} lacks the tensor {stored!r} the model expects; the streaming "
                                        "path reads tensors by the model's own names: load the model in memory instead")
-        tensor = source.get(name)
+        tensor = source.get(stored)
         set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype) if tensor.is_floating_point() else tensor)
+
+
+def _streamed_blocks(model: nn.Module, source: CheckpointSource, path: str, layers: nn.ModuleList,
+                     dtype: torch.dtype):
+    """Yields each decoder block read from the source; once the consumer moves on, the block goes back to meta."""
+    for index in range(len(layers)):
+        _load(model, source, _meta_names(model, f"{path}.{index}."), dtype)
+        yield layers[index]
+        layers[index] = layers[index].to("meta")
 
 
 def _meta_names(model: nn.Module, prefix: str = "") -> list[str]:
@@ -195,7 +213,25 @@ def compress_pretrained(
     model.tie_weights()  # a tied head shares the embeddings just read
     state = CompressionState(calibration_ids)
     reports = [StepReport(step.method) for step in recipe.steps]
-    calibrated = [i for i, step in enumerate(recipe.steps) if BLOCKWISE_STEPS[type(step)].calibrated]
+    original = list(range(len(layers)))  # the source's index of each block of the model
+    if isinstance(recipe.steps[0], LayerDropConfig):
+        step, started = recipe.steps[0], time.perf_counter()
+        if step.layers is not None:
+            dropped = list(step.layers)
+        else:  # one pass over the blocks, each read from the source, run and put back on meta
+            dropped, reports[0].layer_scores = choose_layers_to_drop(
+                model, calibration_ids, step.count(len(layers)), score=step.score,
+                batch_size=recipe.calibration.batch_size, progress=progress,
+                blocks=_streamed_blocks(model, source, path, layers, dtype))
+        drop_layers(model, dropped)
+        reports[0].dropped_layers = sorted(dropped)
+        reports[0].seconds = time.perf_counter() - started
+        original = [i for i in original if i not in set(dropped)]
+        path, layers = find_decoder_layers(model)
+        logger.info("dropped layers %s", reports[0].dropped_layers)
+    blockwise = [(i, step, BLOCKWISE_STEPS[type(step)]) for i, step in enumerate(recipe.steps)
+                 if type(step) in BLOCKWISE_STEPS]
+    calibrated = [i for i, _, kind in blockwise if kind.calibrated]
     inputs, streams = BlockInputs(), {}
     if calibrated:
         batches = list(torch.split(calibration_ids, recipe.calibration.batch_size))
@@ -214,11 +250,11 @@ def compress_pretrained(
     for index in tqdm(range(done + 1, len(layers)), desc="stream", unit="block", disable=not progress,
                       initial=done + 1, total=len(layers)):
         prefix = f"{path}.{index}"
-        _load(model, source, _meta_names(model, prefix + "."), dtype)
+        _load(model, source, _meta_names(model, prefix + "."), dtype,
+              rename=(prefix + ".", f"{path}.{original[index]}."))
         block = layers[index]
-        for i, step in enumerate(recipe.steps):
+        for i, step, kind in blockwise:
             started = time.perf_counter()
-            kind = BLOCKWISE_STEPS[type(step)]
             work_fn = kind.make(step, state, reports[i])
             if kind.calibrated:
                 streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
@@ -243,7 +279,7 @@ def compress_pretrained(
     record_recipe(model, recipe)
     if formats:
         attach_quantization_config(model, formats, recipe=getattr(model.config, RECIPE_CONFIG_KEY, None),
-                                   dropped_layers=[])
+                                   dropped_layers=sorted(i for r in reports for i in r.dropped_layers))
     with atomic_directory(dst, overwrite=overwrite) as folder:
         _write_folder(model, folder, block_files, max_shard_size)
         if tokenizer is not None:

@@ -37,6 +37,10 @@ RECIPES = {
     "magnitude-50%": MagnitudeConfig(sparsity=0.5),
     "wanda-50%+gptq-w4": Recipe([WandaConfig(sparsity=0.5), GPTQConfig(bits=4, group_size=32)]),
     "sparsegpt-2:4+rtn-w4": Recipe([SparseGPTConfig(sparsity="2:4"), RTNConfig(bits=4, group_size=32)]),
+    "drop-1-angular": LayerDropConfig(num_layers=1),
+    "drop-2-influence+gptq-w4": Recipe([LayerDropConfig(num_layers=2, score="block_influence"),
+                                         GPTQConfig(bits=4, group_size=32)]),
+    "drop-layer-1+rtn-w4": Recipe([LayerDropConfig(layers=[1]), RTNConfig(bits=4, group_size=32)]),
 }
 
 
@@ -110,8 +114,9 @@ def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
 def test_refusals_name_the_problem_and_write_nothing(tmp_path):
     src = tmp_path / "src"
     build_tiny_llama().save_pretrained(src)
-    with pytest.raises(UserInputError, match="layer_drop.*in-memory|compress_ instead"):
-        compress_pretrained(src, tmp_path / "out", LayerDropConfig(fraction=0.5), calibration_ids=IDS)
+    with pytest.raises(UserInputError, match="drops layers only as a recipe's first step.*compress_ instead"):
+        compress_pretrained(src, tmp_path / "out", Recipe([RTNConfig(bits=4, group_size=32),
+                                                           LayerDropConfig(num_layers=1)]), calibration_ids=IDS)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((src / "config.json").read_text())
@@ -151,9 +156,13 @@ def test_the_cli_streams_a_safetensors_folder_and_says_so(tiny_llama_dir, tmp_pa
     assert "streaming" not in capsys.readouterr().out
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert filecmp.cmp(tmp_path / "s" / name, tmp_path / "m" / name, shallow=False), name
-    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "d"), "--method",
-                 "layer_drop", "--num-layers", "1", "--no-progress"]) == EXIT_OK
-    assert "compressing in memory: the streaming path does not run 'layer_drop'" in capsys.readouterr().out
+    recipe = tmp_path / "late-drop.json"
+    recipe.write_text(json.dumps({"steps": [{"method": "rtn", "bits": 4, "group_size": 32},
+                                            {"method": "layer_drop", "layers": [0]}]}))
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "d"), "--recipe",
+                 str(recipe), "--no-progress"]) == EXIT_OK
+    assert "compressing in memory: the streaming path drops layers only as a recipe's first step" in \
+        capsys.readouterr().out
 
 
 def test_an_already_compressed_source_is_refused(tmp_path):
@@ -247,3 +256,23 @@ def test_a_folder_in_the_work_folder_s_place_that_is_not_ours_is_refused(tmp_pat
     with pytest.raises(UserInputError, match="not a work folder of this package"):
         compress_pretrained(src, tmp_path / "out", RTNConfig(bits=4, group_size=32))
     assert (theirs / "keep.txt").read_text() == "mine"
+
+
+def test_dropped_blocks_are_never_read_again(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=4).save_pretrained(src)
+    reads, real_get = [], CheckpointSource.get
+
+    def get(self, name):
+        reads.append(name)
+        return real_get(self, name)
+
+    monkeypatch.setattr(CheckpointSource, "get", get)
+    compress_pretrained(src, tmp_path / "a", Recipe([LayerDropConfig(layers=[1, 2]), RTNConfig(bits=4, group_size=32)]),
+                        progress=False)
+    assert {int(n.split(".")[2]) for n in reads if n.startswith("model.layers.")} == {0, 3}
+    reads.clear()
+    compress_pretrained(src, tmp_path / "b", LayerDropConfig(num_layers=2), calibration_ids=IDS, progress=False)
+    per_block = [reads.count(f"model.layers.{b}.input_layernorm.weight") for b in range(4)]
+    kept = json.loads((tmp_path / "b" / "config.json").read_text())["num_hidden_layers"]
+    assert kept == 2 and sorted(per_block) == [1, 1, 2, 2]  # each scored once; only the kept two read again
