@@ -96,11 +96,11 @@ def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
         reads.append(name)
         return real_get(self, name)
 
-    def load(model, source, names, dtype):
+    def load(model, source, names, dtype, **kwargs):
         in_memory = {n.split(".")[2] for n, t in model.state_dict(keep_vars=True).items()
                      if n.startswith("model.layers.") and t.device.type != "meta"}
         assert not in_memory, f"blocks {in_memory} still in memory when the next one is read"
-        real_load(model, source, names, dtype)
+        real_load(model, source, names, dtype, **kwargs)
 
     monkeypatch.setattr(CheckpointSource, "get", get)
     monkeypatch.setattr(streaming, "_load", load)

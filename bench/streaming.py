@@ -1,0 +1,207 @@
+"""Streaming compression (one decoder block in memory) against the in-memory path: peak resident memory and time
+per block against model size. Writes docs/results/<output>.{md,json,png}.
+
+Models: random-initialised Llama-shaped checkpoints written as bf16 safetensors (their weights' statistics do not
+matter for memory and time), sized 0.1B / 0.5B / 1B / 3B parameters (--sizes), plus --huge, a model larger than this
+machine's memory (13B, 26 GB of bf16 on disk, streaming only). Each (size, method, path) runs in a fresh child
+process whose peak resident memory (ru_maxrss) is read by the parent when it exits; a child the kernel kills for
+memory is reported as such. Methods: RTN 4-bit g64 and GPTQ 4-bit g64 with a small calibration (--nsamples x
+--seqlen random token ids: the cost does not depend on the text). The in-memory path is what `compress --in-memory`
+runs (load, compress_, save_pretrained); the streaming path is `compress_pretrained`. Both write the same bytes
+(tests/compressors/test_streaming.py); --check-equal compares the folders here too.
+
+    python bench/streaming.py                                    # 0.1B-3B, RTN and GPTQ, both paths
+    python bench/streaming.py --sizes 0.1B --methods rtn         # a smoke run
+    python bench/streaming.py --sizes 3B --huge --methods rtn    # add the 13B model (26 GB on disk)
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import bench_parser, markdown_table, start_bench, write_results
+
+# the package first: bench/kernels.py on the path shadows the `kernels` package transformers probes for on import
+from hf_compress_prompt.formats.safetensors_stream import entry_of, write_safetensors
+
+SHAPES = {  # name -> Llama config overrides (vocab 32000, 8 KV heads where the heads allow it)
+    "0.1B": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "num_key_value_heads": 4},
+    "0.5B": {"hidden_size": 1280, "intermediate_size": 3456, "num_hidden_layers": 20, "num_attention_heads": 20,
+             "num_key_value_heads": 4},
+    "1B": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16,
+           "num_key_value_heads": 8},
+    "3B": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 26, "num_attention_heads": 24,
+           "num_key_value_heads": 8},
+    "13B": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+            "num_key_value_heads": 40},
+}
+VOCAB = 32000
+METHODS = {"rtn": {"method": "rtn", "bits": 4, "group_size": 64},
+           "gptq": {"method": "gptq", "bits": 4, "group_size": 64}}
+
+_CHILD = r"""
+import json, os, resource, sys, time
+import torch
+torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+spec = json.loads(sys.argv[1])
+from hf_compress_prompt.compressors import Recipe, step_from_dict, CalibrationConfig
+recipe = Recipe([step_from_dict(spec["step"])], CalibrationConfig(nsamples=spec["nsamples"], seqlen=spec["seqlen"]))
+ids = torch.randint(0, spec["vocab"], (spec["nsamples"], spec["seqlen"]), generator=torch.Generator().manual_seed(0))
+start = time.perf_counter()
+if spec["path"] == "streaming":
+    from hf_compress_prompt.compressors.streaming import compress_pretrained
+    compress_pretrained(spec["src"], spec["dst"], recipe, calibration_ids=ids, progress=False)
+else:
+    import hf_compress_prompt as hcp
+    from hf_compress_prompt.compressors import compress_
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(spec["src"], dtype=torch.float32)
+    compress_(model, recipe, calibration_ids=ids, progress=False)
+    hcp.save_pretrained(model, spec["dst"])
+print(json.dumps({"seconds": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _params(shape: dict) -> int:
+    h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return n * block + 2 * VOCAB * h + h
+
+
+def write_random_checkpoint(folder: Path, shape: dict, shard_gb: float = 4.0) -> int:
+    """A Llama checkpoint of random bf16 weights (std 0.02, norms 1) written tensor by tensor, never held whole;
+    returns its size in bytes."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False, **shape)
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    h, i, kv = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads * \
+        config.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (VOCAB, h)}
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)})
+    meta = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in shapes.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=int(shard_gb * 2**30))
+
+    def make(name, shape):
+        def tensor():
+            seed = sum(ord(c) * (k + 1) for k, c in enumerate(name)) % 2**31
+            if len(shape) == 1:
+                return torch.ones(shape, dtype=torch.bfloat16)
+            return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).bfloat16()
+        return tensor
+
+    for file, names in split.filename_to_tensors.items():
+        write_safetensors(folder / file, [entry_of(n, make(n, shapes[n]), dtype=torch.bfloat16, shape=shapes[n])
+                                          for n in names], {"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def run_child(spec: dict, threads: int, timeout: float) -> dict:
+    """Runs one compression in a fresh process; its time, peak resident memory (its own ru_maxrss, MiB) and
+    outcome."""
+    env = {**os.environ, "BENCH_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True,
+                              env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"wall_seconds": time.perf_counter() - start, "error": f"over the {timeout:.0f} s limit"}
+    record = {"wall_seconds": time.perf_counter() - start, "returncode": proc.returncode}
+    if proc.returncode == 0:
+        record.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    else:
+        record["error"] = "killed (out of memory?)" if proc.returncode in (-9, 137) else proc.stderr.strip()[-400:]
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = bench_parser(__doc__, threads=2)
+    parser.add_argument("--sizes", nargs="+", default=["0.1B", "0.5B", "1B", "3B"], choices=[s for s in SHAPES
+                                                                                            if s != "13B"])
+    parser.add_argument("--huge", action="store_true", help="also the 13B model (26 GB of bf16; streaming, RTN)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--paths", nargs="+", default=["in-memory", "streaming"], choices=["in-memory", "streaming"])
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--workdir", default="/tmp/hcp-bench-streaming", help="where the checkpoints are written")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
+    parser.add_argument("--check-equal", action="store_true", help="compare the two paths' output folders")
+    parser.add_argument("--output", default="streaming", help="results name under docs/results")
+    args, machine = start_bench(parser, argv)
+    work = Path(args.workdir)
+    records = []
+    plan = [(s, m, p) for s in args.sizes for m in args.methods for p in args.paths]
+    if args.huge:
+        plan.append(("13B", "rtn", "streaming"))
+    for size in dict.fromkeys(s for s, _, _ in plan):
+        src = work / f"src-{size}"
+        if src.exists():
+            shutil.rmtree(src)
+        start = time.perf_counter()
+        nbytes = write_random_checkpoint(src, SHAPES[size])
+        print(f"{size}: {_params(SHAPES[size]) / 1e9:.2f}B parameters, {nbytes / 2**30:.1f} GiB written in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        outputs = {}
+        for _, method, path in [x for x in plan if x[0] == size]:
+            dst = work / f"out-{size}-{method}-{path}"
+            if dst.exists():
+                shutil.rmtree(dst)
+            spec = {"src": str(src), "dst": str(dst), "path": path, "step": METHODS[method], "vocab": VOCAB,
+                    "nsamples": args.nsamples, "seqlen": args.seqlen}
+            r = run_child(spec, args.threads, args.timeout)
+            blocks = SHAPES[size]["num_hidden_layers"]
+            r.update(size=size, parameters=_params(SHAPES[size]), checkpoint_bytes=nbytes, method=method, path=path,
+                     blocks=blocks, seconds_per_block=r.get("seconds", float("nan")) / blocks)
+            print(f"{size} {method} {path}: {r.get('seconds', float('nan')):.0f} s, peak {r.get('peak_rss_mb', float('nan')):.0f} MiB"
+                  + (f" ({r['error']})" if "error" in r else ""), flush=True)
+            records.append(r)
+            outputs[(method, path)] = dst
+        if args.check_equal:
+            for method in args.methods:
+                a, b = outputs.get((method, "in-memory")), outputs.get((method, "streaming"))
+                if a and b and a.exists() and b.exists():
+                    same = all(filecmp.cmp(a / n.name, b / n.name, shallow=False) for n in a.iterdir())
+                    records.append({"size": size, "method": method, "outputs_identical": same})
+        for dst in outputs.values():
+            shutil.rmtree(dst, ignore_errors=True)
+        shutil.rmtree(src, ignore_errors=True)
+    rows = [[r["size"], f"{r['parameters'] / 1e9:.2f}", f"{r['checkpoint_bytes'] / 2**30:.1f}", r["method"], r["path"],
+             f"{r.get('peak_rss_mb', float('nan')):.0f}", f"{r.get('seconds', float('nan')):.0f}",
+             f"{r['seconds_per_block']:.1f}", r.get("error", "ok")] for r in records if "path" in r]
+    table = markdown_table(["model", "params (B)", "bf16 GiB", "method", "path", "peak RSS MiB", "s", "s / block",
+                            "outcome"], rows)
+    notes = (f"{args.threads} threads; calibration {args.nsamples} x {args.seqlen} random token ids; fp32 "
+             "compute (the CLI's). Peak RSS: each child process's own ru_maxrss at its end (model load, compression and save "
+             "included).")
+    path = write_results(args.output, title="Streaming vs in-memory compression: peak memory and time vs model size",
+                         settings=dict(vars(args)), machine=machine, table=table, records=records, notes=notes)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
