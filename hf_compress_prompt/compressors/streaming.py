@@ -10,9 +10,13 @@ the next block is read. At the end the output shards are written tensor by tenso
 config and tokenizer: the folder equals, byte for byte, the one the in-memory path (``from_pretrained``, ``compress_``,
 ``save_pretrained``) writes for the same model, recipe and calibration.
 
+Layer dropping as a recipe's first step is scored in one streaming pass (each block read, run, put back); dropped
+blocks are never read again. A killed run resumes from its last finished block (``resume=True``) to the same bytes:
+its state lives in a hidden work folder beside the output.
+
 Peak memory: one block (dense, then packed), the embeddings, norms and head, and the calibration activations of
-each calibrated step (fp32, as in memory). Not yet here (issue 25, later steps): layer dropping, activations held in
-bf16 or spilled to disk, resuming a killed run, torch.distributed.
+each calibrated step (fp32, as in memory). Not yet here (issue 25, later steps): activations held in bf16 or
+spilled to disk, torch.distributed.
 """
 
 from __future__ import annotations
