@@ -15,6 +15,7 @@ from ..nn import has_packed_layers
 
 __all__ = [
     "BlockInputs",
+    "block_dtype",
     "find_decoder_layers",
     "find_linear_layers",
     "linear_weight",
@@ -143,9 +144,24 @@ def _as_tensor(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """The block's outputs for every recorded batch (``hidden`` replaces the recorded hidden states)."""
-    return [_as_tensor(block(h, **kw)) for h, kw in zip(hidden if hidden is not None else inputs.hidden, inputs.kwargs)]
+def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor] | None = None, *,
+              storage_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The block's outputs for every recorded batch (``hidden`` replaces the recorded hidden states). With
+    ``storage_dtype`` (activations kept in, e.g., bf16 between blocks), each batch runs in the block's own dtype
+    and its output is stored in ``storage_dtype``."""
+    hidden = hidden if hidden is not None else inputs.hidden
+    if storage_dtype is None:
+        return [_as_tensor(block(h, **kw)) for h, kw in zip(hidden, inputs.kwargs)]
+    compute = block_dtype(block)
+    return [_as_tensor(block(h.to(compute), **kw)).to(storage_dtype) for h, kw in zip(hidden, inputs.kwargs)]
+
+
+def block_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype a block computes in: its first floating-point parameter's (or buffer's)."""
+    for t in (*block.parameters(), *block.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from .._logging import get_logger
 from ..methods.hessian import HessianAccumulator
 from .blocks import (
     BlockInputs,
+    block_dtype,
     capture_block_inputs,
     find_decoder_layers,
     find_linear_layers,
@@ -93,12 +94,15 @@ def compress_block(
     true_sequential: bool = True,
     diagonal_only: bool = False,
     clip_token_norm: float | None = CLIP_TOKEN_NORM,
+    storage_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """One block of :func:`compress_layerwise`: gathers its linears' input statistics from ``hidden`` (this block's
     inputs, one tensor per calibration batch; ``inputs.kwargs`` the matching keyword arguments), runs
     ``compress_linear`` on each (qualified name ``<prefix>.<name>``), and returns the compressed block's outputs for
-    ``hidden``: the next block's inputs."""
+    ``hidden``: the next block's inputs. ``storage_dtype``: ``hidden`` is stored in it (e.g. bf16 to halve the
+    activations' memory); each batch is cast to the block's dtype as it runs, and the outputs are stored in it."""
     device = hidden[0].device
+    compute = block_dtype(block) if storage_dtype is not None else None
     linears = find_linear_layers(block)
     groups = sequential_groups(block, inputs)  # linears sharing one input, in forward order
     rounds = [[g] for g in groups] if true_sequential else [groups]
@@ -120,7 +124,7 @@ def compress_block(
         try:
             for h_in, kwargs in zip(hidden, inputs.kwargs):
                 try:
-                    block(h_in, **kwargs)
+                    block(h_in if compute is None else h_in.to(compute), **kwargs)
                 except _StopForward:
                     pass
         finally:
@@ -130,4 +134,4 @@ def compress_block(
             for name in group:
                 module = linears[name]
                 compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), accumulators[name])
-    return run_block(block, inputs, hidden)  # the compressed block's outputs feed the next block
+    return run_block(block, inputs, hidden, storage_dtype=storage_dtype)  # the next block's inputs

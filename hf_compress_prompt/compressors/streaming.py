@@ -15,8 +15,8 @@ blocks are never read again. A killed run resumes from its last finished block (
 its state lives in a hidden work folder beside the output.
 
 Peak memory: one block (dense, then packed), the embeddings, norms and head, and the calibration activations of
-each calibrated step (fp32, as in memory). Not yet here (issue 25, later steps): activations held in bf16 or
-spilled to disk, torch.distributed.
+each calibrated step (in the model's dtype, as in memory; ``activation_dtype=torch.bfloat16`` halves them). Not yet
+here (issue 25, later steps): activations spilled to disk, torch.distributed.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def compress_pretrained(
     overwrite: bool = False,
     max_shard_size: int | str = "50GB",
     extra_files: dict[str, str] | Callable[[CompressionResult], dict[str, str]] | None = None,
+    activation_dtype: torch.dtype | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> CompressionResult:
@@ -187,6 +188,9 @@ def compress_pretrained(
         max_shard_size: as ``save_pretrained``'s.
         extra_files (*optional*): more files (name -> text) written into the folder, or a callable making them from
             the result (e.g. a report with the steps' times).
+        activation_dtype (`torch.dtype`, *optional*): keep the calibration activations between blocks in this dtype
+            (``torch.bfloat16`` halves their memory; each batch still runs in ``dtype``); `None` keeps them in
+            ``dtype``, which gives the in-memory path's bytes.
         resume (`bool`, defaults to `False`): continue a killed run from its last finished block. Its state lives in
             the hidden work folder ``.<dst name>.hcp-stream`` beside ``dst`` (never at ``dst``): the finished blocks'
             packed tensors, the calibration activations after the last one, and a manifest of the source, recipe
@@ -240,10 +244,13 @@ def compress_pretrained(
     if calibrated:
         batches = list(torch.split(calibration_ids, recipe.calibration.batch_size))
         inputs = capture_block_inputs(model, layers, batches)
+        if activation_dtype is not None:
+            inputs.hidden = [h.to(activation_dtype) for h in inputs.hidden]
         streams = {i: inputs.hidden for i in calibrated}  # each calibrated step's own activations
     pattern = sparsity_pattern(recipe)
     formats: dict[str, LinearFormat] = {}
-    work = _WorkFolder(dst, _manifest(source, recipe, calibration_ids, dtype), resume=resume)
+    work = _WorkFolder(dst, {**_manifest(source, recipe, calibration_ids, dtype),
+                             "activation_dtype": str(activation_dtype)}, resume=resume)
     done = -1
     if resume:
         done, formats, reports, saved_streams = work.progress(len(recipe.steps))
@@ -263,7 +270,7 @@ def compress_pretrained(
             if kind.calibrated:
                 streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
                                             true_sequential=step.true_sequential,
-                                            diagonal_only=kind.diagonal_only)
+                                            diagonal_only=kind.diagonal_only, storage_dtype=activation_dtype)
             else:
                 for name, module in find_linear_layers(block).items():
                     work_fn(f"{prefix}.{name}", module)

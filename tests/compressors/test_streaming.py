@@ -276,3 +276,28 @@ def test_dropped_blocks_are_never_read_again(tmp_path, monkeypatch):
     per_block = [reads.count(f"model.layers.{b}.input_layernorm.weight") for b in range(4)]
     kept = json.loads((tmp_path / "b" / "config.json").read_text())["num_hidden_layers"]
     assert kept == 2 and sorted(per_block) == [1, 1, 2, 2]  # each scored once; only the kept two read again
+
+
+def test_bf16_activations_halve_the_stream_and_stay_close(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=3).save_pretrained(src)
+    recipe = GPTQConfig(bits=4, group_size=32)
+    compress_pretrained(src, tmp_path / "fp32", recipe, calibration_ids=IDS, progress=False)
+    dtypes = []
+
+    def look(index):
+        state = next((tmp_path / ".bf16.hcp-stream").glob("state-*.safetensors"))
+        with safe_open(state, framework="pt") as handle:
+            dtypes.extend(handle.get_tensor(k).dtype for k in handle.keys())  # noqa: SIM118
+
+    monkeypatch.setattr(streaming, "_after_block", look)
+    compress_pretrained(src, tmp_path / "bf16", recipe, calibration_ids=IDS, activation_dtype=torch.bfloat16,
+                        progress=False)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # what is kept between blocks
+    a, b = hcp.from_pretrained(tmp_path / "fp32"), hcp.from_pretrained(tmp_path / "bf16")
+    with torch.no_grad():
+        la, lb = a(IDS[:1, :12]).logits, b(IDS[:1, :12]).logits
+    assert not torch.equal(la, lb)  # bf16 statistics move a few grid points ...
+    assert float((la - lb).abs().max() / la.abs().max()) < 0.1  # ... not the model
