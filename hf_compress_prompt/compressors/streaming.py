@@ -21,6 +21,7 @@ here (issue 25, later steps): activations spilled to disk, torch.distributed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -313,18 +314,25 @@ _MANIFEST = "manifest.json"
 _PROGRESS = "progress.json"
 
 
-def _release_memory() -> None:
-    """Gives the freed block's memory back to the system: glibc keeps freed blocks of up to its (grown) mmap
-    threshold in its heap, so without a trim the resident size climbs by about a block's worth per block."""
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or `None` where there is none (looked up once: ``find_library`` runs ldconfig)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: nothing to trim
-            pass
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def _release_memory() -> None:
+    """Gives the freed block's memory back to the system: glibc keeps freed blocks of up to its (grown) mmap
+    threshold in its heap, so without a trim the resident size climbs by about a block's worth per block."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _after_block(index: int) -> None:
