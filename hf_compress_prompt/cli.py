@@ -353,11 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--in-memory", action="store_true",
                     help="load the whole model and compress it in memory. Without it, a --model that is a local "
                          "folder with safetensors weights streams: one decoder block in memory at a time, the same "
-                         "output byte for byte (layer dropping always runs in memory); the command says which ran")
+                         "output byte for byte (a recipe it cannot run, e.g. layer dropping after another step, runs in "
+                         "memory); the command says which ran")
     co.add_argument("--resume", action="store_true",
                     help="streaming only: continue a killed run from its last finished block (its state is in the "
                          "hidden folder .<output name>.hcp-stream beside --output); the same output as an "
                          "uninterrupted run")
+    co.add_argument("--max-activation-memory", default="4GB", metavar="SIZE",
+                    help="streaming only: when the calibration activations between blocks would take more than this "
+                         "(e.g. 4GB, 512MB; 'none': no limit), they are kept in memory-mapped files in the work "
+                         "folder instead; the output is the same (default: %(default)s)")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     rc = commands.add_parser(
@@ -591,7 +596,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         result = compress_pretrained(
             args.model, output, recipe, tokenizer=tokenizer, overwrite=args.overwrite, progress=not args.no_progress,
-            resume=args.resume,
+            resume=args.resume, max_activation_memory=_size_or_none(args.max_activation_memory),
             extra_files=lambda r: {"compression_report.json": _compression_report(recipe, r)[1]})
         for line in _compression_summary(result):
             print(line)
@@ -610,6 +615,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     what = f"{len(packed.layers)} packed layers, quantization_config in config.json" if packed else "plain transformers model"
     print(f"saved to {output} ({what}; recipe under 'compression_recipe')")
     return EXIT_OK
+
+
+def _size_or_none(text: str) -> str | None:
+    """``--max-activation-memory``: a size, or no limit."""
+    from .compressors.activations import parse_size
+
+    if text.lower() == "none":
+        return None
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise UserInputError(f"--max-activation-memory {text!r} is not a size: give e.g. 4GB, 512MB or none") from err
+    return text
 
 
 def _compression_report(recipe, result) -> tuple[list[dict], str]:

@@ -4,7 +4,7 @@ at a time (the layer-by-layer loop keeps about one block plus its activations in
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -145,15 +145,21 @@ def _as_tensor(output) -> torch.Tensor:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor] | None = None, *,
-              storage_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+              storage_dtype: torch.dtype | None = None,
+              keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The block's outputs for every recorded batch (``hidden`` replaces the recorded hidden states). With
     ``storage_dtype`` (activations kept in, e.g., bf16 between blocks), each batch runs in the block's own dtype
-    and its output is stored in ``storage_dtype``."""
+    and its output is stored in ``storage_dtype``. ``keep`` stores each batch's output as it is made and returns
+    what replaces it (e.g. a view of a memory-mapped file: the outputs then never all sit in memory)."""
     hidden = hidden if hidden is not None else inputs.hidden
-    if storage_dtype is None:
-        return [_as_tensor(block(h, **kw)) for h, kw in zip(hidden, inputs.kwargs)]
-    compute = block_dtype(block)
-    return [_as_tensor(block(h.to(compute), **kw)).to(storage_dtype) for h, kw in zip(hidden, inputs.kwargs)]
+    compute = block_dtype(block) if storage_dtype is not None else None
+    outputs = []
+    for h, kw in zip(hidden, inputs.kwargs):
+        out = _as_tensor(block(h if compute is None else h.to(compute), **kw))
+        if storage_dtype is not None:
+            out = out.to(storage_dtype)
+        outputs.append(out if keep is None else keep(out))
+    return outputs
 
 
 def block_dtype(block: nn.Module) -> torch.dtype:

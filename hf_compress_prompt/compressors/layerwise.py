@@ -95,12 +95,14 @@ def compress_block(
     diagonal_only: bool = False,
     clip_token_norm: float | None = CLIP_TOKEN_NORM,
     storage_dtype: torch.dtype | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """One block of :func:`compress_layerwise`: gathers its linears' input statistics from ``hidden`` (this block's
     inputs, one tensor per calibration batch; ``inputs.kwargs`` the matching keyword arguments), runs
     ``compress_linear`` on each (qualified name ``<prefix>.<name>``), and returns the compressed block's outputs for
     ``hidden``: the next block's inputs. ``storage_dtype``: ``hidden`` is stored in it (e.g. bf16 to halve the
-    activations' memory); each batch is cast to the block's dtype as it runs, and the outputs are stored in it."""
+    activations' memory); each batch is cast to the block's dtype as it runs, and the outputs are stored in it.
+    ``keep`` (as :func:`~.blocks.run_block`'s) stores each output batch as it is made, e.g. in a memory-mapped file."""
     device = hidden[0].device
     compute = block_dtype(block) if storage_dtype is not None else None
     linears = find_linear_layers(block)
@@ -134,4 +136,4 @@ def compress_block(
             for name in group:
                 module = linears[name]
                 compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), accumulators[name])
-    return run_block(block, inputs, hidden, storage_dtype=storage_dtype)  # the next block's inputs
+    return run_block(block, inputs, hidden, storage_dtype=storage_dtype, keep=keep)  # the next block's inputs

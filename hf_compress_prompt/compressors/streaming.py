@@ -15,8 +15,8 @@ blocks are never read again. A killed run resumes from its last finished block (
 its state lives in a hidden work folder beside the output.
 
 Peak memory: one block (dense, then packed), the embeddings, norms and head, and the calibration activations of
-each calibrated step (in the model's dtype, as in memory; ``activation_dtype=torch.bfloat16`` halves them). Not yet
-here (issue 25, later steps): activations spilled to disk, torch.distributed.
+each calibrated step (in the model's dtype, as in memory; ``activation_dtype=torch.bfloat16`` halves them), kept in
+memory-mapped files in the work folder once they would exceed ``max_activation_memory``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ..formats.safetensors_stream import entry_of, safetensors_dtype, write_safe
 from ..formats.saved_folder import atomic_directory, check_save_target
 from ..formats.schema import RECIPE_CONFIG_KEY
 from ..integrations import attach_quantization_config
+from .activations import ActivationFile, activation_bytes, parse_size
 from .blocks import BlockInputs, capture_block_inputs, find_decoder_layers, find_linear_layers
 from .compress import BLOCKWISE_STEPS, _quantize_head, prepare_recipe, record_recipe
 from .configs import CalibrationConfig, CompressionConfig, LayerDropConfig, Recipe
@@ -154,6 +155,25 @@ def _streamed_blocks(model: nn.Module, source: CheckpointSource, path: str, laye
         layers[index] = layers[index].to("meta")
 
 
+def _capture(model: nn.Module, layers: nn.ModuleList, calibration_ids: torch.Tensor, batch_size: int,
+             activation_dtype: torch.dtype | None, streams: int, limit: int | None, folder: Path):
+    """What the first block receives for each calibration batch, captured batch by batch (in ``activation_dtype``),
+    and, when ``streams`` lists of them would exceed ``limit`` bytes, copied into a memory-mapped file as each batch
+    is made. Returns the inputs and `None`, or the ``(numel, dtype)`` each step's spill files are made with."""
+    inputs, file = BlockInputs(), None
+    total = calibration_ids.shape[0]
+    for k, ids in enumerate(torch.split(calibration_ids, batch_size)):
+        got = capture_block_inputs(model, layers, [ids])
+        hidden = got.hidden[0] if activation_dtype is None else got.hidden[0].to(activation_dtype)
+        if k == 0 and limit is not None and (need := activation_bytes(hidden, total, streams)) > limit:
+            logger.info("the calibration activations (%.2f GB for %d step(s)) exceed max_activation_memory "
+                        "(%.2f GB): kept in memory-mapped files in %s", need / 1e9, streams, limit / 1e9, folder)
+            file = ActivationFile(folder / "activations-capture.bin", hidden[0].numel() * total, hidden.dtype)
+        inputs.hidden.append(hidden if file is None else file.take(hidden))
+        inputs.kwargs.append(got.kwargs[0])
+    return inputs, None if file is None else (file.numel, file.data.dtype)
+
+
 def _meta_names(model: nn.Module, prefix: str = "") -> list[str]:
     """State-dict names under ``prefix`` whose tensors are still on the meta device."""
     return [n for n, t in model.state_dict(keep_vars=True).items() if n.startswith(prefix) and t.device.type == "meta"]
@@ -173,6 +193,7 @@ def compress_pretrained(
     extra_files: dict[str, str] | Callable[[CompressionResult], dict[str, str]] | None = None,
     activation_dtype: torch.dtype | None = None,
     resume: bool = False,
+    max_activation_memory: int | str | None = "4GB",
     progress: bool = True,
 ) -> CompressionResult:
     """Compresses the checkpoint folder ``src`` into ``dst`` with one decoder block in memory at a time.
@@ -197,6 +218,10 @@ def compress_pretrained(
             packed tensors, the calibration activations after the last one, and a manifest of the source, recipe
             and calibration it belongs to; the output equals an uninterrupted run's byte for byte. Without
             ``resume``, a work folder left there is started over; after a finished run it is removed.
+        max_activation_memory (`int` or `str`, *optional*, defaults to `"4GB"`): when the calibration activations
+            between blocks (one list per calibrated step, in ``activation_dtype``) would take more, they are kept in
+            memory-mapped files in the work folder instead (the same bytes: the output does not change). `None`
+            keeps them in memory whatever their size.
 
     Returns:
         `CompressionResult` with the recipe and the step reports; its ``masks`` and ``quantized`` are empty (the
@@ -241,17 +266,15 @@ def compress_pretrained(
     blockwise = [(i, step, BLOCKWISE_STEPS[type(step)]) for i, step in enumerate(recipe.steps)
                  if type(step) in BLOCKWISE_STEPS]
     calibrated = [i for i, _, kind in blockwise if kind.calibrated]
-    inputs, streams = BlockInputs(), {}
+    work = _WorkFolder(dst, {**_manifest(source, recipe, calibration_ids, dtype),
+                             "activation_dtype": str(activation_dtype)}, resume=resume)
+    inputs, streams, spilled = BlockInputs(), {}, None
     if calibrated:
-        batches = list(torch.split(calibration_ids, recipe.calibration.batch_size))
-        inputs = capture_block_inputs(model, layers, batches)
-        if activation_dtype is not None:
-            inputs.hidden = [h.to(activation_dtype) for h in inputs.hidden]
+        inputs, spilled = _capture(model, layers, calibration_ids, recipe.calibration.batch_size, activation_dtype,
+                                   len(calibrated), parse_size(max_activation_memory), work.path)
         streams = {i: inputs.hidden for i in calibrated}  # each calibrated step's own activations
     pattern = sparsity_pattern(recipe)
     formats: dict[str, LinearFormat] = {}
-    work = _WorkFolder(dst, {**_manifest(source, recipe, calibration_ids, dtype),
-                             "activation_dtype": str(activation_dtype)}, resume=resume)
     done = -1
     if resume:
         done, formats, reports, saved_streams = work.progress(len(recipe.steps))
@@ -269,9 +292,12 @@ def compress_pretrained(
             started = time.perf_counter()
             work_fn = kind.make(step, state, reports[i])
             if kind.calibrated:
+                keep = None
+                if spilled is not None:  # this block's outputs go to a file (the other of the step's two)
+                    keep = ActivationFile(work.path / f"activations-{i}-{index % 2}.bin", *spilled).take
                 streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
-                                            true_sequential=step.true_sequential,
-                                            diagonal_only=kind.diagonal_only, storage_dtype=activation_dtype)
+                                            true_sequential=step.true_sequential, diagonal_only=kind.diagonal_only,
+                                            storage_dtype=activation_dtype, keep=keep)
             else:
                 for name, module in find_linear_layers(block).items():
                     work_fn(f"{prefix}.{name}", module)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_the_recipe_is_recorded_and_the_result_holds_no_tensors(tmp_path):
 
 
 def test_the_cli_streams_a_safetensors_folder_and_says_so(tiny_llama_dir, tmp_path, capsys):
-    from hf_compress_prompt.cli import EXIT_OK, main
+    from hf_compress_prompt.cli import EXIT_OK, EXIT_USAGE, main
 
     common = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "16",
               "--no-progress"]
@@ -163,6 +164,14 @@ def test_the_cli_streams_a_safetensors_folder_and_says_so(tiny_llama_dir, tmp_pa
                  str(recipe), "--no-progress"]) == EXIT_OK
     assert "compressing in memory: the streaming path drops layers only as a recipe's first step" in \
         capsys.readouterr().out
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "x"),
+                 "--max-activation-memory", "1KB", *common]) == EXIT_OK  # spilled: the same bytes
+    assert filecmp.cmp(tmp_path / "s" / "model.safetensors", tmp_path / "x" / "model.safetensors", shallow=False)
+    capsys.readouterr()
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "y"),
+                 "--max-activation-memory", "lots", *common]) == EXIT_USAGE
+    assert "--max-activation-memory 'lots' is not a size" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_an_already_compressed_source_is_refused(tmp_path):
@@ -301,3 +310,53 @@ def test_bf16_activations_halve_the_stream_and_stay_close(tmp_path, monkeypatch)
         la, lb = a(IDS[:1, :12]).logits, b(IDS[:1, :12]).logits
     assert not torch.equal(la, lb)  # bf16 statistics move a few grid points ...
     assert float((la - lb).abs().max() / la.abs().max()) < 0.1  # ... not the model
+
+
+@pytest.mark.parametrize("recipe", ["gptq-act-order", "wanda-50%+gptq-w4"])
+@pytest.mark.parametrize("activation_dtype", [None, torch.bfloat16])
+def test_activations_over_the_limit_live_in_memory_mapped_files_and_give_the_same_bytes(
+        recipe, activation_dtype, tmp_path, monkeypatch):
+    from hf_compress_prompt.compressors import activations
+
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=3).save_pretrained(src)
+    kw = {"calibration_ids": IDS, "activation_dtype": activation_dtype, "progress": False}
+    compress_pretrained(src, tmp_path / "memory", RECIPES[recipe], **kw)
+    files, real_init = [], activations.ActivationFile.__init__
+
+    def init(self, path, numel, dtype):
+        real_init(self, path, numel, dtype)
+        files.append((path.name, numel, dtype))
+
+    monkeypatch.setattr(activations.ActivationFile, "__init__", init)
+    streamed = []  # the type of what each block receives: views of a mapped file, not tensors of their own
+    real_compress = streaming.compress_block
+
+    def compress_block(block, prefix, inputs, hidden, *args, **kwargs):
+        streamed.append({Path(h.untyped_storage().filename or "-").name for h in hidden})
+        return real_compress(block, prefix, inputs, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "compress_block", compress_block)
+    compress_pretrained(src, tmp_path / "spilled", RECIPES[recipe], max_activation_memory=1024, **kw)
+    _folders_equal(tmp_path / "memory", tmp_path / "spilled")
+    steps = 2 if recipe.startswith("wanda") else 1
+    hidden = 128 * (2 if activation_dtype else 4)  # bytes per token of the tiny model's activations
+    assert files[0] == ("activations-capture.bin", IDS.numel() * 128, activation_dtype or torch.float32)
+    assert len(files) == 1 + 3 * steps and {n for n, *_ in files[1:]} == {
+        f"activations-{s}-{p}.bin" for s in range(steps) for p in (0, 1)}
+    assert streamed[:steps] == [{"activations-capture.bin"}] * steps  # block 0: what the capture wrote
+    assert all(names <= {f"activations-{s}-{p}.bin" for s in range(steps) for p in (0, 1)} for names in
+               streamed[steps:]) and len(streamed) == 3 * steps  # then what the step's previous block wrote
+    assert IDS.numel() * hidden * steps > 1024
+    assert not (tmp_path / ".spilled.hcp-stream").exists()  # the files went with the work folder
+
+
+def test_activations_under_the_limit_stay_in_memory(tmp_path, monkeypatch):
+    from hf_compress_prompt.compressors import activations
+
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=2).save_pretrained(src)
+    made = []
+    monkeypatch.setattr(activations.ActivationFile, "__init__", lambda self, *a: made.append(a))
+    compress_pretrained(src, tmp_path / "out", RECIPES["gptq-act-order"], calibration_ids=IDS, progress=False)
+    assert made == []  # 4 x 32 tokens x 128 x fp32 = 64 KB, far under the default 4GB
