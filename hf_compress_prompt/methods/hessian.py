@@ -12,8 +12,13 @@ logger = get_logger(__name__)
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum_i x_i x_i^T`` over calibration tokens (GPTQ's ``add_batch``), plus the squared input
-    norm of each channel ``||X_j||^2 / n`` that Wanda uses (the diagonal of ``H / 2``).
+    """``H = 2/n * sum_i x_i x_i^T`` over calibration tokens (GPTQ's ``add_batch``), plus the squared input norm of
+    each channel ``||X_j||^2 / n`` that Wanda uses (the diagonal of ``H / 2``).
+
+    Each batch's ``X^T X`` is computed in float32 and added to a float64 sum; ``H`` is that sum times ``2/n``,
+    rounded to float32. Float32 values added in float64 keep every bit the float32 result can show, so ``H`` does
+    not depend on how the batches are grouped: accumulators over parts of the data, merged with :meth:`merge` (or
+    summed across processes), give the bytes one accumulator over all of it gives.
 
     Args:
         in_features (`int`): the layer's input width.
@@ -34,7 +39,7 @@ class HessianAccumulator:
         self.diagonal_only = diagonal_only
         self.clip_token_norm = clip_token_norm
         shape = (in_features,) if diagonal_only else (in_features, in_features)
-        self._sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)  # sum_i x_i x_i^T (or its diagonal)
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -47,26 +52,27 @@ class HessianAccumulator:
             norms = x.norm(dim=1)  # (n,)
             cap = self.clip_token_norm * norms.median()
             x = x * torch.clamp(cap / norms.clamp_min(1e-12), max=1.0)[:, None]  # massive tokens scaled down to cap
-        total = self.tokens + n
-        self._sum.mul_(self.tokens / total)  # rescale the running mean to the new count
-        x = x * (2.0 / total) ** 0.5
-        if self.diagonal_only:
-            self._sum.add_((x * x).sum(0))  # diag(H) += 2/total * sum_i x_ij^2
-        else:
-            self._sum.addmm_(x.T, x)  # H += 2/total * X^T X
-        self.tokens = total
+        product = (x * x).sum(0) if self.diagonal_only else x.T @ x  # float32, as the reference computes it
+        self.sum.add_(product)
+        self.tokens += n
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Adds ``other``'s tokens (an accumulator of the same layer over other batches)."""
+        self.sum.add_(other.sum.to(self.sum.device))
+        self.tokens += other.tokens
 
     @property
     def H(self) -> torch.Tensor:
-        """``2 X^T X / n``, shape `(in_features, in_features)`."""
+        """``2 X^T X / n``, shape `(in_features, in_features)`, float32."""
         if self.diagonal_only:
             raise ValueError("this accumulator keeps only the diagonal; create it with diagonal_only=False for H")
-        return self._sum
+        return (self.sum * (2.0 / max(self.tokens, 1))).float()
 
     @property
     def channel_sq_norm(self) -> torch.Tensor:
-        """``||X_j||^2 / n`` per input channel, shape `(in_features,)`."""
-        return (self._sum if self.diagonal_only else torch.diagonal(self._sum)) / 2
+        """``||X_j||^2 / n`` per input channel, shape `(in_features,)`, float32."""
+        diagonal = self.sum if self.diagonal_only else torch.diagonal(self.sum)
+        return (diagonal / max(self.tokens, 1)).float()
 
 
 def inverse_cholesky_upper(
