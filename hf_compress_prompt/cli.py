@@ -576,6 +576,7 @@ def _recipe_from_args(args: argparse.Namespace):
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .compressors import compress_
+    from .compressors.distributed import init_from_environment
     from .compressors.streaming import compress_pretrained, is_safetensors_folder, streaming_refusal
     from .integrations.checkpoints import save_pretrained
     from .models import load_model_and_tokenizer
@@ -583,6 +584,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)  # bad flags fail before the model loads
     output = Path(args.output)
     stream = args.model and is_safetensors_folder(args.model) and not args.in_memory
+    group = init_from_environment()  # under torchrun: one process of several
+    if group is not None and not (stream and streaming_refusal(recipe) is None):
+        raise UserInputError("torchrun runs the streaming path only: --model must be a local folder with safetensors "
+                             "weights, without --in-memory, and a recipe it can stream; run one process otherwise")
     if stream and streaming_refusal(recipe):
         print(f"compressing in memory: {streaming_refusal(recipe)}")
         stream = False
@@ -592,16 +597,18 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if stream:
         from transformers import AutoTokenizer
 
-        print(f"streaming {args.model}: one decoder block in memory at a time")
+        say = print if group is None or group.is_main else (lambda *a, **k: None)
+        say(f"streaming {args.model}: one decoder block in memory at a time"
+            + ("" if group is None else f", {group.world_size} processes"))
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         result = compress_pretrained(
             args.model, output, recipe, tokenizer=tokenizer, overwrite=args.overwrite, progress=not args.no_progress,
             resume=args.resume, max_activation_memory=_size_or_none(args.max_activation_memory),
             extra_files=lambda r: {"compression_report.json": _compression_report(recipe, r)[1]})
         for line in _compression_summary(result):
-            print(line)
+            say(line)
         packed = json.loads((output / "config.json").read_text()).get("quantization_config") or {}
-        print(f"saved to {output} ({len(packed.get('layers', {}))} packed layers, quantization_config in config.json; "
+        say(f"saved to {output} ({len(packed.get('layers', {}))} packed layers, quantization_config in config.json; "
               "recipe under 'compression_recipe')")
         return EXIT_OK
     model, tokenizer = load_model_and_tokenizer(args.model)

@@ -26,6 +26,7 @@ from .blocks import (
     run_block,
     sequential_groups,
 )
+from .distributed import ProcessGroup
 
 __all__ = ["CLIP_TOKEN_NORM", "LinearCompressor", "compress_block", "compress_layerwise"]
 
@@ -96,13 +97,19 @@ def compress_block(
     clip_token_norm: float | None = CLIP_TOKEN_NORM,
     storage_dtype: torch.dtype | None = None,
     keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    group: ProcessGroup | None = None,
+    share: Callable[[str, nn.Module, int], None] | None = None,
 ) -> list[torch.Tensor]:
     """One block of :func:`compress_layerwise`: gathers its linears' input statistics from ``hidden`` (this block's
     inputs, one tensor per calibration batch; ``inputs.kwargs`` the matching keyword arguments), runs
     ``compress_linear`` on each (qualified name ``<prefix>.<name>``), and returns the compressed block's outputs for
     ``hidden``: the next block's inputs. ``storage_dtype``: ``hidden`` is stored in it (e.g. bf16 to halve the
     activations' memory); each batch is cast to the block's dtype as it runs, and the outputs are stored in it.
-    ``keep`` (as :func:`~.blocks.run_block`'s) stores each output batch as it is made, e.g. in a memory-mapped file."""
+    ``keep`` (as :func:`~.blocks.run_block`'s) stores each output batch as it is made, e.g. in a memory-mapped file.
+
+    With ``group`` (a multi-process run, :mod:`.distributed`), ``hidden`` holds this process's batches only: the
+    statistics are summed over the processes, each process solves its share of each round's linears, and
+    ``share(name, module, owner)`` brings every result to every process."""
     device = hidden[0].device
     compute = block_dtype(block) if storage_dtype is not None else None
     linears = find_linear_layers(block)
@@ -111,14 +118,14 @@ def compress_block(
     for round_groups in rounds:
         # One accumulator per shared input: q, k and v see the same tensor, so they share one Hessian.
         accumulators, handles = {}, []
-        for group in round_groups:
-            in_features = linear_weight(linears[group[0]]).shape[1]
+        for shared in round_groups:
+            in_features = linear_weight(linears[shared[0]]).shape[1]
             acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only,
                                      clip_token_norm=None if diagonal_only else clip_token_norm)
-            for name in group:
+            for name in shared:
                 accumulators[name] = acc
             handles.append(
-                linears[group[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
+                linears[shared[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
             )
         # Nothing after the round's last linear matters for its statistics: stop each forward pass there.
         last = linears[round_groups[-1][-1]]
@@ -132,8 +139,14 @@ def compress_block(
         finally:
             for h in handles:
                 h.remove()
-        for group in round_groups:
-            for name in group:
-                module = linears[name]
+        names = [name for g in round_groups for name in g]
+        if group is not None:
+            group.sum_statistics(list({id(a): a for a in accumulators.values()}.values()))
+        for k, name in enumerate(names):
+            module = linears[name]
+            if group is None or group.owner(k) == group.rank:
                 compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), accumulators[name])
+        if group is not None:
+            for k, name in enumerate(names):
+                share(f"{prefix}.{name}", linears[name], group.owner(k))
     return run_block(block, inputs, hidden, storage_dtype=storage_dtype, keep=keep)  # the next block's inputs

@@ -17,6 +17,9 @@ its state lives in a hidden work folder beside the output.
 Peak memory: one block (dense, then packed), the embeddings, norms and head, and the calibration activations of
 each calibrated step (in the model's dtype, as in memory; ``activation_dtype=torch.bfloat16`` halves them), kept in
 memory-mapped files in the work folder once they would exceed ``max_activation_memory``.
+
+Under ``torchrun`` (:mod:`.distributed`) each process pushes its share of the calibration batches through the
+blocks, the layers' statistics are summed across processes and the solves dealt out to them; process 0 writes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .activations import ActivationFile, activation_bytes, parse_size
 from .blocks import BlockInputs, capture_block_inputs, find_decoder_layers, find_linear_layers
 from .compress import BLOCKWISE_STEPS, _quantize_head, prepare_recipe, record_recipe
 from .configs import CalibrationConfig, CompressionConfig, LayerDropConfig, Recipe
+from .distributed import process_group
 from .layer_drop import choose_layers_to_drop, drop_layers
 from .layerwise import compress_block
 from .pack import pack_linear_module, sparsity_pattern
@@ -155,20 +159,20 @@ def _streamed_blocks(model: nn.Module, source: CheckpointSource, path: str, laye
         layers[index] = layers[index].to("meta")
 
 
-def _capture(model: nn.Module, layers: nn.ModuleList, calibration_ids: torch.Tensor, batch_size: int,
-             activation_dtype: torch.dtype | None, streams: int, limit: int | None, folder: Path):
+def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
+             activation_dtype: torch.dtype | None, streams: int, limit: int | None, spill: Path):
     """What the first block receives for each calibration batch, captured batch by batch (in ``activation_dtype``),
-    and, when ``streams`` lists of them would exceed ``limit`` bytes, copied into a memory-mapped file as each batch
-    is made. Returns the inputs and `None`, or the ``(numel, dtype)`` each step's spill files are made with."""
+    and, when ``streams`` lists of them would exceed ``limit`` bytes, copied into the memory-mapped file ``spill`` as
+    each batch is made. Returns the inputs and `None`, or the ``(numel, dtype)`` each step's spill files take."""
     inputs, file = BlockInputs(), None
-    total = calibration_ids.shape[0]
-    for k, ids in enumerate(torch.split(calibration_ids, batch_size)):
+    total = sum(ids.shape[0] for ids in batches)
+    for k, ids in enumerate(batches):
         got = capture_block_inputs(model, layers, [ids])
         hidden = got.hidden[0] if activation_dtype is None else got.hidden[0].to(activation_dtype)
         if k == 0 and limit is not None and (need := activation_bytes(hidden, total, streams)) > limit:
             logger.info("the calibration activations (%.2f GB for %d step(s)) exceed max_activation_memory "
-                        "(%.2f GB): kept in memory-mapped files in %s", need / 1e9, streams, limit / 1e9, folder)
-            file = ActivationFile(folder / "activations-capture.bin", hidden[0].numel() * total, hidden.dtype)
+                        "(%.2f GB): kept in memory-mapped files in %s", need / 1e9, streams, limit / 1e9, spill.parent)
+            file = ActivationFile(spill, hidden[0].numel() * total, hidden.dtype)
         inputs.hidden.append(hidden if file is None else file.take(hidden))
         inputs.kwargs.append(got.kwargs[0])
     return inputs, None if file is None else (file.numel, file.data.dtype)
@@ -266,12 +270,22 @@ def compress_pretrained(
     blockwise = [(i, step, BLOCKWISE_STEPS[type(step)]) for i, step in enumerate(recipe.steps)
                  if type(step) in BLOCKWISE_STEPS]
     calibrated = [i for i, _, kind in blockwise if kind.calibrated]
+    group = process_group()  # torchrun: this process's share of the batches and of the solves
+    if group is not None and resume:
+        raise UserInputError("resume runs in one process (each process's activations are its own); rerun the "
+                             "interrupted job without --resume, or resume it without torchrun")
+    main = group is None or group.is_main
     work = _WorkFolder(dst, {**_manifest(source, recipe, calibration_ids, dtype),
-                             "activation_dtype": str(activation_dtype)}, resume=resume)
+                             "activation_dtype": str(activation_dtype)}, resume=resume, create=main)
+    if group is not None:
+        group.barrier()  # process 0 has made the work folder
+    suffix = "" if group is None else f"-rank{group.rank}"
     inputs, streams, spilled = BlockInputs(), {}, None
     if calibrated:
-        inputs, spilled = _capture(model, layers, calibration_ids, recipe.calibration.batch_size, activation_dtype,
-                                   len(calibrated), parse_size(max_activation_memory), work.path)
+        batches = list(torch.split(calibration_ids, recipe.calibration.batch_size))
+        inputs, spilled = _capture(model, layers, batches if group is None else group.my_batches(batches),
+                                   activation_dtype, len(calibrated), parse_size(max_activation_memory),
+                                   work.path / f"activations-capture{suffix}.bin")
         streams = {i: inputs.hidden for i in calibrated}  # each calibrated step's own activations
     pattern = sparsity_pattern(recipe)
     formats: dict[str, LinearFormat] = {}
@@ -282,7 +296,7 @@ def compress_pretrained(
         for index in range(done + 1):
             _restore_block(model, f"{path}.{index}", work.block_file(index), formats)
         logger.info("resuming %s after block %d of %d", work.path, done, len(layers))
-    for index in tqdm(range(done + 1, len(layers)), desc="stream", unit="block", disable=not progress,
+    for index in tqdm(range(done + 1, len(layers)), desc="stream", unit="block", disable=not (progress and main),
                       initial=done + 1, total=len(layers)):
         prefix = f"{path}.{index}"
         _load(model, source, _meta_names(model, prefix + "."), dtype,
@@ -294,24 +308,30 @@ def compress_pretrained(
             if kind.calibrated:
                 keep = None
                 if spilled is not None:  # this block's outputs go to a file (the other of the step's two)
-                    keep = ActivationFile(work.path / f"activations-{i}-{index % 2}.bin", *spilled).take
+                    keep = ActivationFile(work.path / f"activations-{i}-{index % 2}{suffix}.bin", *spilled).take
+                share = None if group is None else functools.partial(group.share, state=state, report=reports[i])
                 streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
                                             true_sequential=step.true_sequential, diagonal_only=kind.diagonal_only,
-                                            storage_dtype=activation_dtype, keep=keep)
+                                            storage_dtype=activation_dtype, keep=keep, group=group, share=share)
             else:
-                for name, module in find_linear_layers(block).items():
-                    work_fn(f"{prefix}.{name}", module)
+                linears = list(find_linear_layers(block).items())
+                for k, (name, module) in enumerate(linears):
+                    if group is None or group.owner(k) == group.rank:
+                        work_fn(f"{prefix}.{name}", module)
+                for k, (name, module) in enumerate(linears if group is not None else []):
+                    group.share(f"{prefix}.{name}", module, group.owner(k), state, reports[i])
             reports[i].seconds += time.perf_counter() - started
         formats.update(_pack(model, state, pattern, prefix + "."))
         state.masks.clear()  # the block is packed: its grids and masks are in its packed modules now
         state.quantized.clear()
         block = layers[index]
-        work.save_block(index, {f"{prefix}.{k}": v for k, v in block.state_dict().items()}, streams, formats,
-                        reports)
+        if main:
+            work.save_block(index, {f"{prefix}.{k}": v for k, v in block.state_dict().items()}, streams, formats,
+                            reports)
         layers[index] = block.to("meta")  # freed: the next block is read from the source alone
         _release_memory()
         _after_block(index)
-    block_files = {name: work.block_file(index) for index in range(len(layers))
+    block_files = {name: work.block_file(index) for index in range(len(layers) if main else 0)
                    for name in _tensor_names(work.block_file(index))}
     for i, step in enumerate(recipe.steps):
         if getattr(step, "lm_head", False):
@@ -321,15 +341,18 @@ def compress_pretrained(
     if formats:
         attach_quantization_config(model, formats, recipe=getattr(model.config, RECIPE_CONFIG_KEY, None),
                                    dropped_layers=sorted(i for r in reports for i in r.dropped_layers))
-    with atomic_directory(dst, overwrite=overwrite) as folder:
-        _write_folder(model, folder, block_files, max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        result = CompressionResult(recipe, reports, {}, {})
-        extra = extra_files(result) if callable(extra_files) else extra_files
-        for name, text in (extra or {}).items():
-            (folder / name).write_text(text)
-    work.remove()
+    result = CompressionResult(recipe, reports, {}, {})
+    if main:
+        with atomic_directory(dst, overwrite=overwrite) as folder:
+            _write_folder(model, folder, block_files, max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            extra = extra_files(result) if callable(extra_files) else extra_files
+            for name, text in (extra or {}).items():
+                (folder / name).write_text(text)
+        work.remove()
+    if group is not None:
+        group.barrier()  # every process returns once the folder is there
     return result
 
 
@@ -403,10 +426,12 @@ class _WorkFolder:
     (``state-NNNNN.safetensors``) and ``progress.json`` (that block, the formats and reports so far), each written
     atomically in that order, so a run killed anywhere leaves a consistent state."""
 
-    def __init__(self, dst: str | os.PathLike, manifest: dict, *, resume: bool):
+    def __init__(self, dst: str | os.PathLike, manifest: dict, *, resume: bool, create: bool = True):
         target = Path(dst).expanduser().resolve()
         self.path = target.parent / f".{target.name}{_WORK_SUFFIX}"
         self.manifest = manifest = json.loads(json.dumps(manifest))  # as it reads back (tuples become lists)
+        if not create:
+            return  # another process of a torchrun job makes it
         mine = (self.path / _MANIFEST).is_file()
         if resume:
             if not mine or not (self.path / _PROGRESS).is_file():

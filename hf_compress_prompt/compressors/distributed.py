@@ -1,0 +1,111 @@
+"""One streaming compression spread over processes with ``torch.distributed`` (``torchrun``).
+
+Every process reads the same block from the source. The calibration batches are split into contiguous runs, one
+per process, and each process pushes only its own through the block; each layer's statistics (GPTQ's and
+SparseGPT's Hessian, Wanda's input norms) are then summed over the processes, so every process holds what one
+process would have gathered from all the batches. The linears of a block are dealt out to the processes for the
+solve (linear ``k`` of a round to process ``k mod N``), and each result (the new weight, its grid and mask, its
+report) is broadcast from the process that made it, so every process ends the block with the same compressed
+block and runs its own batches through it for the next one. Process 0 alone writes the work folder and the output.
+
+Equal to the one-process run: methods without calibration (RTN, magnitude, N:M by magnitude) give the same bytes.
+Calibrated ones see the same per-batch activations, but their statistics are added in another order (one running
+mean per process, then a float64 sum across them, instead of one running mean over every batch), so ``H`` differs
+in its last float32 bits; a weight whose rounding sits that close to a grid midpoint may take the neighbouring code.
+tests/compressors/test_distributed.py states how many do on a tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+from ..methods.hessian import HessianAccumulator
+from .blocks import linear_weight, set_linear_weight
+from .state import CompressionState, StepReport
+
+__all__ = ["ProcessGroup", "init_from_environment", "process_group"]
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in a multi-process run."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owner(self, index: int) -> int:
+        """The process that solves the ``index``-th linear of a round."""
+        return index % self.world_size
+
+    def my_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This process's contiguous run of the calibration batches (the first ones get one more when uneven)."""
+        if len(batches) < self.world_size:
+            raise UserInputError(f"{len(batches)} calibration batch(es) for {self.world_size} processes: each needs at "
+                                 "least one; use more samples (nsamples), a smaller batch_size or fewer processes")
+        base, extra = divmod(len(batches), self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return batches[start:start + base + (self.rank < extra)]
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def sum_statistics(self, accumulators: list[HessianAccumulator]) -> None:
+        """Makes each accumulator hold the statistics of every process's batches (their float64 sums added)."""
+        import torch.distributed as dist
+
+        for acc in accumulators:
+            tokens = torch.tensor([acc.tokens], dtype=torch.int64, device=acc.sum.device)
+            dist.all_reduce(acc.sum)  # float64 sums of float32 products: the one-process bytes (HessianAccumulator)
+            dist.all_reduce(tokens)
+            acc.tokens = int(tokens.item())
+
+    def share(self, name: str, module: nn.Module, owner: int, state: CompressionState, report: StepReport) -> None:
+        """Broadcasts what process ``owner`` made of linear ``name``: its weight, its mask and grid in ``state`` and
+        its entry in ``report``."""
+        import torch.distributed as dist
+
+        payload = [None]
+        if self.rank == owner:
+            payload = [(linear_weight(module).clone(), state.masks.get(module), state.quantized.get(module),
+                        report.layers.get(name))]
+        dist.broadcast_object_list(payload, src=owner)
+        if self.rank == owner:
+            return
+        weight, mask, quantized, entry = payload[0]
+        set_linear_weight(module, weight)
+        if mask is not None:
+            state.masks[module] = mask
+        if quantized is not None:
+            state.quantized[module] = quantized
+        if entry is not None:
+            report.layers[name] = entry
+
+
+def process_group() -> ProcessGroup | None:
+    """This process's :class:`ProcessGroup` when ``torch.distributed`` runs with more than one process, else `None`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return ProcessGroup(dist.get_rank(), dist.get_world_size())
+
+
+def init_from_environment() -> ProcessGroup | None:
+    """Joins the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1; gloo: the streaming
+    path computes on the CPU), or `None` when this is a single process."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return process_group()
