@@ -13,6 +13,11 @@ runs (load, compress_, save_pretrained); the streaming path is `compress_pretrai
     python bench/streaming.py                                    # 0.1B-3B, RTN and GPTQ, both paths
     python bench/streaming.py --sizes 0.1B --methods rtn         # a smoke run
     python bench/streaming.py --sizes 3B --huge --methods rtn    # add the 13B model (26 GB on disk)
+    python bench/streaming.py --smollm2-only                     # SmolLM2 only (output streaming_smollm2)
+
+--smollm2 adds the real model (SmolLM2-135M-Instruct from its GGUF, converted once): GPTQ 4-bit g64 on --real-nsamples
+C4 windows of 512 tokens through both paths, each repeated --repeats times alternately (time ratio of medians), and
+WikiText-2 perplexity (first --windows windows of 2048, bf16 autocast) of both outputs.
 """
 
 from __future__ import annotations
@@ -54,18 +59,23 @@ torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 spec = json.loads(sys.argv[1])
 from hf_compress_prompt.compressors import Recipe, step_from_dict, CalibrationConfig
 recipe = Recipe([step_from_dict(spec["step"])], CalibrationConfig(nsamples=spec["nsamples"], seqlen=spec["seqlen"]))
-ids = torch.randint(0, spec["vocab"], (spec["nsamples"], spec["seqlen"]), generator=torch.Generator().manual_seed(0))
+if spec.get("real"):  # a real model: C4 windows sampled with its tokenizer (as the CLI does)
+    from transformers import AutoTokenizer
+    calibration = {"tokenizer": AutoTokenizer.from_pretrained(spec["src"])}
+else:
+    calibration = {"calibration_ids": torch.randint(0, spec["vocab"], (spec["nsamples"], spec["seqlen"]),
+                                                    generator=torch.Generator().manual_seed(0))}
 start = time.perf_counter()
 if spec["path"] == "streaming":
     from hf_compress_prompt.compressors.streaming import compress_pretrained
-    compress_pretrained(spec["src"], spec["dst"], recipe, calibration_ids=ids, progress=False)
+    compress_pretrained(spec["src"], spec["dst"], recipe, progress=False, **calibration)
 else:
     import hf_compress_prompt as hcp
     from hf_compress_prompt.compressors import compress_
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(spec["src"], dtype=torch.float32)
-    compress_(model, recipe, calibration_ids=ids, progress=False)
-    hcp.save_pretrained(model, spec["dst"])
+    compress_(model, recipe, progress=False, **calibration)
+    hcp.save_pretrained(model, spec["dst"], tokenizer=calibration.get("tokenizer"))
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -151,9 +161,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default="/tmp/hcp-bench-streaming", help="where the checkpoints are written")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
     parser.add_argument("--check-equal", action="store_true", help="compare the two paths' output folders")
-    parser.add_argument("--output", default="streaming", help="results name under docs/results")
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M: time ratio and perplexity")
+    parser.add_argument("--smollm2-only", action="store_true", help="only the SmolLM2 part")
+    parser.add_argument("--real-nsamples", type=int, default=64, help="SmolLM2's C4 calibration windows (x 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="SmolLM2 runs per path (alternating)")
+    parser.add_argument("--windows", type=int, default=8, help="SmolLM2 WikiText-2 windows of 2048 tokens")
+    parser.add_argument("--output", default=None, help="results name under docs/results (default: streaming, or "
+                                                       "streaming_smollm2 with --smollm2-only)")
     args, machine = start_bench(parser, argv)
     work = Path(args.workdir)
+    if args.smollm2_only:
+        args.sizes, args.huge, args.smollm2 = [], False, True
+    args.output = args.output or ("streaming_smollm2" if args.smollm2_only else "streaming")
     records = []
     plan = [(s, m, p) for s in args.sizes for m in args.methods for p in args.paths]
     if args.huge:
@@ -190,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         for dst in outputs.values():
             shutil.rmtree(dst, ignore_errors=True)
         shutil.rmtree(src, ignore_errors=True)
+    smollm2 = _smollm2(args, work) if args.smollm2 else None
     rows = [[r["size"], f"{r['parameters'] / 1e9:.2f}", f"{r['checkpoint_bytes'] / 2**30:.1f}", r["method"], r["path"],
              f"{r.get('peak_rss_mb', float('nan')):.0f}", f"{r.get('seconds', float('nan')):.0f}",
              f"{r['seconds_per_block']:.1f}", r.get("error", "ok")] for r in records if "path" in r]
@@ -198,9 +218,66 @@ def main(argv: list[str] | None = None) -> None:
     notes = (f"{args.threads} threads; calibration {args.nsamples} x {args.seqlen} random token ids; fp32 "
              "compute (the CLI's). Peak RSS: each child process's own ru_maxrss at its end (model load, compression and save "
              "included).")
+    if not rows:
+        table, notes = "", ""
+    if smollm2 is not None:
+        records.append(smollm2)
+        table += ("\n\n" if table else "") + smollm2.pop("table")
+        notes += (" " if notes else "") + smollm2["notes"]
     path = write_results(args.output, title="Streaming vs in-memory compression: peak memory and time vs model size",
                          settings=dict(vars(args)), machine=machine, table=table, records=records, notes=notes)
     print(f"wrote {path}")
+
+
+def _smollm2(args, work: Path) -> dict:
+    """SmolLM2-135M through both paths, alternating, --repeats times each: medians, their ratio, peak memory,
+    whether the folders are identical, and both outputs' WikiText-2 perplexity."""
+    import statistics
+
+    import torch
+
+    import hf_compress_prompt as hcp
+    from hf_compress_prompt.data import eval_tokens
+    from hf_compress_prompt.models import default_model_path
+    from common import eval_perplexities
+
+    src = default_model_path()
+    runs = {"in-memory": [], "streaming": []}
+    outs = {p: work / f"smollm2-{p}" for p in runs}
+    for repeat in range(args.repeats):
+        for path in runs:
+            if outs[path].exists():
+                shutil.rmtree(outs[path])
+            spec = {"src": str(src), "dst": str(outs[path]), "path": path, "step": {**METHODS["gptq"]},
+                    "real": True, "nsamples": args.real_nsamples, "seqlen": 512}
+            r = run_child(spec, args.threads, args.timeout)
+            print(f"SmolLM2 gptq {path} #{repeat + 1}: {r.get('seconds', float('nan')):.0f} s, peak "
+                  f"{r.get('peak_rss_mb', float('nan')):.0f} MiB" + (f" ({r['error']})" if "error" in r else ""),
+                  flush=True)
+            runs[path].append(r)
+    identical = all(filecmp.cmp(outs["in-memory"] / n.name, outs["streaming"] / n.name, shallow=False)
+                    for n in outs["in-memory"].iterdir())
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = {"wikitext2": eval_tokens("wikitext2", tokenizer, "test")}
+    ppl = {p: eval_perplexities(hcp.from_pretrained(outs[p]), ids, args.windows)["wikitext2"] for p in runs}
+    med = {p: statistics.median(r["seconds"] for r in runs[p]) for p in runs}
+    peak = {p: max(r["peak_rss_mb"] for r in runs[p]) for p in runs}
+    rows = [[p, " / ".join(f"{r['seconds']:.0f}" for r in runs[p]), f"{med[p]:.0f}", f"{peak[p]:.0f}",
+             f"{ppl[p]:.3f}"] for p in runs]
+    table = ("SmolLM2-135M-Instruct, GPTQ 4-bit g64 (act-order), C4 calibration:\n\n"
+             + markdown_table(["path", "seconds (each run)", "median s", "peak RSS MiB", "WikiText-2 ppl"], rows)
+             + f"\n\nstreaming / in-memory time: **{med['streaming'] / med['in-memory']:.2f}x** (medians); "
+               f"folders byte-identical: **{identical}**")
+    notes = (f"SmolLM2: {args.repeats} runs per path, alternating, {args.threads} threads, {args.real_nsamples} C4 "
+             f"windows x 512 tokens, fp32; perplexity on the first {args.windows} WikiText-2 windows of 2048 "
+             "(bf16 autocast).")
+    for p in outs.values():
+        shutil.rmtree(p, ignore_errors=True)
+    return {"model": "SmolLM2-135M-Instruct", "runs": runs, "median_seconds": med, "ratio": med["streaming"] / med["in-memory"],
+            "peak_rss_mb": peak, "wikitext2": ppl, "identical": identical, "table": table, "notes": notes}
 
 
 if __name__ == "__main__":
