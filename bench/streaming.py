@@ -11,6 +11,7 @@ runs (load, compress_, save_pretrained); the streaming path is `compress_pretrai
 (tests/compressors/test_streaming.py); --check-equal compares the folders here too.
 
     python bench/streaming.py                                    # 0.1B-3B, RTN and GPTQ, both paths
+    python bench/streaming.py --huge --gptq-sizes 0.1B 0.5B --check-equal --smollm2   # the reported run
     python bench/streaming.py --sizes 0.1B --methods rtn         # a smoke run
     python bench/streaming.py --sizes 3B --huge --methods rtn    # add the 13B model (26 GB on disk)
     python bench/streaming.py --smollm2-only                     # SmolLM2 only (output streaming_smollm2)
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--huge", action="store_true", help="also the 13B model (26 GB of bf16; streaming, RTN)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--paths", nargs="+", default=["in-memory", "streaming"], choices=["in-memory", "streaming"])
+    parser.add_argument("--gptq-sizes", nargs="+", default=None, metavar="SIZE",
+                        help="run GPTQ only on these sizes (its column loop makes it slow on 2 threads: about 20 s "
+                             "per 0.1B block); default: every size")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--workdir", default="/tmp/hcp-bench-streaming", help="where the checkpoints are written")
@@ -174,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         args.sizes, args.huge, args.smollm2 = [], False, True
     args.output = args.output or ("streaming_smollm2" if args.smollm2_only else "streaming")
     records = []
-    plan = [(s, m, p) for s in args.sizes for m in args.methods for p in args.paths]
+    plan = [(s, m, p) for s in args.sizes for m in args.methods for p in args.paths
+            if m != "gptq" or args.gptq_sizes is None or s in args.gptq_sizes]
     if args.huge:
         plan.append(("13B", "rtn", "streaming"))
     for size in dict.fromkeys(s for s, _, _ in plan):
