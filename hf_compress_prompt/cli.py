@@ -359,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="streaming only: continue a killed run from its last finished block (its state is in the "
                          "hidden folder .<output name>.hcp-stream beside --output); the same output as an "
                          "uninterrupted run")
+    co.add_argument("--bf16-activations", action="store_true",
+                    help="streaming only: keep the calibration activations between blocks in bf16 (half the memory; "
+                         "each block still computes in fp32; the output then differs from the in-memory path's in "
+                         "a few grid points)")
     co.add_argument("--max-activation-memory", default="4GB", metavar="SIZE",
                     help="streaming only: when the calibration activations between blocks would take more than this "
                          "(e.g. 4GB, 512MB; 'none': no limit), they are kept in memory-mapped files in the work "
@@ -575,6 +579,8 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
     from .compressors import compress_
     from .compressors.distributed import init_from_environment
     from .compressors.streaming import compress_pretrained, is_safetensors_folder, streaming_refusal
@@ -594,6 +600,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.resume and not stream:
         raise UserInputError("--resume continues a streaming run: --model must be a local folder with safetensors "
                              "weights, without --in-memory, and the recipe block-wise (not layer dropping)")
+    if args.bf16_activations and not stream:
+        raise UserInputError("--bf16-activations applies to the streaming path only: --model must be a local folder "
+                             "with safetensors weights, without --in-memory")
     if stream:
         from transformers import AutoTokenizer
 
@@ -604,6 +613,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         result = compress_pretrained(
             args.model, output, recipe, tokenizer=tokenizer, overwrite=args.overwrite, progress=not args.no_progress,
             resume=args.resume, max_activation_memory=_size_or_none(args.max_activation_memory),
+            activation_dtype=torch.bfloat16 if args.bf16_activations else None,
             extra_files=lambda r: {"compression_report.json": _compression_report(recipe, r)[1]})
         for line in _compression_summary(result):
             say(line)

@@ -167,7 +167,13 @@ def test_the_cli_streams_a_safetensors_folder_and_says_so(tiny_llama_dir, tmp_pa
     assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "x"),
                  "--max-activation-memory", "1KB", *common]) == EXIT_OK  # spilled: the same bytes
     assert filecmp.cmp(tmp_path / "s" / "model.safetensors", tmp_path / "x" / "model.safetensors", shallow=False)
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "b"), "--bf16-activations",
+                 *common]) == EXIT_OK  # bf16 between blocks: a loadable folder, not the fp32 bytes
+    assert not filecmp.cmp(tmp_path / "s" / "model.safetensors", tmp_path / "b" / "model.safetensors", shallow=False)
     capsys.readouterr()
+    assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "z"), "--bf16-activations",
+                 "--in-memory", *common]) == EXIT_USAGE
+    assert "--bf16-activations applies to the streaming path only" in capsys.readouterr().err
     assert main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "y"),
                  "--max-activation-memory", "lots", *common]) == EXIT_USAGE
     assert "--max-activation-memory 'lots' is not a size" in capsys.readouterr().err
