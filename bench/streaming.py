@@ -2,7 +2,8 @@
 per block against model size. Writes docs/results/<output>.{md,json,png}.
 
 Models: random-initialised Llama-shaped checkpoints written as bf16 safetensors (their weights' statistics do not
-matter for memory and time), sized 0.1B / 0.5B / 1B / 3B parameters (--sizes), plus --huge, a model larger than this
+matter for memory and time), sized 0.1B / 0.5B / 1B / 3B parameters (--sizes) and 3B-8L (the 3B's blocks, 8 of them: peak memory against
+depth at a fixed block size), plus --huge, a model larger than this
 machine's memory (13B, 26 GB of bf16 on disk, streaming only). Each (size, method, path) runs in a fresh child
 process whose peak resident memory (ru_maxrss) is read by the parent when it exits; a child the kernel kills for
 memory is reported as such. Methods: RTN 4-bit g64 and GPTQ 4-bit g64 with a small calibration (--nsamples x
@@ -11,7 +12,7 @@ runs (load, compress_, save_pretrained); the streaming path is `compress_pretrai
 (tests/compressors/test_streaming.py); --check-equal compares the folders here too.
 
     python bench/streaming.py                                    # 0.1B-3B, RTN and GPTQ, both paths
-    python bench/streaming.py --huge --gptq-sizes 0.1B 0.5B --check-equal --smollm2   # the reported run
+    python bench/streaming.py --huge --gptq-sizes 0.1B 0.5B --check-equal --smollm2 --repeats 2   # the reported run
     python bench/streaming.py --sizes 0.1B --methods rtn         # a smoke run
     python bench/streaming.py --sizes 3B --huge --methods rtn    # add the 13B model (26 GB on disk)
     python bench/streaming.py --smollm2-only                     # SmolLM2 only (output streaming_smollm2)
@@ -46,6 +47,8 @@ SHAPES = {  # name -> Llama config overrides (vocab 32000, 8 KV heads where the 
            "num_key_value_heads": 8},
     "3B": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 26, "num_attention_heads": 24,
            "num_key_value_heads": 8},
+    "3B-8L": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 8, "num_attention_heads": 24,
+              "num_key_value_heads": 8},  # the 3B's blocks, 8 of them: memory vs depth at a fixed block size
     "13B": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
             "num_key_value_heads": 40},
 }
@@ -152,7 +155,7 @@ def run_child(spec: dict, threads: int, timeout: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__, threads=2)
-    parser.add_argument("--sizes", nargs="+", default=["0.1B", "0.5B", "1B", "3B"], choices=[s for s in SHAPES
+    parser.add_argument("--sizes", nargs="+", default=["0.1B", "0.5B", "1B", "3B-8L", "3B"], choices=[s for s in SHAPES
                                                                                             if s != "13B"])
     parser.add_argument("--huge", action="store_true", help="also the 13B model (26 GB of bf16; streaming, RTN)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
