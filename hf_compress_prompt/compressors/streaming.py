@@ -202,6 +202,9 @@ def compress_pretrained(
 ) -> CompressionResult:
     """Compresses the checkpoint folder ``src`` into ``dst`` with one decoder block in memory at a time.
 
+    Run by every process of a ``torchrun`` job (after :func:`~.distributed.init_from_environment`), it splits the
+    calibration batches and the solves between them and process 0 writes ``dst``: the same bytes as one process.
+
     Args:
         src: a folder ``save_pretrained`` wrote (safetensors, one file or sharded with its index).
         dst: the output folder, written atomically (an interrupted run leaves what was there before); an existing
@@ -221,7 +224,8 @@ def compress_pretrained(
             the hidden work folder ``.<dst name>.hcp-stream`` beside ``dst`` (never at ``dst``): the finished blocks'
             packed tensors, the calibration activations after the last one, and a manifest of the source, recipe
             and calibration it belongs to; the output equals an uninterrupted run's byte for byte. Without
-            ``resume``, a work folder left there is started over; after a finished run it is removed.
+            ``resume``, a work folder left there is started over; after a finished run it is removed. One process
+            only (refused under ``torchrun``).
         max_activation_memory (`int` or `str`, *optional*, defaults to `"4GB"`): when the calibration activations
             between blocks (one list per calibrated step, in ``activation_dtype``) would take more, they are kept in
             memory-mapped files in the work folder instead (the same bytes: the output does not change). `None`
@@ -245,6 +249,11 @@ def compress_pretrained(
     if refusal is not None:
         raise UserInputError(refusal)
 
+    group = process_group()  # torchrun: this process's share of the batches and of the solves
+    if group is not None and resume:
+        raise UserInputError("resume runs in one process (each process's activations are its own); rerun the "
+                             "interrupted job without --resume, or resume it without torchrun")
+    main = group is None or group.is_main
     path, layers = find_decoder_layers(model)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # e.g. a head sharing the input embeddings
     _load(model, source, [n for n in _meta_names(model) if not n.startswith(f"{path}.") and n not in tied], dtype)
@@ -259,7 +268,7 @@ def compress_pretrained(
         else:  # one pass over the blocks, each read from the source, run and put back on meta
             dropped, reports[0].layer_scores = choose_layers_to_drop(
                 model, calibration_ids, step.count(len(layers)), score=step.score,
-                batch_size=recipe.calibration.batch_size, progress=progress,
+                batch_size=recipe.calibration.batch_size, progress=progress and main,
                 blocks=_streamed_blocks(model, source, path, layers, dtype))
         drop_layers(model, dropped)
         reports[0].dropped_layers = sorted(dropped)
@@ -270,11 +279,6 @@ def compress_pretrained(
     blockwise = [(i, step, BLOCKWISE_STEPS[type(step)]) for i, step in enumerate(recipe.steps)
                  if type(step) in BLOCKWISE_STEPS]
     calibrated = [i for i, _, kind in blockwise if kind.calibrated]
-    group = process_group()  # torchrun: this process's share of the batches and of the solves
-    if group is not None and resume:
-        raise UserInputError("resume runs in one process (each process's activations are its own); rerun the "
-                             "interrupted job without --resume, or resume it without torchrun")
-    main = group is None or group.is_main
     work = _WorkFolder(dst, {**_manifest(source, recipe, calibration_ids, dtype),
                              "activation_dtype": str(activation_dtype)}, resume=resume, create=main)
     if group is not None:
