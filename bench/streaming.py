@@ -232,9 +232,44 @@ def main(argv: list[str] | None = None) -> None:
         records.append(smollm2)
         table += ("\n\n" if table else "") + smollm2.pop("table")
         notes += (" " if notes else "") + smollm2["notes"]
+    if rows:
+        from common import RESULTS_DIR
+
+        plot(records, RESULTS_DIR / f"{args.output}.png")
+        table = f"![peak memory and seconds per block vs parameters]({args.output}.png)\n\n" + table
     path = write_results(args.output, title="Streaming vs in-memory compression: peak memory and time vs model size",
                          settings=dict(vars(args)), machine=machine, table=table, records=records, notes=notes)
     print(f"wrote {path}")
+
+
+def plot(records: list[dict], png: Path) -> None:
+    """Peak resident memory (left) and seconds per block (right) against parameters, one line per method and path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, per_block) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = [r for r in records if "path" in r and "peak_rss_mb" in r and r.get("size") != "3B-8L"]
+    for method, path in dict.fromkeys((r["method"], r["path"]) for r in runs):
+        line = sorted((r for r in runs if (r["method"], r["path"]) == (method, path)), key=lambda r: r["parameters"])
+        x = [r["parameters"] / 1e9 for r in line]
+        style = {"marker": "o", "linestyle": "-" if path == "streaming" else "--", "label": f"{method} {path}"}
+        mem.plot(x, [r["peak_rss_mb"] / 1024 for r in line], **style)
+        per_block.plot(x, [r["seconds_per_block"] for r in line], **style)
+    mem.axhline(23.4, color="grey", linewidth=0.8)
+    mem.text(0.12, 24.5, "this machine's memory", color="grey", fontsize=8)
+    for ax, label in ((mem, "peak resident memory (GiB)"), (per_block, "seconds per block")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (billions)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    mem.legend(fontsize=8)
+    fig.suptitle("Streaming vs in-memory compression (2 threads; 3B-8L left out: see the table)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def _smollm2(args, work: Path) -> dict:
