@@ -26,11 +26,10 @@ def parse_size(size: int | str | None) -> int | None:
     return convert_file_size_to_int(size)
 
 
-def activation_bytes(first: torch.Tensor, samples: int, streams: int, dtype: torch.dtype | None = None) -> int:
+def activation_bytes(first: torch.Tensor, samples: int, streams: int) -> int:
     """The bytes ``streams`` lists of activations take for ``samples`` calibration windows, given the first
-    batch's tensor (``(batch, seqlen, hidden)``), stored in ``dtype`` (default: the tensor's)."""
-    per_sample = first[0].numel() * (dtype or first.dtype).itemsize
-    return per_sample * samples * streams
+    batch's tensor (``(batch, seqlen, hidden)``, in the dtype they are kept in)."""
+    return first[0].numel() * first.dtype.itemsize * samples * streams
 
 
 class ActivationFile:

@@ -8,11 +8,10 @@ solve (linear ``k`` of a round to process ``k mod N``), and each result (the new
 report) is broadcast from the process that made it, so every process ends the block with the same compressed
 block and runs its own batches through it for the next one. Process 0 alone writes the work folder and the output.
 
-Equal to the one-process run: methods without calibration (RTN, magnitude, N:M by magnitude) give the same bytes.
-Calibrated ones see the same per-batch activations, but their statistics are added in another order (one running
-mean per process, then a float64 sum across them, instead of one running mean over every batch), so ``H`` differs
-in its last float32 bits; a weight whose rounding sits that close to a grid midpoint may take the neighbouring code.
-tests/compressors/test_distributed.py states how many do on a tiny model.
+Equal to the one-process run, byte for byte: every process sees the one-process per-batch activations, and
+``HessianAccumulator`` sums float32 per-batch products in float64, so the statistics do not depend on how the
+batches were split (tests/compressors/test_distributed.py). A float32 matmul's bits do depend on the thread count,
+so compare against a one-process run with as many threads as each process had (torchrun sets one).
 """
 
 from __future__ import annotations
@@ -54,6 +53,15 @@ class ProcessGroup:
         base, extra = divmod(len(batches), self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return batches[start:start + base + (self.rank < extra)]
+
+    def deal(self, names: list[str], solve, share) -> None:
+        """Runs ``solve(name)`` for this process's share of ``names`` (see :meth:`owner`), then
+        ``share(name, owner)`` for every name, in order, on every process."""
+        for k, name in enumerate(names):
+            if self.owner(k) == self.rank:
+                solve(name)
+        for k, name in enumerate(names):
+            share(name, self.owner(k))
 
     def barrier(self) -> None:
         torch.distributed.barrier()

@@ -140,13 +140,15 @@ def compress_block(
             for h in handles:
                 h.remove()
         names = [name for g in round_groups for name in g]
-        if group is not None:
-            group.sum_statistics(list({id(a): a for a in accumulators.values()}.values()))
-        for k, name in enumerate(names):
+
+        def solve(name: str) -> None:
             module = linears[name]
-            if group is None or group.owner(k) == group.rank:
-                compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), accumulators[name])
-        if group is not None:
-            for k, name in enumerate(names):
-                share(f"{prefix}.{name}", linears[name], group.owner(k))
+            compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), accumulators[name])
+
+        if group is None:
+            for name in names:
+                solve(name)
+        else:
+            group.sum_statistics(list({id(a): a for a in accumulators.values()}.values()))
+            group.deal(names, solve, lambda name, owner: share(f"{prefix}.{name}", linears[name], owner))
     return run_block(block, inputs, hidden, storage_dtype=storage_dtype, keep=keep)  # the next block's inputs

@@ -318,12 +318,14 @@ def compress_pretrained(
                                             true_sequential=step.true_sequential, diagonal_only=kind.diagonal_only,
                                             storage_dtype=activation_dtype, keep=keep, group=group, share=share)
             else:
-                linears = list(find_linear_layers(block).items())
-                for k, (name, module) in enumerate(linears):
-                    if group is None or group.owner(k) == group.rank:
+                linears = find_linear_layers(block)
+                if group is None:
+                    for name, module in linears.items():
                         work_fn(f"{prefix}.{name}", module)
-                for k, (name, module) in enumerate(linears if group is not None else []):
-                    group.share(f"{prefix}.{name}", module, group.owner(k), state, reports[i])
+                else:
+                    group.deal(list(linears), lambda name: work_fn(f"{prefix}.{name}", linears[name]),
+                               lambda name, owner: group.share(f"{prefix}.{name}", linears[name], owner, state,
+                                                               reports[i]))
             reports[i].seconds += time.perf_counter() - started
         formats.update(_pack(model, state, pattern, prefix + "."))
         state.masks.clear()  # the block is packed: its grids and masks are in its packed modules now
