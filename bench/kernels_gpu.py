@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     args, machine = start_bench(parser, argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False here "
-                         "(bench/kernels.py measures the CPU kernels)")
+                         "(bench/kernel_speed.py measures the CPU kernels)")
     if tk.unavailable_reason() is not None:
         raise SystemExit(f"bench/kernels_gpu.py: the Triton kernels cannot run here: {tk.unavailable_reason()}")
     machine["gpu"] = torch.cuda.get_device_name(0)

@@ -73,8 +73,7 @@ def training_memory(interval: float = 0.02):
     """A ``TrainerCallback`` that samples resident memory while ``Trainer.train`` runs; its ``increase_mb`` afterwards
     (`None` until then, and where it cannot be measured). One per training run.
 
-    Built on call: importing transformers at this module's top would, in a script run from ``bench/``, import
-    ``bench/kernels.py`` as the ``kernels`` package transformers probes for, before ``hf_compress_prompt``.
+    Built on call, so that importing this module does not import transformers.
     """
     from transformers import TrainerCallback
 

@@ -49,16 +49,12 @@ from common import (
     write_results,
 )
 from memory import training_memory
+from transformers import TrainerCallback
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.recovery import attach_recovery_prompt, detach_recovery_prompt, save_recovery_prompt
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 from hf_compress_prompt.recovery.transfer import gap_closed
-
-# isort: off
-# after the package: bench/kernels.py on the path shadows the `kernels` package transformers probes for on import
-from transformers import TrainerCallback
-# isort: on
 
 SETTINGS = preset_settings({name: name for name in (  # the (a), (b), (c)
     "sparsegpt-50%+w4-g64", "gptq-w3-g64", "drop-20%-layers")})

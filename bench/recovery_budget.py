@@ -36,6 +36,7 @@ from common import (
     start_bench,
     write_results,
 )
+from transformers import TrainerCallback
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.errors import UserInputError
@@ -43,11 +44,6 @@ from hf_compress_prompt.recovery.data import TokenWindows
 from hf_compress_prompt.recovery.generated import generated_split, settings_for
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 from hf_compress_prompt.recovery.transfer import gap_closed
-
-# isort: off
-# after the package: bench/kernels.py on the path shadows the `kernels` package transformers probes for on import
-from transformers import TrainerCallback
-# isort: on
 
 SETTING = "sparsegpt-50%+w4-g64"
 DATASETS = ("wikitext2", "ptb")

@@ -35,7 +35,6 @@ from pathlib import Path
 
 from common import bench_parser, markdown_table, start_bench, write_results
 
-# the package first: bench/kernels.py on the path shadows the `kernels` package transformers probes for on import
 from hf_compress_prompt.formats.safetensors_stream import entry_of, write_safetensors
 
 SHAPES = {  # name -> Llama config overrides (vocab 32000, 8 KV heads where the heads allow it)

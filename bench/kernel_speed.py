@@ -1,13 +1,15 @@
 """Linear-layer kernels on this CPU: our int4 kernel against fp32 / bf16 ``F.linear`` and torch's own int4 op,
-all measured in the same run. Writes docs/results/kernels.{md,json}.
+all measured in the same run. Writes docs/results/kernels_<threads>t.{md,json}.
+(Named kernel_speed.py, not kernels.py: a script's folder comes first on sys.path, and a bench/kernels.py would
+stand in for the `kernels` package that transformers imports when it is installed.)
 
 Weights are cold: each implementation cycles through a pool of distinct weight copies larger than the caches
 (--pool-mb), so every call streams its weights from memory. Each cell is the best and the median of --reps calls.
 The bandwidth limit is the best read rate in the same run: a plain streaming read of cold buffers, MKL's fp32 GEMV on
 4096 x 4096, or any shape's cold fp32 row; effective GB/s = weight bytes of the implementation's format / time.
 
-    python bench/kernels.py --threads 1
-    python bench/kernels.py --threads 2 --shapes 4096x4096g128
+    python bench/kernel_speed.py --threads 1
+    python bench/kernel_speed.py --threads 2 --shapes 4096x4096g128
 """
 
 from __future__ import annotations
