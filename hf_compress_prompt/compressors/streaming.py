@@ -150,6 +150,26 @@ def _load(model: nn.Module, source: CheckpointSource, names: list[str], dtype: t
         set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype) if tensor.is_floating_point() else tensor)
 
 
+def _load_outside(model: nn.Module, source: CheckpointSource, path: str, tied: set[str], dtype: torch.dtype) -> None:
+    """Materialises what lies outside the decoder blocks under ``path`` (embeddings, final norm, head); a head tied
+    to the embeddings (its name in ``tied``) shares the tensor read for them."""
+    _load(model, source, [n for n in _meta_names(model) if not n.startswith(f"{path}.") and n not in tied], dtype)
+    model.tie_weights()
+
+
+def _free_outside(model: nn.Module, path: str) -> None:
+    """Puts the parameters outside the decoder blocks back on the meta device. The embeddings and an untied head
+    are vocabulary x hidden each, larger than a block's linears at a large vocabulary (a 128k-vocabulary 8B model's
+    two take 4 GB in float32): the block loop does not need them, and :func:`_load_outside` reads them again."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, _ in model.named_parameters():  # a tied head is listed once, as the embeddings
+        if not name.startswith(f"{path}."):
+            set_module_tensor_to_device(model, name, "meta")
+    model.tie_weights()
+    _release_memory()
+
+
 def _streamed_blocks(model: nn.Module, source: CheckpointSource, path: str, layers: nn.ModuleList,
                      dtype: torch.dtype):
     """Yields each decoder block read from the source; once the consumer moves on, the block goes back to meta."""
@@ -256,8 +276,7 @@ def compress_pretrained(
     main = group is None or group.is_main
     path, layers = find_decoder_layers(model)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # e.g. a head sharing the input embeddings
-    _load(model, source, [n for n in _meta_names(model) if not n.startswith(f"{path}.") and n not in tied], dtype)
-    model.tie_weights()  # a tied head shares the embeddings just read
+    _load_outside(model, source, path, tied, dtype)
     state = CompressionState(calibration_ids)
     reports = [StepReport(step.method) for step in recipe.steps]
     original = list(range(len(layers)))  # the source's index of each block of the model
@@ -300,6 +319,7 @@ def compress_pretrained(
         for index in range(done + 1):
             _restore_block(model, f"{path}.{index}", work.block_file(index), formats)
         logger.info("resuming %s after block %d of %d", work.path, done, len(layers))
+    _free_outside(model, path)  # not needed while the blocks stream; read again for the head and the output
     for index in tqdm(range(done + 1, len(layers)), desc="stream", unit="block", disable=not (progress and main),
                       initial=done + 1, total=len(layers)):
         prefix = f"{path}.{index}"
@@ -337,6 +357,7 @@ def compress_pretrained(
         layers[index] = block.to("meta")  # freed: the next block is read from the source alone
         _release_memory()
         _after_block(index)
+    _load_outside(model, source, path, tied, dtype)
     block_files = {name: work.block_file(index) for index in range(len(layers) if main else 0)
                    for name in _tensor_names(work.block_file(index))}
     for i, step in enumerate(recipe.steps):

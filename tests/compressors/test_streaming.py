@@ -92,6 +92,7 @@ def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
     src = tmp_path / "src"
     build_tiny_llama(num_layers=4).save_pretrained(src)
     reads, real_get, real_load = [], CheckpointSource.get, streaming._load
+    blocks_loaded = [0]  # the first block is read for the calibration capture, with the embeddings in memory
 
     def get(self, name):
         reads.append(name)
@@ -101,6 +102,11 @@ def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
         in_memory = {n.split(".")[2] for n, t in model.state_dict(keep_vars=True).items()
                      if n.startswith("model.layers.") and t.device.type != "meta"}
         assert not in_memory, f"blocks {in_memory} still in memory when the next one is read"
+        if any(n.startswith("model.layers.") for n in names):  # embeddings, norm and head wait on meta meanwhile
+            outside = [n for n, t in model.state_dict(keep_vars=True).items()
+                       if not n.startswith("model.layers.") and t.device.type != "meta"]
+            assert blocks_loaded[0] == 0 or not outside, f"{outside} in memory while the blocks stream"
+            blocks_loaded[0] += 1
         real_load(model, source, names, dtype, **kwargs)
 
     monkeypatch.setattr(CheckpointSource, "get", get)
@@ -109,7 +115,12 @@ def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
                         progress=False)
     blocks = [int(n.split(".")[2]) for n in reads if n.startswith("model.layers.")]
     assert blocks == sorted(blocks) and set(blocks) == {0, 1, 2, 3}  # each block read once, in order
-    assert len(reads) == len(set(reads))
+    block_reads = [n for n in reads if n.startswith("model.layers.")]
+    assert len(block_reads) == len(set(block_reads))
+    outside = [n for n in reads if not n.startswith("model.layers.")]
+    # read for the capture, then again for the head and the output once every block is done
+    assert sorted(outside) == sorted(2 * ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
+    assert all(reads.index(n) < reads.index("model.layers.0.mlp.up_proj.weight") for n in set(outside))
 
 
 def test_refusals_name_the_problem_and_write_nothing(tmp_path):
