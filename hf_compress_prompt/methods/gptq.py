@@ -7,7 +7,7 @@ import torch
 
 from ..validation import static_group_index
 from .hessian import inverse_cholesky_upper
-from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
+from .quant_grid import QuantizedWeight, check_group_size, grid_params
 
 __all__ = ["gptq_quantize"]
 
@@ -76,28 +76,41 @@ def gptq_quantize(
             prune_mask = prune_mask[:, perm]
 
     Hinv, _ = inverse_cholesky_upper(H, damp)  # upper Cholesky factor of H^-1
-    codes = torch.zeros_like(W)
+    # Each block is worked on transposed, (B, rows), so that a column of W is a contiguous row: the per-column
+    # steps read and write contiguous memory. The arithmetic is the textbook loop's, element for element (the
+    # rank-1 update as an explicit product, then a subtraction), so the bits do not depend on the layout.
+    codes_t = torch.empty(cols, rows, device=W.device)
+    maxq = 2**bits - 1
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, B)
-        Err1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2].T.contiguous()  # (B, rows): row i is column i1 + i
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
+        groups_here = group_of[i1:i2].tolist()
+        if static:  # every column's grid is known: gather them once per block
+            scale1, zero1 = scale[:, group_of[i1:i2]].T.contiguous(), zero[:, group_of[i1:i2]].T.contiguous()
+        keep1 = None if prune_mask is None else prune_mask[:, i1:i2].T.contiguous()
         for i in range(i2 - i1):
-            w = W1[:, i]  # (rows,)
-            d = Hinv1[i, i]
-            g = group_of[i1 + i]
-            if not static and (i1 + i) % size == 0:
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size]  # the group's columns, current values
-                scale[:, g], zero[:, g] = grid_params(ahead, bits, symmetric)
-            c = quantize_codes(w, scale[:, g], zero[:, g], bits)
-            if prune_mask is not None:
-                c = torch.where(prune_mask[:, i1 + i], zero[:, g], c)  # pruned stays exactly 0
-            q = dequantize_codes(c, scale[:, g], zero[:, g])
-            codes[:, i1 + i] = c
-            err = (w - q) / d  # GPTQ eq. (2): the scaled error of this column
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # update the block's later columns
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of every column after the block
+            w = W1[i]  # (rows,)
+            if static:
+                s, z = scale1[i], zero1[i]
+            else:
+                g = groups_here[i]
+                if (i1 + i) % size == 0:  # fit this group's grid to its columns' current values
+                    inside = W1[i:i + size]
+                    rest = size - inside.shape[0]
+                    ahead = torch.cat([inside.T, W[:, i2:i2 + rest]], dim=1) if rest > 0 else inside.T
+                    scale[:, g], zero[:, g] = grid_params(ahead, bits, symmetric)
+                s, z = scale[:, g], zero[:, g]
+            c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # quantize_codes, without its casts
+            if keep1 is not None:
+                c = torch.where(keep1[i], z, c)  # pruned stays exactly 0
+            codes_t[i1 + i] = c
+            err = (w - s * (c - z)) / Hinv1[i, i]  # GPTQ eq. (2): the scaled error of this column
+            W1[i:] -= torch.outer(Hinv1[i, i:], err)  # update the block's later columns
+            Err1[i] = err
+        W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]  # lazy batch update of every column after the block
+    codes = codes_t.T.contiguous()
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]  # back to the original column order

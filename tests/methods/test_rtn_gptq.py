@@ -171,3 +171,70 @@ def test_massive_tokens_do_not_cost_gptq_its_accuracy_on_ordinary_tokens():
         assert output_error(W, unclipped, held_out) > 0.75 * output_error(W, rtn, held_out)  # the failure
         assert output_error(W, fixed, held_out) < 0.65 * output_error(W, rtn, held_out)
         assert output_error(W, fixed, massive) < 0.1 * output_error(W, rtn, massive)
+
+
+def _textbook_gptq(W, H, bits, group_size, symmetric, act_order, block_size, prune_mask):
+    """GPTQ as the reference writes it: columns of the row-major weight one at a time, the grid of a group fitted
+    when its first column is reached (static grids from the original weights under act-order or per channel)."""
+    from hf_compress_prompt.methods.quant_grid import dequantize_codes, grid_params, quantize_codes
+    from hf_compress_prompt.validation import static_group_index
+
+    rows, cols = W.shape
+    size = cols if group_size == -1 else group_size
+    W, H = W.clone(), H.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if prune_mask is not None:
+        W[prune_mask] = 0
+    groups, group_of = cols // size, static_group_index(cols, group_size)
+    static = group_size == -1 or act_order
+    if static:
+        scale, zero = grid_params(W.reshape(rows, groups, size).transpose(0, 1).reshape(-1, size), bits, symmetric)
+        scale, zero = scale.view(groups, rows).T.contiguous(), zero.view(groups, rows).T.contiguous()
+    else:
+        scale, zero = torch.empty(rows, groups), torch.empty(rows, groups)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H, group_of = W[:, perm], H[perm][:, perm], group_of[perm]
+        prune_mask = None if prune_mask is None else prune_mask[:, perm]
+    Hinv, _ = inverse_cholesky_upper(H, 0.01)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            g = group_of[i1 + i]
+            if not static and (i1 + i) % size == 0:
+                scale[:, g], zero[:, g] = grid_params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size], bits,
+                                                      symmetric)
+            c = quantize_codes(W1[:, i], scale[:, g], zero[:, g], bits)
+            if prune_mask is not None:
+                c = torch.where(prune_mask[:, i1 + i], zero[:, g], c)
+            codes[:, i1 + i] = c
+            err = (W1[:, i] - dequantize_codes(c, scale[:, g], zero[:, g])) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.to(torch.uint8), scale, zero
+
+
+@pytest.mark.parametrize("block_size", [128, 16, 24])  # 16 / 24: groups span blocks; 128 columns end mid-block
+@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("bits, group_size, symmetric, act_order", SETTINGS)
+def test_gptq_gives_the_textbook_loops_bits(bits, group_size, symmetric, act_order, block_size, pruned):
+    """The solver works on transposed blocks for speed; its codes and grids equal the textbook loop's exactly."""
+    torch.manual_seed(3)
+    W, X = torch.randn(48, 128), torch.randn(400, 128) * torch.linspace(0.1, 2.0, 128)
+    X[:, 5] = 0  # a dead input
+    H = 2 * X.T @ X / X.shape[0]
+    mask = torch.rand(48, 128) < 0.5 if pruned else None
+    qw = gptq_quantize(W, H, bits, group_size, symmetric, act_order=act_order, block_size=block_size,
+                       prune_mask=mask)
+    codes, scale, zero = _textbook_gptq(W, H, bits, group_size, symmetric, act_order, block_size, mask)
+    assert torch.equal(qw.codes, codes)
+    assert torch.equal(qw.scale, scale) and torch.equal(qw.zero, zero)
