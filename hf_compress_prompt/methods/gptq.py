@@ -7,7 +7,7 @@ import torch
 
 from ..validation import static_group_index
 from .hessian import inverse_cholesky_upper
-from .quant_grid import QuantizedWeight, check_group_size, grid_params
+from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
 __all__ = ["gptq_quantize"]
 
@@ -80,13 +80,11 @@ def gptq_quantize(
     # steps read and write contiguous memory. The arithmetic is the textbook loop's, element for element (the
     # rank-1 update as an explicit product, then a subtraction), so the bits do not depend on the layout.
     codes_t = torch.empty(cols, rows, device=W.device)
-    maxq = 2**bits - 1
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].T.contiguous()  # (B, rows): row i is column i1 + i
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
-        groups_here = group_of[i1:i2].tolist()
         if static:  # every column's grid is known: gather them once per block
             scale1, zero1 = scale[:, group_of[i1:i2]].T.contiguous(), zero[:, group_of[i1:i2]].T.contiguous()
         keep1 = None if prune_mask is None else prune_mask[:, i1:i2].T.contiguous()
@@ -95,18 +93,18 @@ def gptq_quantize(
             if static:
                 s, z = scale1[i], zero1[i]
             else:
-                g = groups_here[i]
+                g = group_of[i1 + i]
                 if (i1 + i) % size == 0:  # fit this group's grid to its columns' current values
                     inside = W1[i:i + size]
                     rest = size - inside.shape[0]
                     ahead = torch.cat([inside.T, W[:, i2:i2 + rest]], dim=1) if rest > 0 else inside.T
                     scale[:, g], zero[:, g] = grid_params(ahead, bits, symmetric)
                 s, z = scale[:, g], zero[:, g]
-            c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # quantize_codes, without its casts
+            c = quantize_codes(w, s, z, bits)
             if keep1 is not None:
                 c = torch.where(keep1[i], z, c)  # pruned stays exactly 0
             codes_t[i1 + i] = c
-            err = (w - s * (c - z)) / Hinv1[i, i]  # GPTQ eq. (2): the scaled error of this column
+            err = (w - dequantize_codes(c, s, z)) / Hinv1[i, i]  # GPTQ eq. (2): the scaled error of this column
             W1[i:] -= torch.outer(Hinv1[i, i:], err)  # update the block's later columns
             Err1[i] = err
         W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]  # lazy batch update of every column after the block
