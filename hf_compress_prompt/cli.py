@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(demo)
     _add_ppl_args(demo, 4)
-    demo.add_argument("--fp32", action="store_true", help="also score the dense model in fp32 (the default is bf16 autocast)")
+    demo.add_argument("--fp32", action="store_true", help="also score the dense model in fp32 (the default is bf16 autocast "
+                      "where this CPU's bf16 matmuls are fast: AVX-512 or AMX; fp32 elsewhere)")
     demo.add_argument("--recipe", default=DEMO_RECIPE, metavar="PRESET",
                       help=f"a preset (default: {DEMO_RECIPE}; also e.g. sparsegpt-50%%+w4-g64, rtn-w4-g64; "
                            "`compress --help` lists them all), or none (dense model only)")
@@ -472,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--reference", default="dense", help="the model others are held against (default: dense)")
     et.add_argument("--epsilon", type=_finite_float, default=0.05, help="relative drop still counted as holding (0.05)")
     et.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch (default: 8)")
-    et.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    et.add_argument("--fp32", action="store_true", help="no bf16 autocast (the default uses it where bf16 matmuls are "
+                    "fast on the device: a GPU with bf16, a CPU with AVX-512 or AMX)")
     et.add_argument("--output", default=None, help="write the report as JSON here (input of `report`)")
     et.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     et.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -529,16 +531,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import default_mode, run_demo
 
     recipe = None if args.recipe == "none" else args.recipe
+    modes = tuple(dict.fromkeys((default_mode(), "fp32") if args.fp32 else (default_mode(),)))
     result = run_demo(
         args.model, datasets=args.datasets, windows=args.windows, seqlen=args.seqlen,
-        modes=("bf16", "fp32") if args.fp32 else ("bf16",), recipe=recipe, steps=args.steps,
+        modes=modes, recipe=recipe, steps=args.steps,
         learning_rate=args.lr, dataset=args.dataset, nsamples=args.nsamples, output=args.output,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"model: {result.model} (loaded in {result.load_seconds:.1f} s)")
+    print("precision: bf16 autocast" if modes[0] == "bf16" else "precision: fp32 (this CPU's bf16 matmuls have no fast "
+          "path, no AVX-512 or AMX: bf16 autocast would be about 5x slower here)")
     if recipe:
         print(f"compressed: {recipe} in {result.compress_seconds:.0f} s; recovery prompt: {result.train_steps} steps "
               f"in {result.train_seconds:.0f} s; calibration and training text: {result.train_dataset}")
@@ -850,7 +855,7 @@ def _cmd_evaluate_tasks(args: argparse.Namespace) -> int:
         if not with_prompt and hasattr(models[name], "disable_recovery_prompt"):
             models[name].disable_recovery_prompt()
     report = evaluate_tasks(models, tokenizer, tasks, limit=args.limit, reference=reference, epsilon=args.epsilon,
-                            batch_size=args.batch_size, autocast_bf16=not args.fp32, progress=not args.no_progress)
+                            batch_size=args.batch_size, autocast_bf16=False if args.fp32 else None, progress=not args.no_progress)
     print(report.to_markdown())
     if args.output:
         print(f"saved to {report.save(args.output)}")

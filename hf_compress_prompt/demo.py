@@ -21,9 +21,10 @@ from .compressors.presets import list_presets, preset_steps
 from .data import eval_tokens, load_rows, training_corpus
 from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
+from .kernels.bf16 import bf16_matmul_is_fast
 from .models import load_model_and_tokenizer
 
-__all__ = ["DemoResult", "demo_datasets", "run_demo"]
+__all__ = ["DemoResult", "default_mode", "demo_datasets", "run_demo"]
 
 logger = get_logger(__name__)
 
@@ -88,6 +89,12 @@ def _check_settings(recipe: str | None, *, windows: int, seqlen: int, modes: tup
         get_corpus(name)  # an unknown name lists the known ones
 
 
+def default_mode() -> str:
+    """``"bf16"`` (autocast) where this CPU's bf16 matmuls are fast (AVX-512 or AMX: about 2x fp32's speed on
+    SmolLM2, the same perplexity), else ``"fp32"`` (an AVX2-only CPU runs bf16 about 5x slower than fp32)."""
+    return "bf16" if bf16_matmul_is_fast("cpu") else "fp32"
+
+
 def _complete(lm, tokenizer, text: str) -> str:
     inputs = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
@@ -101,7 +108,7 @@ def run_demo(
     datasets: list[str] | None = None,
     windows: int = 4,
     seqlen: int = 2048,
-    modes: tuple[str, ...] = ("bf16",),
+    modes: tuple[str, ...] | None = None,
     recipe: str | None = DEMO_RECIPE,
     steps: int = 40,
     num_virtual_tokens: int = 100,
@@ -120,8 +127,9 @@ def run_demo(
         datasets (`list[str]`, *optional*): defaults to :func:`demo_datasets`.
         windows (`int`, *optional*, defaults to 4): windows of ``seqlen`` tokens per dataset.
         seqlen (`int`, *optional*, defaults to 2048): window length.
-        modes (`tuple[str, ...]`, *optional*, defaults to `("bf16",)`): any of ``"fp32"`` and ``"bf16"`` (autocast)
-            for the dense rows; the compressed and recovered rows use the first.
+        modes (`tuple[str, ...]`, *optional*): any of ``"fp32"`` and ``"bf16"`` (autocast) for the dense rows; the
+            compressed and recovered rows, and the prompt's training, use the first. Defaults to
+            :func:`default_mode`'s one.
         recipe (`str`, *optional*, defaults to ``"gptq-w3-g64"``): a preset name
             (:func:`~hf_compress_prompt.compressors.presets.list_presets`); `None` scores the dense model only.
         steps (`int`, *optional*, defaults to 40): prompt-training steps (batch 4 x ``train_seqlen`` C4 tokens).
@@ -138,6 +146,7 @@ def run_demo(
     """
     import tempfile
 
+    modes = modes or (default_mode(),)
     _check_settings(recipe, windows=windows, seqlen=seqlen, modes=modes, steps=steps, num_virtual_tokens=num_virtual_tokens,
                     train_seqlen=train_seqlen, learning_rate=learning_rate, nsamples=nsamples, dataset=dataset,
                     datasets=datasets)  # before any model work
@@ -180,7 +189,8 @@ def run_demo(
     score("compressed", mode)
     trained = recover(lm, tokenizer, RecoveryConfig(num_virtual_tokens=num_virtual_tokens, seqlen=train_seqlen,
                                                      max_steps=steps, eval_steps=max(1, steps // 2), eval_windows=4,
-                                                     learning_rate=learning_rate, dataset=train_dataset))
+                                                     learning_rate=learning_rate, dataset=train_dataset,
+                                                     bf16=mode == "bf16"))
     result.train_seconds, result.train_steps = trained.seconds, steps
     result.baseline_validation, result.best_validation = trained.baseline_perplexity, trained.best_perplexity
     score("recovered", mode)  # the prompt is attached

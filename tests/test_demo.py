@@ -51,6 +51,9 @@ def test_demo_command_runs_on_a_fresh_offline_machine(tiny_llama_dir, tmp_path, 
     fallback = [line for line in err.splitlines() if "c4/train is not available" in line]
     assert len(fallback) == 1 and "wiki_sample/train" in fallback[0]  # said once, though used twice
     assert "calibration and training text: wiki_sample" in out
+    from hf_compress_prompt.demo import default_mode
+
+    assert f"precision: {default_mode()}" in out  # bf16 autocast only where this CPU runs it fast
     assert "prompt validation perplexity (wiki_sample, held-out documents): before" in out
     assert out.count("wiki_sample  ") >= 3  # dense, compressed and recovered rows on the held-out test part
     assert (tmp_path / "out" / "recovery_prompt" / "adapter_config.json").is_file()

@@ -47,6 +47,7 @@ from torch import nn
 from ..data import training_corpus
 from ..data.instructions import instruction_windows
 from ..errors import UserInputError
+from ..kernels.bf16 import resolve_bf16
 from ..methods.gate_thresholds import expected_parameters, lowest_threshold, open_at, open_heads_at, zero_except
 from ..methods.hard_concrete import HardConcreteGate, lagrangian_penalty
 from ..models.pruned_llama import PrunedLlamaForCausalLM
@@ -92,7 +93,8 @@ class CompressoConfig:
         "help": "text prepended to every training sample and attached to the pruned model (None: off)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast; none: where bf16 matmuls are fast (a GPU with bf16, a CPU with AVX-512 or AMX), else fp32"})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init, gates and data order"})
 
     def __post_init__(self):
@@ -387,7 +389,7 @@ def compresso_prune(model: nn.Module, tokenizer, config: CompressoConfig | None 
             per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
             lr_scheduler_type="constant_with_warmup", warmup_steps=round(0.05 * config.max_steps),
             max_grad_norm=1.0, save_strategy="no", eval_strategy="no", logging_steps=max(1, config.max_steps // 20),
-            bf16=config.bf16,
+            bf16=resolve_bf16(config.bf16, next(model.parameters()).device),
         )
         trainer = build_trainer(_compresso_trainer_class(), args, model=peft_model, train_dataset=train_dataset,
                                 data_collator=PromptTuningCollator(prefix_ids=tuple(prefix)), gates=gates,

@@ -34,6 +34,7 @@ from ..formats.schema import RECIPE_CONFIG_KEY
 from ..integrations.peft_compat import get_peft_model, quiet_peft_forward
 from ..integrations.peft_lora import lora_config_for
 from ..integrations.trainer_callbacks import BestValidationCallback
+from ..kernels.bf16 import bf16_matmul_is_fast
 from ..nn import PackedLinear, has_packed_layers
 from .data import PromptTuningCollator, TokenWindows, token_windows
 from .distill import DistillationTrainer, check_teacher
@@ -107,7 +108,9 @@ class RecoveryConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     eval_steps: int = field(default=25, metadata={"help": "validate every this many steps"})
     eval_windows: int = field(default=8, metadata={"help": "validation windows (held-out documents)"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (fp32 prompt and optimizer state)"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast (fp32 prompt and optimizer state); none: where bf16 matmuls are fast (a GPU with bf16, "
+                "a CPU with AVX-512 or AMX), else fp32 (an AVX2-only CPU runs bf16 about 5x slower than fp32)"})
     loss_chunk_size: int = field(default=256, metadata={
         "help": "language-modelling loss: the output projection and cross-entropy computed this many scored positions "
                 "at a time, never holding all logits (same loss, faster and smaller; 0: the model's own loss)"})
@@ -384,6 +387,10 @@ def _schedule(config: RecoveryConfig, save: bool) -> dict:
     )
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _settings(config: RecoveryConfig | None, overrides: dict) -> RecoveryConfig:
     config = config or RecoveryConfig()
     if overrides:
@@ -508,6 +515,8 @@ def recover(
     """
 
     config = _settings(config, overrides)
+    if config.bf16 is None:  # the metadata records what ran
+        config = RecoveryConfig(**{**config.to_dict(), "bf16": bf16_matmul_is_fast(_device_of(model))})
     method = _METHODS[config.method]
     partners = list(shared_with or [])
     _check_models(model, config, teacher, partners)

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...errors import UserInputError
+from ...kernels.bf16 import resolve_bf16
 
 __all__ = ["TaskModel"]
 
@@ -35,7 +36,8 @@ class TaskModel:
         model (`PreTrainedModel`): dense, compressed or packed, with or without a recovery prompt.
         tokenizer: its tokenizer; a pad token is borrowed from EOS when it has none.
         batch_size (`int`, *optional*, defaults to 8): prompts per forward / generate call.
-        autocast_bf16 (`bool`, *optional*, defaults to `True`): run under ``torch.autocast(dtype=bfloat16)``.
+        autocast_bf16 (`bool`, *optional*): run under ``torch.autocast(dtype=bfloat16)``; `None` (the default):
+            where bf16 matmuls are fast on the model's device (:func:`~hf_compress_prompt.kernels.bf16.bf16_matmul_is_fast`).
         max_length (`int`, *optional*): longest prompt in tokens; longer prompts keep their last tokens.
             Defaults to the model's ``max_position_embeddings`` less room for the answer.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.
@@ -47,7 +49,7 @@ class TaskModel:
     model: torch.nn.Module
     tokenizer: object
     batch_size: int = 8
-    autocast_bf16: bool = True
+    autocast_bf16: bool | None = None
     max_length: int | None = None
     progress: bool = True
     chat_template: bool = True
@@ -59,6 +61,7 @@ class TaskModel:
             raise UserInputError(f"batch_size={self.batch_size} must be at least 1")
         if getattr(self.tokenizer, "pad_token_id", None) is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.autocast_bf16 = resolve_bf16(self.autocast_bf16, _device(self.model))
 
     def instruction(self, text: str) -> str:
         """``text`` as a user turn of the tokenizer's chat template (when it has one and ``chat_template``)."""

@@ -92,7 +92,7 @@ def evaluate_tasks(
     reference: str | None = "dense",
     epsilon: float = 0.05,
     batch_size: int = 8,
-    autocast_bf16: bool = True,
+    autocast_bf16: bool | None = None,
     progress: bool = True,
     seed: int = 0,
     chat_template: bool = True,
@@ -109,6 +109,7 @@ def evaluate_tasks(
         reference (`str`, *optional*, defaults to ``"dense"``): the model the others are held against (`None`:
             no rule); it must be one of ``models``.
         epsilon (`float`, defaults to 0.05): LLM-KICK's epsilon_0, a relative drop.
+        autocast_bf16 (`bool`, *optional*): bf16 autocast; `None`: where bf16 matmuls are fast on each model's device.
         chat_template (`bool`, defaults to `True`): generation tasks use the tokenizer's chat template if it has one.
         task_options: task name -> attributes to set on it (``{"summarization": {"max_new_tokens": 64}}``).
     """
@@ -142,6 +143,6 @@ def evaluate_tasks(
                 results[name][task.name] = task.run(lm, limit)
         finally:
             model.train(was_training)
-    settings = {"tasks": list(tasks), "limit": limit, "batch_size": batch_size, "autocast_bf16": autocast_bf16,
+    settings = {"tasks": list(tasks), "limit": limit, "batch_size": batch_size, "autocast_bf16": lm.autocast_bf16,
                 "seed": seed, "chat_template": chat_template, "seconds": time.perf_counter() - start, "task_options": dict(task_options or {})}
     return TaskReport(results, reference, epsilon, settings)
