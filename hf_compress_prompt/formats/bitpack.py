@@ -18,11 +18,28 @@ def packed_bytes(count: int, bits: int) -> int:
     return -(-count * bits // 32) * 4
 
 
+_SLICE_CODES = 1 << 20  # codes packed per slice of rows: the int32 temporaries stay a few MB at any layer size
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs the last dimension of ``codes`` (integers in ``[0, 2**bits)``, shape `(..., n)`) into uint8 bytes, shape
-    `(..., packed_bytes(n, bits))` (zero padded to whole 32-bit words)."""
+    `(..., packed_bytes(n, bits))` (zero padded to whole 32-bit words). Rows are packed a slice at a time (each row's
+    bytes depend on that row alone), so a large layer needs no int32 copy of all its codes."""
     *lead, n = codes.shape
     nbytes = packed_bytes(n, bits)
+    rows = codes.numel() // n if n else 0
+    step = max(1, _SLICE_CODES // max(n, 1))
+    if rows <= step:
+        return _pack_rows(codes, bits, nbytes)
+    flat = codes.reshape(rows, n)
+    out = torch.empty(rows, nbytes, dtype=torch.uint8, device=codes.device)
+    for start in range(0, rows, step):
+        out[start:start + step] = _pack_rows(flat[start:start + step], bits, nbytes)
+    return out.reshape(*lead, nbytes)
+
+
+def _pack_rows(codes: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
+    *lead, n = codes.shape
     if 8 % bits == 0:  # whole codes per byte: shift them in place
         per = 8 // bits
         padded = torch.nn.functional.pad(codes.to(torch.int32), (0, nbytes * per - n))

@@ -52,9 +52,13 @@ class QuantizedWeight:
         return static_group_index(self.codes.shape[1], self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The represented weights, shape `(rows, cols)`."""
-        g = self.group_index
-        return dequantize_codes(self.codes, self.scale[:, g], self.zero[:, g]).to(dtype)
+        """The represented weights, shape `(rows, cols)`: ``scale * (codes - zero)`` group by group, with one
+        weight-sized temporary (the per-column gather of scales and zeros would add two)."""
+        rows, cols = self.codes.shape
+        size = cols if self.group_size == -1 else self.group_size
+        w = self.codes.reshape(rows, cols // size, size).to(torch.float32, copy=True)  # (rows, groups, size)
+        w.sub_(self.zero[..., None]).mul_(self.scale[..., None])  # dequantize_codes' arithmetic, in place
+        return w.reshape(rows, cols).to(dtype)
 
 
 def check_group_size(group_size: int, in_features: int) -> int:
@@ -88,7 +92,7 @@ def grid_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid (``scale``/``zero`` broadcast against ``w``), as float tensors."""
     maxq = 2**bits - 1
-    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+    return (w.float() / scale).round_().add_(zero).clamp_(0, maxq)  # clamp(round(w / scale) + zero), one temporary
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

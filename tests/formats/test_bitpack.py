@@ -30,3 +30,15 @@ def test_layout_is_a_little_endian_bit_stream(bits):
 def test_known_bytes():
     # codes 1, 2, 3 at 4 bits: low nibble first
     assert pack_bits(torch.tensor([1, 2, 3], dtype=torch.uint8), 4).tolist()[:2] == [0x21, 0x03]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("slice_codes", [1, 7, 64])
+def test_packing_a_slice_of_rows_at_a_time_gives_the_same_bytes(bits, slice_codes, monkeypatch):
+    from hf_compress_prompt.formats import bitpack
+
+    codes = torch.randint(0, 2**bits, (3, 5, 13), generator=torch.Generator().manual_seed(bits))
+    whole = pack_bits(codes, bits)
+    monkeypatch.setattr(bitpack, "_SLICE_CODES", slice_codes)  # 1 and 7: a row per slice; 64: four rows
+    assert torch.equal(pack_bits(codes, bits), whole)
+    assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, 13), codes.to(torch.uint8))
