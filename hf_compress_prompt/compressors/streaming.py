@@ -38,7 +38,14 @@ from tqdm.auto import tqdm
 from .._logging import get_logger
 from ..errors import MissingResourceError, UserInputError
 from ..formats import LinearFormat
-from ..formats.safetensors_stream import entry_of, safetensors_dtype, write_safetensors
+from ..formats.safetensors_stream import (
+    entry_of,
+    entry_of_chunks,
+    read_header,
+    read_rows,
+    safetensors_dtype,
+    write_safetensors,
+)
 from ..formats.saved_folder import atomic_directory, check_save_target
 from ..formats.schema import RECIPE_CONFIG_KEY
 from ..integrations import attach_quantization_config
@@ -100,6 +107,20 @@ class CheckpointSource:
         with safe_open(self.files[name], framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def chunks(self, name: str, convert: Callable[[torch.Tensor], torch.Tensor], max_bytes: int = 64 << 20):
+        """Yields ``convert`` of the tensor ``name`` in consecutive slices along its first dimension, each about
+        ``max_bytes`` once converted (elementwise conversions only: the slices' bytes are the whole tensor's), read
+        with plain file reads (:func:`~hf_compress_prompt.formats.safetensors_stream.read_rows`)."""
+        header = read_header(self.files[name])
+        shape = header[0][name]["shape"]
+        if not shape or shape[0] == 0:
+            yield convert(self.get(name))
+            return
+        row = torch.Size(shape[1:]).numel() * 8  # at most 8 bytes an element once converted
+        step = max(1, max_bytes // max(1, row))
+        for start in range(0, shape[0], step):
+            yield convert(read_rows(self.files[name], name, start, start + step, header))
+
 
 def is_safetensors_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a local checkpoint folder with safetensors weights (the streaming path's input)."""
@@ -146,15 +167,29 @@ def _load(model: nn.Module, source: CheckpointSource, names: list[str], dtype: t
         if stored not in source:
             raise MissingResourceError(f"{source.folder} lacks the tensor {stored!r} the model expects; the streaming "
                                        "path reads tensors by the model's own names: load the model in memory instead")
-        tensor = source.get(stored)
-        set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        set_module_tensor_to_device(model, name, "cpu", value=_as_loaded(source.get(stored), dtype))
 
 
-def _load_outside(model: nn.Module, source: CheckpointSource, path: str, tied: set[str], dtype: torch.dtype) -> None:
-    """Materialises what lies outside the decoder blocks under ``path`` (embeddings, final norm, head); a head tied
-    to the embeddings (its name in ``tied``) shares the tensor read for them."""
-    _load(model, source, [n for n in _meta_names(model) if not n.startswith(f"{path}.") and n not in tied], dtype)
+def _as_loaded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A source tensor as ``from_pretrained(..., dtype=dtype)`` holds it: floats cast to ``dtype``."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _load_outside(model: nn.Module, source: CheckpointSource, path: str, tied: set[str], dtype: torch.dtype, *,
+                  head: bool = True) -> None:
+    """Materialises what lies outside the decoder blocks under ``path`` (embeddings, final norm and, with ``head``,
+    the output head); a head tied to the embeddings (its name in ``tied``) shares the tensor read for them."""
+    skip = set() if head else _head_names(model)
+    _load(model, source, [n for n in _meta_names(model) if not n.startswith(f"{path}.") and n not in tied
+                          and n not in skip], dtype)
     model.tie_weights()
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """State-dict names of the output head's tensors (``lm_head.weight``): what the calibration capture never runs."""
+    head = model.get_output_embeddings()
+    return {f"{name}.{key}" for name, module in model.named_modules() if module is head and head is not None
+            for key in module.state_dict(keep_vars=True)}
 
 
 def _free_outside(model: nn.Module, path: str) -> None:
@@ -276,7 +311,12 @@ def compress_pretrained(
     main = group is None or group.is_main
     path, layers = find_decoder_layers(model)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # e.g. a head sharing the input embeddings
-    _load_outside(model, source, path, tied, dtype)
+    blockwise = [(i, step, BLOCKWISE_STEPS[type(step)]) for i, step in enumerate(recipe.steps)
+                 if type(step) in BLOCKWISE_STEPS]
+    calibrated = [i for i, _, kind in blockwise if kind.calibrated]
+    scores_layers = isinstance(recipe.steps[0], LayerDropConfig) and recipe.steps[0].layers is None
+    if calibrated or scores_layers:  # the calibration batches run up to the first block: the head is not needed
+        _load_outside(model, source, path, tied, dtype, head=False)
     state = CompressionState(calibration_ids)
     reports = [StepReport(step.method) for step in recipe.steps]
     original = list(range(len(layers)))  # the source's index of each block of the model
@@ -295,9 +335,6 @@ def compress_pretrained(
         original = [i for i in original if i not in set(dropped)]
         path, layers = find_decoder_layers(model)
         logger.info("dropped layers %s", reports[0].dropped_layers)
-    blockwise = [(i, step, BLOCKWISE_STEPS[type(step)]) for i, step in enumerate(recipe.steps)
-                 if type(step) in BLOCKWISE_STEPS]
-    calibrated = [i for i, _, kind in blockwise if kind.calibrated]
     work = _WorkFolder(dst, {**_manifest(source, recipe, calibration_ids, dtype),
                              "activation_dtype": str(activation_dtype)}, resume=resume, create=main)
     if group is not None:
@@ -319,14 +356,20 @@ def compress_pretrained(
         for index in range(done + 1):
             _restore_block(model, f"{path}.{index}", work.block_file(index), formats)
         logger.info("resuming %s after block %d of %d", work.path, done, len(layers))
-    _free_outside(model, path)  # not needed while the blocks stream; read again for the head and the output
+    _free_outside(model, path)  # not needed while the blocks stream; written from the source at the end
     for index in tqdm(range(done + 1, len(layers)), desc="stream", unit="block", disable=not (progress and main),
                       initial=done + 1, total=len(layers)):
         prefix = f"{path}.{index}"
-        _load(model, source, _meta_names(model, prefix + "."), dtype,
-              rename=(prefix + ".", f"{path}.{original[index]}."))
+        rename = (prefix + ".", f"{path}.{original[index]}.")
+        if not calibrated and group is None:  # data-free steps: one linear of the block in memory at a time
+            formats.update(_one_linear_at_a_time(model, source, prefix, blockwise, state, reports, pattern, dtype,
+                                                 rename))
+            blockwise_left = []
+        else:
+            _load(model, source, _meta_names(model, prefix + "."), dtype, rename=rename)
+            blockwise_left = blockwise
         block = layers[index]
-        for i, step, kind in blockwise:
+        for i, step, kind in blockwise_left:
             started = time.perf_counter()
             work_fn = kind.make(step, state, reports[i])
             if kind.calibrated:
@@ -347,7 +390,8 @@ def compress_pretrained(
                                lambda name, owner: group.share(f"{prefix}.{name}", linears[name], owner, state,
                                                                reports[i]))
             reports[i].seconds += time.perf_counter() - started
-        formats.update(_pack(model, state, pattern, prefix + "."))
+        if blockwise_left:
+            formats.update(_pack(model, state, pattern, prefix + "."))
         state.masks.clear()  # the block is packed: its grids and masks are in its packed modules now
         state.quantized.clear()
         block = layers[index]
@@ -357,7 +401,8 @@ def compress_pretrained(
         layers[index] = block.to("meta")  # freed: the next block is read from the source alone
         _release_memory()
         _after_block(index)
-    _load_outside(model, source, path, tied, dtype)
+    if any(getattr(step, "lm_head", False) for step in recipe.steps):  # the head is quantized here (a tied one
+        _load_outside(model, source, path, tied, dtype)  # from the embeddings); the rest is written from the source
     block_files = {name: work.block_file(index) for index in range(len(layers) if main else 0)
                    for name in _tensor_names(work.block_file(index))}
     for i, step in enumerate(recipe.steps):
@@ -371,7 +416,7 @@ def compress_pretrained(
     result = CompressionResult(recipe, reports, {}, {})
     if main:
         with atomic_directory(dst, overwrite=overwrite) as folder:
-            _write_folder(model, folder, block_files, max_shard_size)
+            _write_folder(model, folder, block_files, max_shard_size, source, dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
             extra = extra_files(result) if callable(extra_files) else extra_files
@@ -547,6 +592,34 @@ def _restore_block(model: nn.Module, prefix: str, file: Path, formats: dict) -> 
                              "over")
 
 
+def _one_linear_at_a_time(model: nn.Module, source: CheckpointSource, prefix: str, steps: list, state: CompressionState,
+                          reports: list[StepReport], pattern, dtype: torch.dtype, rename: tuple[str, str]) -> dict:
+    """Data-free steps (RTN, magnitude, N:M by magnitude) on the block ``prefix``: its other tensors are read, then
+    each linear is read, compressed by every step, packed and its memory given back before the next is read. These
+    steps see one linear at a time, so the numbers are the whole block's; the peak is one linear, not a block.
+    Returns the packed layers' formats."""
+    linears = list(find_linear_layers(model.get_submodule(prefix)))  # names: the modules would outlive their packing
+    inside = tuple(f"{prefix}.{name}." for name in linears)
+    _load(model, source, [n for n in _meta_names(model, prefix + ".") if not n.startswith(inside)], dtype,
+          rename=rename)
+    work = [(i, kind.make(step, state, reports[i])) for i, step, kind in steps]
+    formats = {}
+    for name in linears:
+        full = f"{prefix}.{name}"
+        _load(model, source, _meta_names(model, full + "."), dtype, rename=rename)
+        module = model.get_submodule(full)
+        for i, compress in work:
+            started = time.perf_counter()
+            compress(full, module)
+            reports[i].seconds += time.perf_counter() - started
+        if module in state.masks or module in state.quantized:
+            formats[full] = pack_linear_module(model, full, state.quantized.pop(module, None),
+                                               state.masks.pop(module, None), pattern)
+        del module  # the dense linear, replaced by its packed module
+        _release_memory()
+    return formats
+
+
 def _pack(model: nn.Module, state: CompressionState, pattern, prefix: str, *, outside: bool = False) -> dict:
     """Packs every compressed linear named under ``prefix`` (``outside``: not under it), as ``pack_model`` does;
     returns their formats."""
@@ -559,10 +632,13 @@ def _pack(model: nn.Module, state: CompressionState, pattern, prefix: str, *, ou
     return formats
 
 
-def _write_folder(model: nn.Module, folder: Path, block_files: dict[str, Path], max_shard_size) -> None:
+def _write_folder(model: nn.Module, folder: Path, block_files: dict[str, Path], max_shard_size,
+                  source: CheckpointSource, dtype: torch.dtype) -> None:
     """What ``model.save_pretrained(folder)`` writes, from a model whose blocks are on the meta device and whose
-    block tensors are in ``block_files``: config, generation config, shards (one tensor in memory at a time) and,
-    when sharded, the index."""
+    block tensors are in ``block_files``: config, generation config, shards and, when sharded, the index. A tensor
+    on the meta device comes from its block's work file, or, outside the blocks (embeddings, norm, an unquantized
+    head), from the source in slices cast as :func:`_load` casts: at most one block tensor, or 64 MB of another,
+    in memory at a time."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -584,16 +660,26 @@ def _write_folder(model: nn.Module, folder: Path, block_files: dict[str, Path], 
         from safetensors import safe_open
 
         def read():
+            _release_memory()  # what the tensor written before this one held
             with safe_open(block_files[name], framework="pt") as handle:
                 return handle.get_tensor(name)
         return read
+
+    def from_source(name: str, held: torch.dtype):
+        def chunks():
+            _release_memory()
+            yield from source.chunks(name, lambda t: _as_loaded(t, dtype).to(held))
+        return chunks
 
     for file, names in split.filename_to_tensors.items():
         entries = []
         for name in names:
             tensor = state_dict[name]
-            if tensor.device.type == "meta":
+            if tensor.device.type == "meta" and name in block_files:
                 entries.append(entry_of(name, lazy(name), dtype=tensor.dtype, shape=tuple(tensor.shape)))
+            elif tensor.device.type == "meta":
+                entries.append(entry_of_chunks(name, from_source(name, tensor.dtype), dtype=tensor.dtype,
+                                               shape=tuple(tensor.shape)))
             else:
                 entries.append(entry_of(name, tensor.contiguous()))
         write_safetensors(folder / file, entries, {"format": "pt"})

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TensorEntry", "entry_of", "safetensors_dtype", "safetensors_order", "write_safetensors"]
+__all__ = ["TensorEntry", "entry_of", "entry_of_chunks", "read_header", "read_rows", "safetensors_dtype",
+           "safetensors_order", "write_safetensors"]
 
 # safetensors' Dtype enum in declaration order; save_file sorts by it, last first.
 _DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
@@ -49,7 +50,7 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    read: Callable[[], bytes | memoryview]
+    read: Callable[[], bytes | memoryview | Iterable[memoryview]]
 
 
 def entry_of(name: str, tensor: torch.Tensor | Callable[[], torch.Tensor], *, dtype: torch.dtype | None = None,
@@ -74,6 +75,21 @@ def entry_of(name: str, tensor: torch.Tensor | Callable[[], torch.Tensor], *, dt
     return TensorEntry(name, safetensors_dtype(dtype), tuple(shape), nbytes, read)
 
 
+def entry_of_chunks(name: str, chunks: Callable[[], Iterable[torch.Tensor]], *, dtype: torch.dtype,
+                    shape: tuple[int, ...]) -> TensorEntry:
+    """A :class:`TensorEntry` whose bytes come as consecutive slices along the first dimension (``chunks()`` yields
+    them, each of ``dtype``): a large tensor is written without ever being in memory whole."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+    def read():
+        for part in chunks():
+            if part.dtype != dtype or tuple(part.shape[1:]) != tuple(shape[1:]):
+                raise ValueError(f"{name}: made a {part.dtype} slice {tuple(part.shape)}, announced {dtype} {tuple(shape)}")
+            yield _bytes(part)
+
+    return TensorEntry(name, safetensors_dtype(dtype), tuple(shape), nbytes, read)
+
+
 def _bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes in C order, little-endian (as safetensors stores them)."""
     t = tensor.detach().to("cpu").contiguous()
@@ -81,6 +97,34 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.dtype != torch.bool else \
         memoryview(t.reshape(-1).to(torch.uint8).numpy())
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data starts."""
+    with open(Path(path), "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(size)), 8 + size
+
+
+def read_rows(path: str | os.PathLike, name: str, start: int, stop: int,
+              header: tuple[dict, int] | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` (along the first dimension) of the tensor ``name`` in a safetensors file, read with plain
+    file reads: unlike a slice of ``safe_open``'s memory map, the pages read do not stay resident while the file is
+    open, so a large tensor can be read a slice at a time in bounded memory."""
+    entries, base = header or read_header(path)
+    entry = entries[name]
+    dtype = next(t for t, n in _TORCH_DTYPES.items() if n == entry["dtype"])
+    shape = list(entry["shape"])
+    stop = min(stop, shape[0])
+    start = min(start, stop)
+    row = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+    data = bytearray((stop - start) * row)
+    with open(Path(path), "rb") as handle:
+        handle.seek(base + entry["data_offsets"][0] + start * row)
+        if handle.readinto(data) != len(data):
+            raise ValueError(f"{path}: {name} is shorter than its header says")
+    rows = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return rows.view(dtype).reshape([stop - start, *shape[1:]])  # safetensors is little-endian, as are x86 and Arm
 
 
 def safetensors_order(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
@@ -114,7 +158,12 @@ def write_safetensors(path: str | os.PathLike, entries: Iterable[TensorEntry],
         handle.write(text)
         for e in ordered:
             data = e.read()
-            if len(data) != e.nbytes:
-                raise ValueError(f"{e.name}: {len(data)} bytes, announced {e.nbytes}")
-            handle.write(data)
+            written = 0
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                written += len(part)
+                if written > e.nbytes:
+                    break
+                handle.write(part)
+            if written != e.nbytes:
+                raise ValueError(f"{e.name}: {written}{'+' if written > e.nbytes else ''} bytes, announced {e.nbytes}")
     return 8 + len(text) + offset

@@ -91,12 +91,17 @@ def test_sharded_source_and_output_with_tokenizer_and_tied_head(tmp_path, byte_t
 def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
     src = tmp_path / "src"
     build_tiny_llama(num_layers=4).save_pretrained(src)
-    reads, real_get, real_load = [], CheckpointSource.get, streaming._load
+    reads, sliced, real_get, real_chunks, real_load = [], [], CheckpointSource.get, CheckpointSource.chunks, \
+        streaming._load
     blocks_loaded = [0]  # the first block is read for the calibration capture, with the embeddings in memory
 
     def get(self, name):
         reads.append(name)
         return real_get(self, name)
+
+    def chunks(self, name, convert, max_bytes=64 << 20):
+        sliced.append(name)
+        return real_chunks(self, name, convert, max_bytes=1024)  # several slices even at this size
 
     def load(model, source, names, dtype, **kwargs):
         in_memory = {n.split(".")[2] for n, t in model.state_dict(keep_vars=True).items()
@@ -110,17 +115,47 @@ def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
         real_load(model, source, names, dtype, **kwargs)
 
     monkeypatch.setattr(CheckpointSource, "get", get)
+    monkeypatch.setattr(CheckpointSource, "chunks", chunks)
     monkeypatch.setattr(streaming, "_load", load)
     compress_pretrained(src, tmp_path / "out", GPTQConfig(bits=4, group_size=32), calibration_ids=IDS,
                         progress=False)
+    compress_pretrained(src, tmp_path / "reference", GPTQConfig(bits=4, group_size=32), calibration_ids=IDS,
+                        progress=False)
+    reads, sliced = reads[:len(reads) // 2], sliced[:len(sliced) // 2]  # the first run's
     blocks = [int(n.split(".")[2]) for n in reads if n.startswith("model.layers.")]
     assert blocks == sorted(blocks) and set(blocks) == {0, 1, 2, 3}  # each block read once, in order
     block_reads = [n for n in reads if n.startswith("model.layers.")]
     assert len(block_reads) == len(set(block_reads))
     outside = [n for n in reads if not n.startswith("model.layers.")]
-    # read for the capture, then again for the head and the output once every block is done
-    assert sorted(outside) == sorted(2 * ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
+    # read whole only for the capture (never the head); the output writes them from the source in slices
+    assert sorted(outside) == ["model.embed_tokens.weight", "model.norm.weight"]
     assert all(reads.index(n) < reads.index("model.layers.0.mlp.up_proj.weight") for n in set(outside))
+    assert sorted(sliced) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    _folders_equal(tmp_path / "out", tmp_path / "reference")  # tiny slices, the same bytes
+
+
+def test_data_free_steps_hold_one_linear_at_a_time(tmp_path, monkeypatch):
+    """RTN (and magnitude, N:M) see one linear each: the streaming path reads a block's linears one by one, packing
+    each before the next is read, and reads nothing outside the blocks but in slices for the output."""
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=3).save_pretrained(src)
+    real_load, loaded = streaming._load, []
+
+    def load(model, source, names, dtype, **kwargs):
+        dense = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.device.type != "meta"
+                 and n.startswith("model.layers.")]
+        assert not dense, f"{dense} still dense in memory when {names} is read"
+        loaded.append(names)
+        real_load(model, source, names, dtype, **kwargs)
+
+    monkeypatch.setattr(streaming, "_load", load)
+    recipe = Recipe([MagnitudeConfig(sparsity="2:4"), RTNConfig(bits=4, group_size=32)])
+    compress_pretrained(src, tmp_path / "stream", recipe, progress=False)
+    assert not any(n.startswith(("model.embed_tokens", "lm_head", "model.norm")) for names in loaded for n in names)
+    assert max(sum(n.endswith(".weight") and "proj" in n for n in names) for names in loaded) == 1
+    monkeypatch.setattr(streaming, "_load", real_load)
+    _in_memory(src, tmp_path / "memory", recipe)
+    _folders_equal(tmp_path / "memory", tmp_path / "stream")
 
 
 def test_refusals_name_the_problem_and_write_nothing(tmp_path):

@@ -5,7 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_compress_prompt.formats.safetensors_stream import entry_of, safetensors_dtype, write_safetensors
+from hf_compress_prompt.formats.safetensors_stream import (
+    entry_of,
+    entry_of_chunks,
+    read_rows,
+    safetensors_dtype,
+    write_safetensors,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.uint8, torch.int8, torch.bool,
           torch.int16, torch.float64]
@@ -65,3 +71,31 @@ def test_a_tensor_unlike_its_announcement_is_refused(tmp_path):
         write_safetensors(tmp_path / "dup.safetensors", [entry_of("w", torch.ones(1)), entry_of("w", torch.ones(1))])
     with pytest.raises(ValueError, match="no dtype"):
         safetensors_dtype(torch.complex64)
+
+
+@pytest.mark.parametrize("rows_per_slice", [1, 3, 7, 100])
+def test_a_tensor_written_in_slices_is_the_same_bytes(rows_per_slice, tmp_path):
+    tensors = {"a": torch.randn(7, 5), "b": torch.arange(12, dtype=torch.int16).reshape(12), "c": torch.ones(4, 3, 2)}
+    save_file(tensors, tmp_path / "reference.safetensors")
+    entries = [entry_of_chunks(n, lambda t=t: iter(torch.split(t, rows_per_slice)), dtype=t.dtype, shape=tuple(t.shape))
+               for n, t in tensors.items()]
+    write_safetensors(tmp_path / "ours.safetensors", entries)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("rows", [3, 5])
+def test_slices_adding_up_to_another_size_are_refused(rows, tmp_path):
+    t = torch.randn(rows, 2)
+    entry = entry_of_chunks("a", lambda: iter(torch.split(t, 2)), dtype=t.dtype, shape=(4, 2))
+    with pytest.raises(ValueError, match="announced 32"):
+        write_safetensors(tmp_path / "bad.safetensors", [entry])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_read_from_a_file_equal_the_tensor_s(seed, tmp_path):
+    tensors = {n: t for n, t in _random(seed).items() if t.dim() >= 1}
+    save_file(tensors, tmp_path / "a.safetensors")
+    for name, t in tensors.items():
+        for start, stop in ((0, t.shape[0]), (1, 3), (2, 100)):
+            torch.testing.assert_close(read_rows(tmp_path / "a.safetensors", name, start, stop), t[start:stop],
+                                       rtol=0, atol=0)
