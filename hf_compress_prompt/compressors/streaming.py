@@ -1,8 +1,8 @@
 """Compressing a checkpoint folder without loading the model: one decoder block in memory at a time.
 
-:func:`compress_pretrained` builds the model's skeleton on the meta device, loads the embeddings, norms and head from
-the source shards (lazily, ``safe_open``), and captures what the first block receives for the calibration batches.
-Then each decoder block is read from the shards alone, every recipe step compresses it (calibrated steps from the
+:func:`compress_pretrained` builds the model's skeleton on the meta device, loads what lies before the first block
+(embeddings) from the source shards (lazily, ``safe_open``) when a step needs calibration inputs, and captures what
+the first block receives for the calibration batches. Then each decoder block is read from the shards alone, every recipe step compresses it (calibrated steps from the
 block inputs their own stream of activations carries, as the in-memory loop would have given them), it is packed
 at once (no dense copy kept), its packed tensors go to a work file, and it is put back on the meta device before
 the next block is read. At the end the output shards are written tensor by tensor in the layout
@@ -14,9 +14,12 @@ Layer dropping as a recipe's first step is scored in one streaming pass (each bl
 blocks are never read again. A killed run resumes from its last finished block (``resume=True``) to the same bytes:
 its state lives in a hidden work folder beside the output.
 
-Peak memory: one block (dense, then packed), the embeddings, norms and head, and the calibration activations of
-each calibrated step (in the model's dtype, as in memory; ``activation_dtype=torch.bfloat16`` halves them), kept in
-memory-mapped files in the work folder once they would exceed ``max_activation_memory``.
+Peak memory: one block (dense, then packed) for calibrated steps, one linear for data-free ones (RTN, magnitude),
+the calibration activations of each calibrated step (in the model's dtype, as in memory;
+``activation_dtype=torch.bfloat16`` halves them, and they go to memory-mapped files in the work folder once they would
+exceed ``max_activation_memory``), and the input embeddings while the calibration inputs are captured. The output
+head is read only to be quantized; otherwise it, the embeddings and the final norm go from the source to the output
+in slices.
 
 Under ``torchrun`` (:mod:`.distributed`) each process pushes its share of the calibration batches through the
 blocks, the layers' statistics are summed across processes and the solves dealt out to them; process 0 writes.
