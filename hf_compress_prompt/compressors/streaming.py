@@ -2,10 +2,10 @@
 
 :func:`compress_pretrained` builds the model's skeleton on the meta device, loads what lies before the first block
 (embeddings) from the source shards (lazily, ``safe_open``) when a step needs calibration inputs, and captures what
-the first block receives for the calibration batches. Then each decoder block is read from the shards alone, every recipe step compresses it (calibrated steps from the
-block inputs their own stream of activations carries, as the in-memory loop would have given them), it is packed
-at once (no dense copy kept), its packed tensors go to a work file, and it is put back on the meta device before
-the next block is read. At the end the output shards are written tensor by tensor in the layout
+the first block receives for the calibration batches. Then each decoder block is read from the shards alone, every
+recipe step compresses it (calibrated steps from the block inputs their own stream of activations carries, as the
+in-memory loop would have given them), it is packed at once (no dense copy kept), its packed tensors go to a work
+file, and it is put back on the meta device before the next block is read. At the end the output shards are written tensor by tensor in the layout
 ``save_pretrained`` gives (the same shard split, file names, index and byte order), with the config, generation
 config and tokenizer: the folder equals, byte for byte, the one the in-memory path (``from_pretrained``, ``compress_``,
 ``save_pretrained``) writes for the same model, recipe and calibration.
@@ -198,7 +198,7 @@ def _head_names(model: nn.Module) -> set[str]:
 def _free_outside(model: nn.Module, path: str) -> None:
     """Puts the parameters outside the decoder blocks back on the meta device. The embeddings and an untied head
     are vocabulary x hidden each, larger than a block's linears at a large vocabulary (a 128k-vocabulary 8B model's
-    two take 4 GB in float32): the block loop does not need them, and :func:`_load_outside` reads them again."""
+    two take 4 GB in float32): the block loop does not need them (the output is written from the source, and a quantized head is read again)."""
     from accelerate.utils import set_module_tensor_to_device
 
     for name, _ in model.named_parameters():  # a tied head is listed once, as the embeddings
@@ -640,8 +640,8 @@ def _write_folder(model: nn.Module, folder: Path, block_files: dict[str, Path], 
     """What ``model.save_pretrained(folder)`` writes, from a model whose blocks are on the meta device and whose
     block tensors are in ``block_files``: config, generation config, shards and, when sharded, the index. A tensor
     on the meta device comes from its block's work file, or, outside the blocks (embeddings, norm, an unquantized
-    head), from the source in slices cast as :func:`_load` casts: at most one block tensor, or 64 MB of another,
-    in memory at a time."""
+    head), from the source in slices cast as :func:`_load` casts: at most one block tensor, or a 64 MB slice of
+    another, in memory at a time."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
