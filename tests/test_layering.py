@@ -19,7 +19,7 @@ SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 # its submodules; the package's own ``__init__`` is "__init__"). A module belongs to the unit with the longest path
 # that matches it. It may import its own unit and the layers below; not another unit of its layer, nor a layer above.
 LAYERS: list[dict[str, tuple[str, ...]]] = [
-    {"foundation": ("_logging", "errors", "validation")},
+    {"foundation": ("_logging", "errors", "validation", "autocast")},
     {"formats": ("formats",), "methods": ("methods",), "data": ("data",)},
     {"kernels": ("kernels",), "evaluation": ("evaluation",)},
     {"nn": ("nn",)},

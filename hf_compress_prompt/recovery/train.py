@@ -34,7 +34,7 @@ from ..formats.schema import RECIPE_CONFIG_KEY
 from ..integrations.peft_compat import get_peft_model, quiet_peft_forward
 from ..integrations.peft_lora import lora_config_for
 from ..integrations.trainer_callbacks import BestValidationCallback
-from ..kernels.bf16 import bf16_matmul_is_fast
+from ..autocast import bf16_matmul_is_fast
 from ..nn import PackedLinear, has_packed_layers
 from .data import PromptTuningCollator, TokenWindows, token_windows
 from .distill import DistillationTrainer, check_teacher
@@ -170,7 +170,7 @@ class RecoveryResult:
     seconds: float
     seconds_per_step: float
     trainable_parameters: int
-    peak_rss_mb: float | None = None  # the process's peak resident memory so far (ru_maxrss), MiB
+    peak_rss_mb: float | None = None  # the process's peak resident memory so far (VmHWM), MiB
     train_memory_mb: float | None = None  # how much training raised that peak (0 if it stayed below an earlier one)
     baseline_perplexity: float | None = None  # validation perplexity before training, without the adapter (history[0])
 
@@ -307,8 +307,16 @@ def _metadata(model: nn.Module, config: RecoveryConfig, callback, steps: int, te
 
 
 def _peak_rss_mb() -> float | None:
-    """The process's peak resident memory so far (``ru_maxrss``, KiB on Linux) in MiB; `None` where unavailable.
-    A per-run figure sampled in a thread is the benches' (``bench/memory.py``)."""
+    """The process's peak resident memory so far in MiB: Linux's ``VmHWM`` (``ru_maxrss`` starts a process at its
+    parent's size when it was forked, and exec keeps that), else ``ru_maxrss``; `None` where unavailable. A per-run
+    figure sampled in a thread is the benches' (``bench/memory.py``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...errors import UserInputError
-from ...kernels.bf16 import resolve_bf16
+from ...autocast import resolve_bf16
 
 __all__ = ["TaskModel"]
 
@@ -37,7 +37,7 @@ class TaskModel:
         tokenizer: its tokenizer; a pad token is borrowed from EOS when it has none.
         batch_size (`int`, *optional*, defaults to 8): prompts per forward / generate call.
         autocast_bf16 (`bool`, *optional*): run under ``torch.autocast(dtype=bfloat16)``; `None` (the default):
-            where bf16 matmuls are fast on the model's device (:func:`~hf_compress_prompt.kernels.bf16.bf16_matmul_is_fast`).
+            where bf16 matmuls are fast on the model's device (:func:`~hf_compress_prompt.autocast.bf16_matmul_is_fast`).
         max_length (`int`, *optional*): longest prompt in tokens; longer prompts keep their last tokens.
             Defaults to the model's ``max_position_embeddings`` less room for the answer.
         progress (`bool`, *optional*, defaults to `True`): tqdm bars.

@@ -4,8 +4,8 @@ demo all follow the device check, and an explicit choice always wins."""
 import pytest
 import torch
 
-from hf_compress_prompt.kernels import bf16 as bf16_check
-from hf_compress_prompt.kernels.bf16 import bf16_matmul_is_fast, resolve_bf16
+from hf_compress_prompt import autocast as bf16_check
+from hf_compress_prompt.autocast import bf16_matmul_is_fast, resolve_bf16
 
 
 @pytest.fixture(params=[True, False], ids=["fast-bf16-cpu", "avx2-only-cpu"])
