@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from common import any_of, bench_parser, markdown_table, preset_settings, start_bench, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe
+
 
 _PLAIN = ["rtn-w4-perchannel", "rtn-w4-g64",  # rtn-w4-g64: GPTQ's g64 rows must beat this on the same grid
           "gptq-w4-perchannel", "gptq-w4-g64", "gptq-w4-g64-noactorder", "gptq-w3-g64", "sparsegpt-50%", "sparsegpt-2:4",
@@ -39,6 +39,12 @@ OPTIONAL_SETTINGS: dict[str, list] = preset_settings({
     "drop-20%-layers (block influence)": "drop-20%-layers-block-influence",
 })
 
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (VmHWM: ru_maxrss would start at the parent's size at the fork)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """Compress and score one setting in this process."""
@@ -62,12 +68,12 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         sparsities = [v["sparsity"] for r in result.reports for v in r.layers.values()]
         record["mean_sparsity"] = sum(sparsities) / len(sparsities) if sparsities else 0.0
     record["compress_seconds"] = compress_seconds
-    record["peak_rss_mb_after_compress"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["peak_rss_mb_after_compress"] = _peak_rss_mb()
     for dataset in args.datasets:
         ids = eval_tokens(dataset, tokenizer, "test")
         r = perplexity(model, ids, seqlen=2048, max_windows=args.windows, autocast_bf16=True, progress=False)
         record[dataset] = {"perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "seconds": r.seconds}
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["peak_rss_mb"] = _peak_rss_mb()
     return record
 
 
