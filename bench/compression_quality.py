@@ -25,7 +25,6 @@ from common import any_of, bench_parser, markdown_table, preset_settings, start_
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe
 
-
 _PLAIN = ["rtn-w4-perchannel", "rtn-w4-g64",  # rtn-w4-g64: GPTQ's g64 rows must beat this on the same grid
           "gptq-w4-perchannel", "gptq-w4-g64", "gptq-w4-g64-noactorder", "gptq-w3-g64", "sparsegpt-50%", "sparsegpt-2:4",
           "wanda-50%", "wanda-2:4", "magnitude-50%"]
