@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from ._logging import get_logger
+from .autocast import bf16_matmul_is_fast
 from .compressors import CalibrationConfig, Recipe
 from .compressors.presets import list_presets, preset_steps
 from .data import eval_tokens, load_rows, training_corpus
 from .errors import MissingResourceError, UserInputError
 from .evaluation import PerplexityResult, perplexity
-from .autocast import bf16_matmul_is_fast
 from .models import load_model_and_tokenizer
 
 __all__ = ["DemoResult", "default_mode", "demo_datasets", "run_demo"]

@@ -44,10 +44,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..autocast import resolve_bf16
 from ..data import training_corpus
 from ..data.instructions import instruction_windows
 from ..errors import UserInputError
-from ..autocast import resolve_bf16
 from ..methods.gate_thresholds import expected_parameters, lowest_threshold, open_at, open_heads_at, zero_except
 from ..methods.hard_concrete import HardConcreteGate, lagrangian_penalty
 from ..models.pruned_llama import PrunedLlamaForCausalLM

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._logging import get_logger
+from ..autocast import bf16_matmul_is_fast
 from ..compressors.blocks import find_decoder_layers, find_linear_layers
 from ..data import training_corpus
 from ..errors import UserInputError
@@ -34,7 +35,6 @@ from ..formats.schema import RECIPE_CONFIG_KEY
 from ..integrations.peft_compat import get_peft_model, quiet_peft_forward
 from ..integrations.peft_lora import lora_config_for
 from ..integrations.trainer_callbacks import BestValidationCallback
-from ..autocast import bf16_matmul_is_fast
 from ..nn import PackedLinear, has_packed_layers
 from .data import PromptTuningCollator, TokenWindows, token_windows
 from .distill import DistillationTrainer, check_teacher

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ...errors import UserInputError
 from ...autocast import resolve_bf16
+from ...errors import UserInputError
 
 __all__ = ["TaskModel"]
 
