@@ -41,10 +41,10 @@ from tqdm.auto import tqdm
 from .._logging import get_logger
 from ..errors import MissingResourceError, UserInputError
 from ..formats import LinearFormat
+from ..formats.safetensors_header import parse_header
 from ..formats.safetensors_stream import (
     entry_of,
     entry_of_chunks,
-    read_header,
     read_rows,
     safetensors_dtype,
     write_safetensors,
@@ -110,16 +110,18 @@ class CheckpointSource:
         with safe_open(self.files[name], framework="pt") as handle:
             return handle.get_tensor(name)
 
-    def chunks(self, name: str, convert: Callable[[torch.Tensor], torch.Tensor], max_bytes: int = 64 << 20):
-        """Yields ``convert`` of the tensor ``name`` in consecutive slices along its first dimension, each about
-        ``max_bytes`` once converted (elementwise conversions only: the slices' bytes are the whole tensor's), read
-        with plain file reads (:func:`~hf_compress_prompt.formats.safetensors_stream.read_rows`)."""
-        header = read_header(self.files[name])
-        shape = header[0][name]["shape"]
+    def chunks(self, name: str, convert: Callable[[torch.Tensor], torch.Tensor], itemsize: int,
+               max_bytes: int = 64 << 20):
+        """Yields ``convert`` of the tensor ``name`` in consecutive slices along its first dimension, each at most
+        ``max_bytes`` once converted to elements of ``itemsize`` bytes (elementwise conversions only: the slices'
+        bytes are the whole tensor's), read with plain file reads
+        (:func:`~hf_compress_prompt.formats.safetensors_stream.read_rows`)."""
+        header = parse_header(self.files[name])
+        shape = header.tensors[name].shape
         if not shape or shape[0] == 0:
             yield convert(self.get(name))
             return
-        row = torch.Size(shape[1:]).numel() * 8  # at most 8 bytes an element once converted
+        row = torch.Size(shape[1:]).numel() * itemsize
         step = max(1, max_bytes // max(1, row))
         for start in range(0, shape[0], step):
             yield convert(read_rows(self.files[name], name, start, start + step, header))
@@ -671,7 +673,9 @@ def _write_folder(model: nn.Module, folder: Path, block_files: dict[str, Path], 
     def from_source(name: str, held: torch.dtype):
         def chunks():
             _release_memory()
-            yield from source.chunks(name, lambda t: _as_loaded(t, dtype).to(held))
+            # the widest of the load-time dtype and the written one: what a converted slice holds at most
+            itemsize = max(torch.empty((), dtype=d).element_size() for d in (dtype, held))
+            yield from source.chunks(name, lambda t: _as_loaded(t, dtype).to(held), itemsize)
         return chunks
 
     for file, names in split.filename_to_tensors.items():

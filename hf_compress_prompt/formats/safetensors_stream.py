@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TensorEntry", "entry_of", "entry_of_chunks", "read_header", "read_rows", "safetensors_dtype",
+from .safetensors_header import SAVE_AGAIN, CheckpointError, SafetensorsHeader, parse_header
+
+__all__ = ["TensorEntry", "entry_of", "entry_of_chunks", "read_rows", "safetensors_dtype",
            "safetensors_order", "write_safetensors"]
 
 # safetensors' Dtype enum in declaration order; save_file sorts by it, last first.
@@ -99,30 +101,26 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
         memoryview(t.reshape(-1).to(torch.uint8).numpy())
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data starts."""
-    with open(Path(path), "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(size)), 8 + size
-
-
 def read_rows(path: str | os.PathLike, name: str, start: int, stop: int,
-              header: tuple[dict, int] | None = None) -> torch.Tensor:
+              header: SafetensorsHeader | None = None) -> torch.Tensor:
     """Rows ``start:stop`` (along the first dimension) of the tensor ``name`` in a safetensors file, read with plain
     file reads: unlike a slice of ``safe_open``'s memory map, the pages read do not stay resident while the file is
-    open, so a large tensor can be read a slice at a time in bounded memory."""
-    entries, base = header or read_header(path)
-    entry = entries[name]
-    dtype = next(t for t, n in _TORCH_DTYPES.items() if n == entry["dtype"])
-    shape = list(entry["shape"])
+    open, so a large tensor can be read a slice at a time in bounded memory. ``header``: the file's
+    :func:`~hf_compress_prompt.formats.safetensors_header.parse_header`, when already read."""
+    header = header or parse_header(path)
+    entry = header.tensors[name]
+    dtype = next((t for t, n in _TORCH_DTYPES.items() if n == entry.dtype), None)
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry.dtype}, which torch cannot read here")
+    shape = list(entry.shape)
     stop = min(stop, shape[0])
     start = min(start, stop)
     row = torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
     data = bytearray((stop - start) * row)
     with open(Path(path), "rb") as handle:
-        handle.seek(base + entry["data_offsets"][0] + start * row)
+        handle.seek(header.data_start + entry.start + start * row)
         if handle.readinto(data) != len(data):
-            raise ValueError(f"{path}: {name} is shorter than its header says")
+            raise CheckpointError(f"{path}: tensor {name!r} is shorter than its header says; {SAVE_AGAIN}")
     rows = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     return rows.view(dtype).reshape([stop - start, *shape[1:]])  # safetensors is little-endian, as are x86 and Arm
 

@@ -1,117 +1,40 @@
-"""Reading safetensors headers without loading tensors, to reject a damaged or incomplete checkpoint with one line
-that names the file (and the tensor) and the fix, before transformers starts loading.
+"""Checking a checkpoint's safetensors files without loading tensors, to reject a damaged or incomplete checkpoint
+with one line that names the file (and the tensor) and the fix, before transformers starts loading.
 
-:func:`read_header` checks a header the way the safetensors loader will (a JSON object of entries with a known
-``dtype``, a ``shape`` and ``data_offsets`` that tile the data section exactly), :func:`checkpoint_tensors` reads
-every file of a checkpoint, :func:`check_tensors` checks the tensors a config expects against what those files
-hold, and :func:`check_folder` checks a saved folder's layout (``model.safetensors`` or
-``model.safetensors.index.json`` and every shard it lists).
+:func:`read_header` gives a file's tensors as torch dtype names and shapes (parsed and checked by
+:func:`~hf_compress_prompt.formats.safetensors_header.parse_header`), :func:`checkpoint_tensors` reads every file
+of a checkpoint, :func:`check_tensors` checks the tensors a config expects against what those files hold, and
+:func:`check_folder` checks a saved folder's layout (``model.safetensors`` or ``model.safetensors.index.json`` and
+every shard it lists).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import struct
 from pathlib import Path
 
-from ..errors import UserInputError
+from ..formats.safetensors_header import SAVE_AGAIN as _SAVE_AGAIN
+from ..formats.safetensors_header import CheckpointError, parse_header
 
 __all__ = ["INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "check_folder", "check_tensors",
            "checkpoint_location", "checkpoint_tensors", "read_header"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_SAVE_AGAIN = "save the model again (or copy the whole folder again)"
 _SHARD = re.compile(r".*-\d{5}-of-\d{5}\.safetensors$")
 
 _DTYPE_NAMES = {"I32": "int32", "U8": "uint8", "I8": "int8", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
                 "I64": "int64", "I16": "int16", "F64": "float64", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
                 "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-class CheckpointError(UserInputError):
-    """A checkpoint file is damaged or does not match its config."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], int, int]:
-    """``(dtype, shape, start, end)`` of one header entry; anything malformed is an error naming the tensor."""
-    where = f"{path}: tensor {name!r} in the safetensors header"
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{where} is a {type(info).__name__}, not an object; the header is corrupt, {_SAVE_AGAIN}")
-    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
-    if missing:
-        raise CheckpointError(f"{where} has no {'/'.join(missing)}; the header is corrupt, {_SAVE_AGAIN}")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str):
-        raise CheckpointError(f"{where} has dtype {dtype!r}, not a safetensors dtype name; {_SAVE_AGAIN}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where} has shape {shape!r}, not a list of sizes; the header is corrupt, {_SAVE_AGAIN}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{where} has data_offsets {offsets!r}, not [start, end] with 0 <= start <= end; "
-                              f"the header is corrupt, {_SAVE_AGAIN}")
-    start, end = offsets
-    itemsize = _DTYPE_BYTES.get(dtype)
-    if itemsize is not None and end - start != math.prod(shape) * itemsize:
-        raise CheckpointError(f"{where}: {dtype} {shape} needs {math.prod(shape) * itemsize} bytes, its data_offsets "
-                              f"{offsets} hold {end - start}; the header is corrupt, {_SAVE_AGAIN}")
-    return dtype, tuple(shape), start, end
 
 
 def read_header(path: str | os.PathLike) -> dict[str, dict]:
-    """Tensor name -> ``{"dtype", "shape"}`` of a safetensors file; a missing, truncated or corrupt file is an error
-    naming it (and the tensor)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; {_SAVE_AGAIN}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); {_SAVE_AGAIN}")
-        (length,) = struct.unpack("<Q", raw)
-        if 8 + length > size:
-            raise CheckpointError(f"{path}: truncated safetensors file (header says {length} bytes, file has {size}); "
-                                  f"{_SAVE_AGAIN}")
-        try:
-            header = json.loads(f.read(length))
-        except (ValueError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); {_SAVE_AGAIN}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object of "
-                              f"tensors; the file is corrupt, {_SAVE_AGAIN}")
-    header.pop("__metadata__", None)
-    entries = {name: _entry(path, name, info) for name, info in header.items()}
-    data = size - 8 - length  # bytes after the header
-    for name, (_, _, start, end) in entries.items():
-        if end > data:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file ({size} bytes, its tensors need {8 + length + end}; tensor "
-                f"{name!r} at data_offsets [{start}, {end}] is cut off); {_SAVE_AGAIN}"
-            )
-    # the loader needs the tensors to tile the data section: sorted by start, each begins where the previous ends
-    previous, position = None, 0
-    for name, (_, _, start, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
-        if start != position:
-            what = (f"overlaps tensor {previous!r} (which ends at {position})" if start < position
-                    else f"leaves a gap after {'tensor ' + repr(previous) if previous else 'the header'} (which ends "
-                         f"at {position})")
-            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{start}, {end}], which {what}; the "
-                                  f"header is corrupt, {_SAVE_AGAIN}")
-        previous, position = name, end
-    if position < data:
-        raise CheckpointError(f"{path}: {data - position} bytes after the last tensor that no header entry describes; "
-                              f"the file is corrupt, {_SAVE_AGAIN}")
-    return {name: {"dtype": _DTYPE_NAMES.get(dtype, dtype), "shape": shape} for name, (dtype, shape, _, _) in entries.items()}
+    """Tensor name -> ``{"dtype", "shape"}`` (torch dtype names: ``"bfloat16"``) of a safetensors file; a missing,
+    truncated or corrupt file is an error naming it (and the tensor)."""
+    return {name: {"dtype": _DTYPE_NAMES.get(entry.dtype, entry.dtype), "shape": entry.shape}
+            for name, entry in parse_header(path).tensors.items()}
 
 
 def checkpoint_tensors(files: list[str | os.PathLike]) -> dict[str, dict]:

@@ -99,9 +99,11 @@ def test_one_block_is_materialised_at_a_time(tmp_path, monkeypatch):
         reads.append(name)
         return real_get(self, name)
 
-    def chunks(self, name, convert, max_bytes=64 << 20):
+    def chunks(self, name, convert, itemsize, max_bytes=64 << 20):
         sliced.append(name)
-        return real_chunks(self, name, convert, max_bytes=1024)  # several slices even at this size
+        for part in real_chunks(self, name, convert, itemsize, max_bytes=1024):  # several slices even at this size
+            assert part.numel() * part.element_size() <= max(1024, part[:1].numel() * part.element_size()), name
+            yield part
 
     def load(model, source, names, dtype, **kwargs):
         in_memory = {n.split(".")[2] for n, t in model.state_dict(keep_vars=True).items()

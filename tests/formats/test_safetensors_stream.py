@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_compress_prompt.formats.safetensors_header import CheckpointError, parse_header
 from hf_compress_prompt.formats.safetensors_stream import (
     entry_of,
     entry_of_chunks,
@@ -99,3 +100,19 @@ def test_rows_read_from_a_file_equal_the_tensor_s(seed, tmp_path):
         for start, stop in ((0, t.shape[0]), (1, 3), (2, 100)):
             torch.testing.assert_close(read_rows(tmp_path / "a.safetensors", name, start, stop), t[start:stop],
                                        rtol=0, atol=0)
+
+
+def test_rows_of_a_damaged_file_are_refused_naming_it(tmp_path):
+    """The rows reader reads by the checked header: a file cut short or with a corrupt header is a CheckpointError
+    naming the file, not rows of garbage."""
+    path = tmp_path / "a.safetensors"
+    save_file({"a": torch.arange(64.0).reshape(8, 8), "b": torch.zeros(4)}, path)
+    header = parse_header(path)
+    assert header.tensors["a"].shape == (8, 8) and header.tensors["a"].dtype == "F32"
+    torch.testing.assert_close(read_rows(path, "a", 2, 4, header), torch.arange(16.0, 32.0).reshape(2, 8))
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=r"a\.safetensors: truncated safetensors file"):
+        read_rows(path, "a", 0, 2)
+    path.write_bytes(b"\x10" + b"\0" * 7 + b"not json at all!")
+    with pytest.raises(CheckpointError, match=r"a\.safetensors: corrupt safetensors header"):
+        read_rows(path, "a", 0, 2)
