@@ -21,19 +21,51 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-def bench_parser(doc: str | None, *, threads: int = 2) -> argparse.ArgumentParser:
-    """The parser every benchmark starts from: its module docstring as the description, kept as written, and
-    ``--threads`` (torch CPU threads, recorded with the results)."""
+def bench_parser(doc: str | None, *, threads: int = 2, precision: bool = False) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: its module docstring as the description, kept as written,
+    ``--threads`` (torch CPU threads) and, with ``precision`` (benches that score or train in one precision, not
+    those that time both), ``--precision`` (bf16 autocast or fp32), both recorded with the results."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=threads, help=f"torch CPU threads (default: {threads})")
+    if precision:
+        parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                            help="perplexity, task scoring and prompt training under bf16 autocast or in fp32; "
+                                 "auto (default): bf16 where this machine's bf16 matmuls are fast (AVX-512 / AMX "
+                                 "CPUs, CUDA), else fp32 (an AVX2-only CPU runs bf16 about 5x slower than fp32)")
     return parser
 
 
+_BF16: bool | None = None  # what --precision resolved to (start_bench)
+
+
 def start_bench(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """Parses ``argv``, sets torch's thread count and records the machine: the first line of every benchmark."""
+    """Parses ``argv``, sets torch's thread count, resolves ``--precision`` (``args.bf16``; :func:`bench_bf16`)
+    and records the machine: the first line of every benchmark."""
+    global _BF16
+    from hf_compress_prompt.autocast import resolve_bf16
+
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    return args, machine_info()
+    if not hasattr(args, "precision"):
+        return args, machine_info()
+    device = getattr(args, "device", None) or "cpu"  # a bench's --device, where it has one
+    args.bf16 = _BF16 = resolve_bf16(None if args.precision == "auto" else args.precision == "bf16", device)
+    return args, {**machine_info(), "precision": f"{precision_label()} (--precision {args.precision})"}
+
+
+def bench_bf16() -> bool:
+    """Whether this bench scores and trains under bf16 autocast (``--precision``, resolved by :func:`start_bench`;
+    before it, what ``auto`` gives here)."""
+    if _BF16 is None:
+        from hf_compress_prompt.autocast import bf16_matmul_is_fast
+
+        return bf16_matmul_is_fast()
+    return _BF16
+
+
+def precision_label() -> str:
+    """How this bench's results read the precision: ``"bf16 autocast"`` or ``"fp32"``."""
+    return "bf16 autocast" if bench_bf16() else "fp32"
 
 
 def preset_settings(labels: dict[str, str | None]) -> dict[str, list]:
@@ -121,13 +153,14 @@ def prompt_recipe(args):
     from hf_compress_prompt.recovery.train import RecoveryConfig
 
     return RecoveryConfig(num_virtual_tokens=100, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch,
-                          eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr)
+                          eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr, bf16=bench_bf16())
 
 
 def eval_perplexities(model, ids: dict, windows: int) -> dict[str, float]:
     """Perplexity on each evaluation set of ``ids`` (name -> token ids): the first ``windows`` windows of 2048 tokens,
-    bf16 autocast, as every recovery bench measures it."""
+    in the bench's precision (:func:`bench_bf16`), as every recovery bench measures it."""
     from hf_compress_prompt.evaluation import perplexity
 
-    return {d: perplexity(model, t, seqlen=2048, max_windows=windows, autocast_bf16=True, progress=False).perplexity
+    return {d: perplexity(model, t, seqlen=2048, max_windows=windows, autocast_bf16=bench_bf16(),
+                          progress=False).perplexity
             for d, t in ids.items()}

@@ -2,7 +2,7 @@
 Writes docs/results/compression_quality.{md,json}.
 
 Each setting runs in its own subprocess (so its peak RSS is its own): load the default model, compress it with the
-recipe, then score WikiText-2 and PTB test (seqlen 2048, bf16 autocast) on the first --windows windows.
+recipe, then score WikiText-2 and PTB test (seqlen 2048, bf16 autocast where this CPU's bf16 is fast, else fp32: --precision) on the first --windows windows.
 
     python bench/compression_quality.py                        # every setting, all windows (hours on 2 cores)
     python bench/compression_quality.py --windows 16           # the same settings on a subset of windows
@@ -21,7 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from common import any_of, bench_parser, markdown_table, preset_settings, start_bench, write_results
+from common import (
+    any_of,
+    bench_bf16,
+    bench_parser,
+    markdown_table,
+    precision_label,
+    preset_settings,
+    start_bench,
+    write_results,
+)
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe
 
@@ -70,7 +79,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     record["peak_rss_mb_after_compress"] = _peak_rss_mb()
     for dataset in args.datasets:
         ids = eval_tokens(dataset, tokenizer, "test")
-        r = perplexity(model, ids, seqlen=2048, max_windows=args.windows, autocast_bf16=True, progress=False)
+        r = perplexity(model, ids, seqlen=2048, max_windows=args.windows, autocast_bf16=bench_bf16(), progress=False)
         record[dataset] = {"perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "seconds": r.seconds}
     record["peak_rss_mb"] = _peak_rss_mb()
     return record
@@ -91,7 +100,7 @@ def write_table(records: list[dict], args: argparse.Namespace, machine: dict) ->
         rows.append(row)
     windows = {d: records[0][d]["windows"] for d in args.datasets}
     notes = (
-        f"Perplexity: test splits, seqlen 2048, bf16 autocast, windows used: {windows} (the first N of each split). "
+        f"Perplexity: test splits, seqlen 2048, {precision_label()}, windows used: {windows} (the first N of each split). "
         f"Calibration: {args.nsamples} windows x {args.calib_seqlen} tokens from the local C4 train sample, seed 0. "
         "Each setting ran in its own process; 'compress s' is the wall time of compress_ (calibration sampling "
         "included), peak RSS is the process maximum (model load, compression and evaluation). Scored with the "
@@ -99,7 +108,7 @@ def write_table(records: list[dict], args: argparse.Namespace, machine: dict) ->
         "Q4_1 GGUF, which already carries 4-bit rounding."
     )
     settings = {"settings": args.settings, "datasets": args.datasets, "windows": args.windows or "all", "seqlen": 2048,
-                "autocast": "bf16", "calibration": f"c4 {args.nsamples} x {args.calib_seqlen}", "threads": args.threads}
+                "precision": precision_label(), "calibration": f"c4 {args.nsamples} x {args.calib_seqlen}", "threads": args.threads}
     if len(records) < len(args.settings):
         notes = f"**Partial run: {len(records)} of {len(args.settings)} settings so far.** " + notes
     return write_results(args.name, title="Compression quality on SmolLM2-135M-Instruct", settings=settings,
@@ -107,7 +116,7 @@ def write_table(records: list[dict], args: argparse.Namespace, machine: dict) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help=any_of([*SETTINGS, *OPTIONAL_SETTINGS]))
     parser.add_argument("--datasets", nargs="+", default=["wikitext2", "ptb"])
     parser.add_argument("--windows", type=int, default=None, help="first N test windows per dataset (default: all)")
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown settings {unknown}")
     records = []
     passthrough = ["--datasets", *args.datasets, "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen),
-                   "--threads", str(args.threads)] + (["--windows", str(args.windows)] if args.windows else [])
+                   "--threads", str(args.threads), "--precision", args.precision] + (["--windows", str(args.windows)] if args.windows else [])
     for name in args.settings:
         print(f"== {name}", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--run-one", name, *passthrough], capture_output=True, text=True)

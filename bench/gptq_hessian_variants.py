@@ -2,7 +2,8 @@
 ties round-to-nearest there). Writes docs/results/gptq_hessian_variants.{md,json}.
 
 Each variant compresses the default model in its own process (C4 calibration, or the offline sample, 64 x 512 unless
-the variant says otherwise, seed 0) and scores the first --windows WikiText-2 test windows (seqlen 2048, bf16).
+the variant says otherwise, seed 0) and scores the first --windows WikiText-2 test windows (seqlen 2048, bf16 autocast
+where this CPU's bf16 is fast, else fp32: --precision).
 
     python bench/gptq_hessian_variants.py                          # every variant (about 5 min each on 2 idle cores)
     python bench/gptq_hessian_variants.py --variants clip4 act
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from common import bench_parser, markdown_table, start_bench, write_results
+from common import bench_bf16, bench_parser, markdown_table, precision_label, start_bench, write_results
 
 VARIANTS = {  # name -> options
     "rtn": {"rtn": True},
@@ -64,12 +65,12 @@ def run_one(name: str, windows: int) -> dict:
     compress_(model, Recipe([step], calibration), tokenizer=tokenizer, pack=False, progress=False)
     seconds = time.perf_counter() - start
     r = perplexity(model, eval_tokens("wikitext2", tokenizer, "test"), seqlen=2048, max_windows=windows,
-                   autocast_bf16=True, progress=False)
+                   autocast_bf16=bench_bf16(), progress=False)
     return {"name": name, "opts": opts, "ppl": r.perplexity, "windows": r.windows, "compress_s": seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = bench_parser(__doc__)
+    parser = bench_parser(__doc__, precision=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--windows", type=int, default=4, help="first N WikiText-2 test windows")
     parser.add_argument("--jsonl", help="also append each row to this file")
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         records = []
         for name in args.variants:
             proc = subprocess.run([sys.executable, __file__, "--run-one", name, "--windows", str(args.windows),
-                                   "--threads", str(args.threads)], capture_output=True, text=True)
+                                   "--threads", str(args.threads), "--precision", args.precision],
+                                  capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 raise SystemExit(f"variant {name!r} failed:\n{proc.stderr[-3000:]}")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                             "compress s"], rows)
     write_results("gptq_hessian_variants", title="GPTQ 4-bit g64 on SmolLM2: what its Hessian sees",
                   settings={"variants": [r["name"] for r in records], "windows": records[0]["windows"],
-                            "seqlen": 2048, "autocast": "bf16", "threads": args.threads}, machine=machine,
+                            "seqlen": 2048, "precision": precision_label(), "threads": args.threads}, machine=machine,
                   table=table, records=records,
                   notes=(f"Rows rendered from {args.from_jsonl}, collected by an earlier run of the same code. "
                          if args.from_jsonl else "") + args.note)

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import time
 
-from common import RESULTS_DIR, bench_parser, markdown_table, preset_settings, start_bench, write_results
+from common import (
+    RESULTS_DIR,
+    bench_parser,
+    markdown_table,
+    precision_label,
+    preset_settings,
+    start_bench,
+    write_results,
+)
 from recovery import SETTINGS
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
@@ -34,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--setting", default="sparsegpt-50%+w4-g64", choices=list(CHOICES))
     parser.add_argument("--limit", type=int, default=100, help="items per task (factoid QA, retrieval QA)")
     parser.add_argument("--mmlu-limit", type=int, default=3, help="questions per MMLU subject (57 subjects)")
@@ -63,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                        "best_c4_validation_perplexity": prompt.metadata.get("best_validation_perplexity")}
     else:
         result = recover(compressed, tokenizer, RecoveryConfig(max_steps=args.steps, learning_rate=args.lr, seqlen=256,
-                                                               eval_steps=max(1, args.steps // 4)), attach=False)
+                                                               eval_steps=max(1, args.steps // 4),
+                                                               bf16=args.bf16), attach=False)
         prompt = result.prompt
         prompt_info = {"source": "trained here", "steps": args.steps, "learning_rate": args.lr,
                        "best_c4_validation_perplexity": result.best_perplexity, "seconds": result.seconds}
@@ -74,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     models = {"dense": dense, args.setting: compressed, f"{args.setting} + prompt": recovered}
     options = {"summarization": {"max_new_tokens": args.summary_tokens}}
     report = evaluate_tasks(models, tokenizer, ["factoid_qa", "retrieval_qa"], limit=args.limit,
-                            batch_size=args.batch_size, progress=False)
+                            batch_size=args.batch_size, progress=False, autocast_bf16=args.bf16)
     _log("factoid and retrieval QA done")
     for tasks, limit in ((["mmlu_0shot", "mmlu_5shot"], args.mmlu_limit), (["summarization"], args.stories)):
         more = evaluate_tasks(models, tokenizer, tasks, limit=limit, batch_size=args.batch_size, progress=False,
-                              task_options=options)
+                              task_options=options, autocast_bf16=args.bf16)
         for m in models:
             report.results[m].update(more.results[m])
         _log(f"{tasks} done")
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
              f"Items: factoid QA and retrieval QA the first {args.limit} each (TriviaQA sample; retrieval QA is the "
              f"CNN/DailyMail cloze set, offline), MMLU the first {args.mmlu_limit} test questions of each of the 57 "
              f"subjects (5-shot: the 5 dev questions), summarization the first {args.stories} stories of each size "
-             f"with {args.summary_tokens} new tokens. Greedy decoding, bf16 autocast, batch {args.batch_size}, "
+             f"with {args.summary_tokens} new tokens. Greedy decoding, {precision_label()}, batch {args.batch_size}, "
              f"{args.threads} threads. 'holds' = primary metric at least 95% of dense (LLM-KICK's epsilon_0, read as "
              f"relative). Recovery prompt: {prompt_info}. Whole run: {total / 60:.1f} min.\n\nFirst factoid answers:\n\n"
              + "\n".join(examples))

@@ -5,9 +5,9 @@ Writes docs/results/recovery.{md,json,png}.
 For each compression setting (C4 calibration, weights kept dense and fake-quantized: `pack=False`, the same
 numbers the packed model gives with the exact reference ops), a prompt of --tokens virtual tokens is trained on
 C4 windows (documents held out for validation) with every weight frozen, and the best-validation prompt is kept.
-WikiText-2 and PTB perplexity (first --windows windows of 2048 tokens, bf16 autocast) are then measured without
-a prompt, with the setting's own prompt, and with the other settings' prompts (transfer); C4 -> WikiText-2 / PTB
-is itself a transfer across datasets. LoRA (rank 8 on every block linear) gets the same steps on setting (a), and
+WikiText-2 and PTB perplexity (first --windows windows of 2048 tokens, bf16 autocast where this CPU's bf16 is fast,
+else fp32: --precision) are then measured without a prompt, with the setting's own prompt, and with the other
+settings' prompts (transfer); C4 -> WikiText-2 / PTB is itself a transfer across datasets. LoRA (rank 8 on every block linear) gets the same steps on setting (a), and
 continued pretraining of every remaining weight (FULL, LayerChop's recovery) the same steps on setting (c).
 
 A prefix (deep prompt: --tokens key/value pairs in every layer, PEFT prefix tuning without its projection) gets
@@ -41,9 +41,11 @@ from pathlib import Path
 
 from common import (
     RESULTS_DIR,
+    bench_bf16,
     bench_parser,
     eval_perplexities,
     markdown_table,
+    precision_label,
     preset_settings,
     start_bench,
     write_results,
@@ -94,7 +96,7 @@ def _validation_windows(tokenizer, config: RecoveryConfig):
 def _validation_perplexity(model, ids, seqlen: int) -> float:
     from hf_compress_prompt.evaluation import perplexity
 
-    return perplexity(model, ids, seqlen=seqlen, autocast_bf16=True, progress=False).perplexity
+    return perplexity(model, ids, seqlen=seqlen, autocast_bf16=bench_bf16(), progress=False).perplexity
 
 
 def _curve(clock: _Clock, baseline: float, dense_valid: float) -> list[dict]:
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=64, help="optimizer steps per prompt (and for LoRA, FULL)")
     parser.add_argument("--tokens", type=int, default=100, help="virtual tokens per prompt")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     _log(f"dense: {dense}")
     train_config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
                                   batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
-                                  learning_rate=args.lr)
+                                  learning_rate=args.lr, bf16=args.bf16)
     valid_ids = _validation_windows(tokenizer, train_config)
     dense_valid = _validation_perplexity(model, valid_ids, args.seqlen)
     _log(f"dense: C4 validation perplexity {dense_valid:.3f}")
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - start_all
     notes = (
         f"![perplexity vs compression setting]({png.name})\n\n![gap closed vs training minutes]({curve_png.name})\n\n"
-        f"Perplexity: first {args.windows} windows of 2048 tokens of each test set, bf16 autocast. Prompts: "
+        f"Perplexity: first {args.windows} windows of 2048 tokens of each test set, {precision_label()}. Prompts: "
         f"{args.tokens} virtual tokens initialised from the first {args.tokens} vocabulary embeddings, AdamW lr "
         f"{train_config.learning_rate}, weight decay {train_config.weight_decay}, batch {args.batch} x {args.seqlen} "
         f"C4 tokens, {args.steps} steps (10% warm-up, linear decay), clipping 1.0, validation every "

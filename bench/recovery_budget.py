@@ -29,9 +29,11 @@ import time
 
 from common import (
     RESULTS_DIR,
+    bench_bf16,
     bench_parser,
     eval_perplexities,
     markdown_table,
+    precision_label,
     preset_settings,
     start_bench,
     write_results,
@@ -142,8 +144,9 @@ def _kick(models: dict, tokenizer, args) -> dict:
     from hf_compress_prompt.evaluation.tasks import evaluate_tasks
 
     report = evaluate_tasks(models, tokenizer, ["factoid_qa", "retrieval_qa"], limit=args.limit, batch_size=8,
-                            progress=False)
-    mmlu = evaluate_tasks(models, tokenizer, ["mmlu_0shot"], limit=args.mmlu_limit, batch_size=8, progress=False)
+                            progress=False, autocast_bf16=bench_bf16())
+    mmlu = evaluate_tasks(models, tokenizer, ["mmlu_0shot"], limit=args.mmlu_limit, batch_size=8, progress=False,
+                          autocast_bf16=bench_bf16())
     for m in models:
         report.results[m].update(mmlu.results[m])
     return report
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--minutes", type=float, default=6.0, help="CPU minutes of training per arm (user + system)")
     parser.add_argument("--seqlen", type=int, default=1024)
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     for arm in args.arms:
         overrides, data_kind = ARMS[arm]
         config = RecoveryConfig(**{"seqlen": args.seqlen, "batch_size": args.batch, "learning_rate": args.lr,
-                                   "eval_windows": args.eval_windows, "max_steps": 4, **overrides})
+                                   "eval_windows": args.eval_windows, "max_steps": 4, "bf16": args.bf16,
+                                   **overrides})
         data = {} if data_kind == "c4" else {"train_dataset": generated[data_kind][0],
                                              "eval_dataset": generated[data_kind][1]}
         per_step = _probe(compressed, tokenizer, config, data)
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.threads} threads), batch {args.batch} x {args.seqlen} tokens, lr {args.lr:g} (LoRA 2e-4), "
              f"10% warm-up then linear decay over the probed step count, validation every quarter on "
              f"{args.eval_windows} held-out windows of its own data, best kept. Perplexity: first {args.windows} "
-             f"windows of 2048 tokens, bf16 autocast. LLM-KICK subset: factoid QA and retrieval QA first {args.limit} "
+             f"windows of 2048 tokens, {precision_label()}. LLM-KICK subset: factoid QA and retrieval QA first {args.limit} "
              f"items, MMLU 0-shot first {args.mmlu_limit} test questions per subject; greedy, chat template. Gap = "
              f"(compressed - recovered) / (compressed - dense). Compression: C4 calibration {args.nsamples} x 512, "
              f"weights kept dense (fake-quantized). Whole run: {total / 60:.1f} min wall.")

@@ -19,9 +19,11 @@ import time
 from common import (
     add_prompt_recipe_args,
     any_of,
+    bench_bf16,
     bench_parser,
     eval_perplexities,
     markdown_table,
+    precision_label,
     preset_settings,
     prompt_recipe,
     start_bench,
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     add_prompt_recipe_args(parser, steps=64, eval_steps=16)
     parser.add_argument("--held-out", nargs="*", default=["sparsegpt-50%", "gptq-w4-g64"], choices=list(HELD_OUT),
                         metavar="NAME", help=f"compressions no prompt was trained on: {any_of(HELD_OUT)}; none if "
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.held_out:
         models[name] = compressed(name, HELD_OUT[name])
     prompts = {label: r.prompt for label, r in results.items()}
-    matrix = evaluate_transfer(prompts, models, ids, dense=dense, max_windows=args.windows, autocast_bf16=True)
+    matrix = evaluate_transfer(prompts, models, ids, dense=dense, max_windows=args.windows, autocast_bf16=bench_bf16())
 
     rows, records = [], []
     for name in models:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
              f"of the validations every {args.eval_steps} steps on 8 held-out C4 windows kept (bench/recovery.py's "
              f"recipe); the shared prompt runs each step's window through (a) and (b) and minimises the mean loss "
              f"(validation: the mean too), so it has the compute of both own prompts together. Training: {cost}. "
-             f"Perplexity: first {args.windows} windows of 2048 tokens, bf16 autocast; weights fake-quantized "
+             f"Perplexity: first {args.windows} windows of 2048 tokens, {precision_label()}; weights fake-quantized "
              f"(pack=False), C4 calibration {args.nsamples} x 512; {args.threads} threads. Whole run: {total / 60:.1f} min.")
     path = write_results(args.output, title="One prompt for two compression methods (shared) vs own and transferred",
                          settings=dict(vars(args)), machine=machine, table=table,

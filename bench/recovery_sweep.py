@@ -17,7 +17,7 @@ import copy
 import itertools
 import time
 
-from common import bench_parser, eval_perplexities, markdown_table, start_bench, write_results
+from common import bench_parser, eval_perplexities, markdown_table, precision_label, start_bench, write_results
 from recovery import SETTINGS
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--setting", default="sparsegpt-50%+w4-g64", choices=list(SETTINGS))
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--steps", type=int, default=60)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     for lr, loss, init in itertools.product(args.lrs, args.losses, args.inits):
         config = RecoveryConfig(num_virtual_tokens=args.tokens, seqlen=args.seqlen, max_steps=args.steps,
                                 batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=args.eval_windows,
-                                learning_rate=lr, init=PromptInit(init),
+                                learning_rate=lr, init=PromptInit(init), bf16=args.bf16,
                                 init_text=args.init_text if init == "TEXT" else None)
         result = recover(model, tokenizer, config, teacher=teacher if loss == "distill" else None)
         recovered = ppl(model)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - start_all
     notes = (f"Setting {args.setting}: dense " + ", ".join(f"{d} {dense[d]:.2f}" for d in DATASETS)
              + "; compressed " + ", ".join(f"{d} {compressed[d]:.2f}" for d in DATASETS)
-             + f". Perplexity on the first {args.windows} windows of 2048 tokens (bf16 autocast). Prompts: "
+             + f". Perplexity on the first {args.windows} windows of 2048 tokens ({precision_label()}). Prompts: "
              f"{args.tokens} virtual tokens (init VOCAB: the first {args.tokens} vocabulary embeddings; TEXT: the "
              f"embeddings of {args.init_text!r}'s tokens, repeated; SAMPLE_VOCAB: random vocabulary entries, "
              "seed 0; RANDOM: PEFT's), AdamW (weight decay "

@@ -19,7 +19,7 @@ runs (load, compress_, save_pretrained); the streaming path is `compress_pretrai
 
 --smollm2 adds the real model (SmolLM2-135M-Instruct from its GGUF, converted once): GPTQ 4-bit g64 on --real-nsamples
 C4 windows of 512 tokens through both paths, each repeated --repeats times alternately (time ratio of medians), and
-WikiText-2 perplexity (first --windows windows of 2048, bf16 autocast) of both outputs.
+WikiText-2 perplexity (first --windows windows of 2048, bf16 autocast where fast, else fp32) of both outputs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import bench_parser, markdown_table, start_bench, write_results
+from common import bench_parser, markdown_table, precision_label, start_bench, write_results
 
 from hf_compress_prompt.formats.safetensors_stream import entry_of, write_safetensors
 
@@ -158,7 +158,7 @@ def run_child(spec: dict, threads: int, timeout: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--sizes", nargs="+", default=["0.1B", "0.5B", "1B", "3B-8L", "3B"], choices=[s for s in SHAPES
                                                                                             if s != "13B"])
     parser.add_argument("--huge", action="store_true", help="also the 13B model (26 GB of bf16; streaming, RTN)")
@@ -282,11 +282,11 @@ def _smollm2(args, work: Path) -> dict:
     import statistics
 
     import torch
+    from common import eval_perplexities
 
     import hf_compress_prompt as hcp
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import default_model_path
-    from common import eval_perplexities
 
     src = default_model_path()
     runs = {"in-memory": [], "streaming": []}
@@ -320,7 +320,7 @@ def _smollm2(args, work: Path) -> dict:
                f"folders byte-identical: **{identical}**")
     notes = (f"SmolLM2: {args.repeats} runs per path, alternating, {args.threads} threads, {args.real_nsamples} C4 "
              f"windows x 512 tokens, fp32; perplexity on the first {args.windows} WikiText-2 windows of 2048 "
-             "(bf16 autocast).")
+             f"({precision_label()}).")
     for p in outs.values():
         shutil.rmtree(p, ignore_errors=True)
     return {"model": "SmolLM2-135M-Instruct", "runs": runs, "median_seconds": med, "ratio": med["streaming"] / med["in-memory"],

@@ -6,7 +6,8 @@ a soft prompt. Writes docs/results/structured.{md,json}.
 For each target (fraction of all parameters removed): Compresso trains its gates with LoRA on C4 windows (no
 instruction set is reachable offline) and cuts the model at the target; the magnitude baseline is cut to Compresso's
 actual parameter count; layer dropping removes the whole number of layers closest to it (angular distance, C4
-calibration). Reported: WikiText-2 / PTB perplexity (first --windows windows of 2048 tokens, bf16 autocast) without
+calibration). Reported: WikiText-2 / PTB perplexity (first --windows windows of 2048 tokens, bf16 autocast where
+fast, else fp32: --precision) without
 and with a soft prompt trained for --prompt-steps on C4 (Compresso's own collaborative text prompt is reported too),
 prefill time and greedy decode tokens/s of the smaller dense shapes (prompts off, fp32, median of --speed-reps), the
 LLM-KICK subset (factoid QA, MMLU 0-shot) for the first target, and training cost.
@@ -22,7 +23,7 @@ import statistics
 import time
 
 import torch
-from common import bench_parser, eval_perplexities, markdown_table, start_bench, write_results
+from common import bench_parser, eval_perplexities, markdown_table, precision_label, start_bench, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, LayerDropConfig, Recipe, compress_
 from hf_compress_prompt.compressors.compresso import CompressoConfig, compresso_prune
@@ -62,7 +63,7 @@ def _prompt(model, tokenizer, ids, args) -> dict:
     """A soft prompt trained on ``model`` (replacing any attached one) and the perplexities with it."""
     result = recover(model, tokenizer, RecoveryConfig(max_steps=args.prompt_steps, learning_rate=args.prompt_lr,
                                                       seqlen=args.seqlen, batch_size=args.batch, eval_steps=max(1, args.prompt_steps // 2),
-                                                      eval_windows=4))
+                                                      eval_windows=4, bf16=args.bf16))
     values = eval_perplexities(model, ids, args.windows)
     detach_recovery_prompt(model)
     return {"perplexity": values, "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--targets", nargs="+", type=float, default=[0.2, 0.3], help="fractions of parameters removed")
     parser.add_argument("--steps", type=int, default=100, help="Compresso training steps")
     parser.add_argument("--seqlen", type=int, default=256)
@@ -178,8 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         from hf_compress_prompt.evaluation.tasks import evaluate_tasks
 
         start = time.perf_counter()
-        report = evaluate_tasks(kick_models, tokenizer, ["factoid_qa"], limit=args.kick_limit, progress=False)
-        mmlu = evaluate_tasks(kick_models, tokenizer, ["mmlu_0shot"], limit=args.mmlu_limit, progress=False)
+        report = evaluate_tasks(kick_models, tokenizer, ["factoid_qa"], limit=args.kick_limit, progress=False,
+                                autocast_bf16=args.bf16)
+        mmlu = evaluate_tasks(kick_models, tokenizer, ["mmlu_0shot"], limit=args.mmlu_limit, progress=False,
+                              autocast_bf16=args.bf16)
         for m in kick_models:
             report.results[m].update(mmlu.results[m])
         records["kick"] = {**report.to_dict(), "seconds": time.perf_counter() - start}
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     table += kick_table
     total = time.perf_counter() - start_all
     notes = (
-        f"Perplexity: first {args.windows} windows of 2048 tokens, bf16 autocast. Compresso: {args.steps} steps, "
+        f"Perplexity: first {args.windows} windows of 2048 tokens, {precision_label()}. Compresso: {args.steps} steps, "
         "gates on heads, FFN channels" + ("" if args.no_hidden else " and hidden dimensions") + ", LoRA r8 (lr 2e-4), "
         "gates and multipliers lr 0.1, target reached linearly over the first half, cut at the target parameter "
         f"count by one threshold on P(gate open) (widths in multiples of {args.multiple_of}), collaborative prompt in "

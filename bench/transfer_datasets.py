@@ -15,9 +15,11 @@ import time
 from common import (
     add_prompt_recipe_args,
     any_of,
+    bench_bf16,
     bench_parser,
     eval_perplexities,
     markdown_table,
+    precision_label,
     preset_settings,
     prompt_recipe,
     start_bench,
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.data import eval_tokens
     from hf_compress_prompt.models import load_model_and_tokenizer
 
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--setting", default="sparsegpt-50%+w4-g64", choices=list(SETTINGS), metavar="NAME",
                         help=f"compression: {any_of(SETTINGS)}")
     add_prompt_recipe_args(parser, steps=64, eval_steps=16)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                            "best_validation_perplexity": result.best_perplexity}
         _log(f"{label}: {training[label]}")
     matrix = evaluate_transfer(prompts, {args.setting: model}, ids, dense=dense, max_windows=args.windows,
-                               autocast_bf16=True)
+                               autocast_bf16=bench_bf16())
 
     rows, records = [], []
     c4 = next(iter(prompts))
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
              f"virtual tokens from the first 100 vocabulary embeddings, AdamW lr {args.lr}, {args.steps} steps x "
              f"{args.batch} x {args.seqlen} tokens, best of the validations every {args.eval_steps} steps on 8 windows "
              f"of its corpus' held-out rows kept (bench/recovery.py's recipe). Training: {cost}. Perplexity: first "
-             f"{args.windows} windows of 2048 tokens, bf16 autocast; {args.threads} threads. Whole run: "
+             f"{args.windows} windows of 2048 tokens, {precision_label()}; {args.threads} threads. Whole run: "
              f"{total / 60:.1f} min.")
     path = write_results(args.output, title=f"Prompt transfer across datasets on {args.setting}",
                          settings=dict(vars(args)), machine=machine, table=table,

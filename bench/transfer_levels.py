@@ -18,9 +18,11 @@ import time
 from common import (
     add_prompt_recipe_args,
     any_of,
+    bench_bf16,
     bench_parser,
     eval_perplexities,
     markdown_table,
+    precision_label,
     preset_settings,
     prompt_recipe,
     start_bench,
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     from hf_compress_prompt.models import load_model_and_tokenizer
 
     targets = [n for n in LEVELS if n != SOURCE]
-    parser = bench_parser(__doc__, threads=2)
+    parser = bench_parser(__doc__, threads=2, precision=True)
     parser.add_argument("--targets", nargs="+", default=["sparsegpt-40%+w4-g64", "sparsegpt-60%+w4-g64"],
                         choices=targets, metavar="NAME", help=f"target settings: {any_of(targets)}")
     parser.add_argument("--prompt", default=None, metavar="DIR", help=f"a saved prompt trained on {SOURCE} "
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         model = compressed(name)
         own = recover(model, tokenizer, config, attach=False)
         matrix = evaluate_transfer({SOURCE: source_prompt, "own": own.prompt}, {name: model}, ids, dense=dense,
-                                   max_windows=args.windows, autocast_bf16=True)
+                                   max_windows=args.windows, autocast_bf16=bench_bf16())
         for d in DATASETS:
             without, transferred = matrix.without[(name, d)], matrix.with_prompt[(SOURCE, name, d)]
             mine = matrix.with_prompt[("own", name, d)]
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
              f"first 100 vocabulary embeddings, AdamW lr {args.lr}, {args.steps} steps x {args.batch} x {args.seqlen} "
              f"C4 tokens, best of the validations every {args.eval_steps} steps kept (bench/recovery.py's recipe); "
              f"source prompt: {args.prompt or 'trained in this run'}. Perplexity: first {args.windows} windows of "
-             f"2048 tokens, bf16 autocast; weights fake-quantized (pack=False), C4 calibration {args.nsamples} x 512; "
+             f"2048 tokens, {precision_label()}; weights fake-quantized (pack=False), C4 calibration {args.nsamples} x 512; "
              f"{args.threads} threads. Whole run: {total / 60:.1f} min.")
     path = write_results(args.output, title=f"Prompt transfer across compression levels (from {SOURCE})",
                          settings=dict(vars(args)), machine=machine, table=table, records=records, notes=notes)

@@ -59,3 +59,33 @@ def test_tasks_and_demo_follow_the_check(cpu_bf16, tiny_llama, byte_tokenizer):
     assert TaskModel(tiny_llama, byte_tokenizer).autocast_bf16 is cpu_bf16
     assert TaskModel(tiny_llama, byte_tokenizer, autocast_bf16=False).autocast_bf16 is False
     assert default_mode() == ("bf16" if cpu_bf16 else "fp32")
+
+
+@pytest.mark.parametrize("requested", [None, True, False])
+def test_perplexity_follows_the_check_when_asked_to(requested, cpu_bf16, tiny_llama):
+    from hf_compress_prompt.evaluation import perplexity
+
+    seen = []
+    handle = tiny_llama.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        perplexity(tiny_llama, torch.arange(3, 35), seqlen=16, autocast_bf16=requested, progress=False)
+    finally:
+        handle.remove()
+    assert seen == [cpu_bf16 if requested is None else requested] * 2
+
+
+def test_benches_score_in_the_precision_they_record(cpu_bf16, monkeypatch):
+    """bench/common: --precision auto follows the check, bf16 / fp32 win, and the machine record says which ran."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import common
+
+    monkeypatch.setattr(common, "_BF16", None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the suite's threads stay as they are
+    for argv, expected in (([], cpu_bf16), (["--precision", "bf16"], True), (["--precision", "fp32"], False)):
+        args, machine = common.start_bench(common.bench_parser("doc", precision=True), argv)
+        assert args.bf16 is expected and common.bench_bf16() is expected
+        assert machine["precision"].startswith("bf16 autocast" if expected else "fp32")
+    args, machine = common.start_bench(common.bench_parser("doc"), [])  # benches that time both record neither
+    assert not hasattr(args, "precision") and "precision" not in machine

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..autocast import resolve_bf16
 from ..errors import UserInputError
 
 __all__ = ["PerplexityResult", "perplexity"]
@@ -81,7 +82,7 @@ def perplexity(
     seqlen: int = 2048,
     max_windows: int | None = None,
     batch_size: int = 1,
-    autocast_bf16: bool = False,
+    autocast_bf16: bool | None = False,
     progress: bool = True,
     desc: str = "perplexity",
 ) -> PerplexityResult:
@@ -94,7 +95,8 @@ def perplexity(
         max_windows (`int`, *optional*): score only the first this many windows (all by default).
         batch_size (`int`, *optional*, defaults to 1): windows per forward pass; the result does not depend on it.
         autocast_bf16 (`bool`, *optional*, defaults to `False`): run the forward under bf16 autocast (the loss is
-            always computed in fp32).
+            always computed in fp32); `None`: where the model's device runs bf16 matmuls fast
+            (:func:`~hf_compress_prompt.autocast.bf16_matmul_is_fast`), else fp32.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
         desc (`str`, *optional*): the progress bar's label.
 
@@ -122,6 +124,7 @@ def perplexity(
         raise UserInputError(f"the stream has {available} tokens, fewer than one window of seqlen={seqlen}; lower seqlen")
 
     device = _model_device(model)
+    autocast_bf16 = resolve_bf16(autocast_bf16, device)
     windowed = input_ids[: windows * seqlen].view(windows, seqlen)  # (W, T)
     window_seconds: list[float] = []
     window_nll: list[float] = []
