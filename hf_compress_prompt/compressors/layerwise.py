@@ -140,6 +140,10 @@ def compress_block(
             for h in handles:
                 h.remove()
         names = [name for g in round_groups for name in g]
+        if group is not None:
+            group.sum_statistics(list({id(a): a for a in accumulators.values()}.values()))
+        for acc in {id(a): a for a in accumulators.values()}.values():
+            acc.finish()  # every batch is in: keep H, drop its float64 sum (twice H's memory)
 
         def solve(name: str) -> None:
             module = linears[name]
@@ -149,6 +153,5 @@ def compress_block(
             for name in names:
                 solve(name)
         else:
-            group.sum_statistics(list({id(a): a for a in accumulators.values()}.values()))
             group.deal(names, solve, lambda name, owner: share(f"{prefix}.{name}", linears[name], owner))
     return run_block(block, inputs, hidden, storage_dtype=storage_dtype, keep=keep)  # the next block's inputs

@@ -48,10 +48,11 @@ def gptq_quantize(
     rows, cols = weight.shape
     size = check_group_size(group_size, cols)
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
-    H = H.detach().float().clone()  # (cols, cols)
-
+    H = H.detach().float()  # (cols, cols); the caller's H is never changed
     dead = torch.diagonal(H) == 0  # inputs that were always zero: any value works, so quantize zeros
-    H[dead, dead] = 1
+    if dead.any():
+        H = H.clone()
+        H[dead, dead] = 1
     W[:, dead] = 0
     if prune_mask is not None:
         prune_mask = prune_mask.to(W.device, torch.bool)
@@ -71,11 +72,12 @@ def gptq_quantize(
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H, group_of = W[:, perm], H[perm][:, perm], group_of[perm]
+        W, H, group_of = W[:, perm], H[perm[:, None], perm], group_of[perm]  # H gathered once: no (perm, :) copy
         if prune_mask is not None:
             prune_mask = prune_mask[:, perm]
 
     Hinv, _ = inverse_cholesky_upper(H, damp)  # upper Cholesky factor of H^-1
+    del H  # (the caller's, or the permuted copy: not needed in the column loop)
     # Each block is worked on transposed, (B, rows), so that a column of W is a contiguous row: the per-column
     # steps read and write contiguous memory. The arithmetic is the textbook loop's, element for element (the
     # rank-1 update as an explicit product, then a subtraction), so the bits do not depend on the layout.

@@ -48,11 +48,14 @@ def sparsegpt_prune(
     size = check_group_size(group_size, cols) if bits is not None else cols
 
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
-    H = H.detach().float().clone()
+    H = H.detach().float()  # the caller's H is never changed
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
+    if dead.any():
+        H = H.clone()
+        H[dead, dead] = 1
     W[:, dead] = 0
     Hinv, _ = inverse_cholesky_upper(H, damp)  # upper Cholesky factor of H^-1
+    del H  # not needed in the column loop
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     groups = cols // size

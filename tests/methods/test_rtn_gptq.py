@@ -105,6 +105,34 @@ def test_hessian_accumulates_like_one_big_batch():
     torch.testing.assert_close(acc.channel_sq_norm, (flat**2).mean(0))
 
 
+def test_a_finished_accumulator_gives_the_same_bytes_without_its_sum():
+    X = torch.randn(3, 50, 16)
+    acc, reference = HessianAccumulator(16), HessianAccumulator(16)
+    for batch in X:
+        acc.add_batch(batch)
+        reference.add_batch(batch)
+    acc.finish()
+    assert acc.sum is None  # the float64 sum (twice H's memory) is gone
+    assert torch.equal(acc.H, reference.H) and torch.equal(acc.channel_sq_norm, reference.channel_sq_norm)
+    assert acc.H is acc.H  # kept, not made again on each call
+    with pytest.raises(RuntimeError, match="finished"):
+        acc.add_batch(X[0])
+    with pytest.raises(RuntimeError, match="finished"):
+        reference.merge(acc)
+
+
+def test_the_solvers_leave_the_caller_s_hessian_as_it_was(layer):
+    from hf_compress_prompt.methods.sparsegpt import sparsegpt_prune
+
+    weight, _, H = layer
+    H = H.clone()
+    H[3, :] = H[:, 3] = 0  # a dead input: the solvers set its diagonal to 1 on a copy
+    before = H.clone()
+    gptq_quantize(weight, H, 4, 32, False, True)
+    sparsegpt_prune(weight, H, 0.5)
+    assert torch.equal(H, before)
+
+
 def test_cholesky_retries_with_more_damping():
     H = torch.diag(torch.tensor([1.0, 1.0, -0.01]))  # indefinite: 1% damping is not enough, 10% is
     U, used = inverse_cholesky_upper(H, damp=0.01)
