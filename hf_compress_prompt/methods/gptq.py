@@ -81,7 +81,7 @@ def gptq_quantize(
     # Each block is worked on transposed, (B, rows), so that a column of W is a contiguous row: the per-column
     # steps read and write contiguous memory. The arithmetic is the textbook loop's, element for element (the
     # rank-1 update as an explicit product, then a subtraction), so the bits do not depend on the layout.
-    codes_t = torch.empty(cols, rows, device=W.device)
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)  # whole numbers < 2^bits <= 256: exact
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].T.contiguous()  # (B, rows): row i is column i1 + i
@@ -114,4 +114,4 @@ def gptq_quantize(
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]  # back to the original column order
-    return QuantizedWeight(codes.to(torch.uint8), scale, zero, bits, group_size, symmetric, perm)
+    return QuantizedWeight(codes, scale, zero, bits, group_size, symmetric, perm)
