@@ -76,10 +76,14 @@ def test_perplexity_follows_the_check_when_asked_to(requested, cpu_bf16, tiny_ll
 
 def test_benches_score_in_the_precision_they_record(cpu_bf16, monkeypatch):
     """bench/common: --precision auto follows the check, bf16 / fp32 win, and the machine record says which ran."""
+    import importlib.util
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    import common
+    # loaded under another name: a module "common" left in sys.modules would stand in for any package of that name
+    spec = importlib.util.spec_from_file_location("bench_common_under_test",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
 
     monkeypatch.setattr(common, "_BF16", None)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the suite's threads stay as they are
