@@ -140,9 +140,10 @@ def compress_block(
             for h in handles:
                 h.remove()
         names = [name for g in round_groups for name in g]
+        distinct = list({id(a): a for a in accumulators.values()}.values())  # shared inputs share one
         if group is not None:
-            group.sum_statistics(list({id(a): a for a in accumulators.values()}.values()))
-        for acc in {id(a): a for a in accumulators.values()}.values():
+            group.sum_statistics(distinct)
+        for acc in distinct:
             acc.finish()  # every batch is in: keep H, drop its float64 sum (twice H's memory)
 
         def solve(name: str) -> None:
