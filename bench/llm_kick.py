@@ -1,11 +1,13 @@
 """LLM-KICK's knowledge-intensive tasks on SmolLM2-135M-Instruct: dense vs SparseGPT 50% + 4-bit g64 vs the same
-with its recovery prompt, in one run. Writes docs/results/llm_kick.{md,json} and the report's PNG.
+with its recovery prompt (and deep prompt), in one run. Writes docs/results/llm_kick.{md,json} and the report's PNG.
 
 The compressed model is built here (C4 calibration, weights kept dense and fake-quantized: the numbers the packed
-model gives with the exact reference ops). Its prompt is read from --prompt (a folder written by
-``bench/recovery.py --save-prompts``) or trained here (--steps, --lr).
+model gives with the exact reference ops). Its recovery adapters are read from --prompt (folders written by
+``bench/recovery.py --save-prompts``: a prompt, or the deep prompt saved as ``<setting>-prefix``; each folder is one
+more column) or one prompt is trained here (--steps, --lr).
 
-    python bench/llm_kick.py --prompt out/prompts/sparsegpt-50%+w4-g64    # the run reported in docs/results
+    python bench/llm_kick.py --prompt out/prompts/sparsegpt-50%+w4-g64 out/prompts/sparsegpt-50%+w4-g64-prefix
+                                  # the run reported in docs/results
     python bench/llm_kick.py --setting rtn-w4-g64 --limit 2 --mmlu-limit 1 --stories 1 --steps 2   # a smoke run
 """
 
@@ -28,6 +30,7 @@ from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.evaluation.report import write_report
 from hf_compress_prompt.evaluation.tasks import evaluate_tasks
 from hf_compress_prompt.recovery import attach_recovery_prompt, load_recovery_prompt
+from hf_compress_prompt.recovery.prefix import RecoveryPrefix
 from hf_compress_prompt.recovery.train import RecoveryConfig, recover
 
 CHOICES = {**SETTINGS, **preset_settings({"rtn-w4-g64": "rtn-w4-g64"})}  # RTN: no calibration, for smoke runs
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mmlu-limit", type=int, default=3, help="questions per MMLU subject (57 subjects)")
     parser.add_argument("--stories", type=int, default=10, help="stories per size (small, mid, large)")
     parser.add_argument("--summary-tokens", type=int, default=128, help="new tokens per summary")
-    parser.add_argument("--prompt", default=None, help="a saved recovery prompt folder for the compressed model")
+    parser.add_argument("--prompt", nargs="+", default=None, metavar="DIR",
+                        help="saved recovery prompt (or prefix) folders for the compressed model: one column each")
     parser.add_argument("--steps", type=int, default=100, help="prompt steps when no --prompt is given")
     parser.add_argument("--lr", type=float, default=3e-2, help="prompt learning rate when trained here")
     parser.add_argument("--nsamples", type=int, default=64)
@@ -62,25 +66,29 @@ def main(argv: list[str] | None = None) -> None:
     compress_(compressed, Recipe(CHOICES[args.setting], CalibrationConfig(nsamples=args.nsamples)), tokenizer=tokenizer,
               pack=False, progress=False)
     _log("compressed")
-    prompt_info = {}
-    if args.prompt:
-        prompt = load_recovery_prompt(args.prompt)
+    models = {"dense": dense, args.setting: compressed}
+    prompt_info = {}  # column -> where its adapter came from
+    for folder in args.prompt or []:
+        prompt = load_recovery_prompt(folder)
         training = prompt.metadata.get("training", {})
-        prompt_info = {"source": args.prompt, "steps": prompt.metadata.get("steps"),
-                       "learning_rate": training.get("learning_rate"), "seqlen": training.get("seqlen"),
-                       "best_c4_validation_perplexity": prompt.metadata.get("best_validation_perplexity")}
-    else:
+        column = f"{args.setting} + {'prefix' if isinstance(prompt, RecoveryPrefix) else 'prompt'}"
+        column = column if column not in models else f"{column} ({folder})"
+        prompt_info[column] = {"source": folder, "steps": prompt.metadata.get("steps"),
+                               "learning_rate": training.get("learning_rate"), "seqlen": training.get("seqlen"),
+                               "best_c4_validation_perplexity": prompt.metadata.get("best_validation_perplexity")}
+        models[column] = copy.deepcopy(compressed)
+        attach_recovery_prompt(models[column], prompt)
+    if not args.prompt:
         result = recover(compressed, tokenizer, RecoveryConfig(max_steps=args.steps, learning_rate=args.lr, seqlen=256,
                                                                eval_steps=max(1, args.steps // 4),
                                                                bf16=args.bf16), attach=False)
-        prompt = result.prompt
-        prompt_info = {"source": "trained here", "steps": args.steps, "learning_rate": args.lr,
-                       "best_c4_validation_perplexity": result.best_perplexity, "seconds": result.seconds}
-    _log(f"prompt: {prompt_info}")
-    recovered = copy.deepcopy(compressed)
-    attach_recovery_prompt(recovered, prompt)
+        column = f"{args.setting} + prompt"
+        prompt_info[column] = {"source": "trained here", "steps": args.steps, "learning_rate": args.lr,
+                               "best_c4_validation_perplexity": result.best_perplexity, "seconds": result.seconds}
+        models[column] = copy.deepcopy(compressed)
+        attach_recovery_prompt(models[column], result.prompt)
+    _log(f"recovery adapters: {prompt_info}")
 
-    models = {"dense": dense, args.setting: compressed, f"{args.setting} + prompt": recovered}
     options = {"summarization": {"max_new_tokens": args.summary_tokens}}
     report = evaluate_tasks(models, tokenizer, ["factoid_qa", "retrieval_qa"], limit=args.limit,
                             batch_size=args.batch_size, progress=False, autocast_bf16=args.bf16)
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
              f"subjects (5-shot: the 5 dev questions), summarization the first {args.stories} stories of each size "
              f"with {args.summary_tokens} new tokens. Greedy decoding, {precision_label()}, batch {args.batch_size}, "
              f"{args.threads} threads. 'holds' = primary metric at least 95% of dense (LLM-KICK's epsilon_0, read as "
-             f"relative). Recovery prompt: {prompt_info}. Whole run: {total / 60:.1f} min.\n\nFirst factoid answers:\n\n"
+             f"relative). Recovery adapters: {prompt_info}. Whole run: {total / 60:.1f} min.\n\nFirst factoid answers:\n\n"
              + "\n".join(examples))
     path = write_results(args.output, title="Knowledge-intensive tasks (LLM-KICK) on compressed SmolLM2-135M-Instruct",
                          settings=dict(vars(args)), machine=machine, table=table, records=[report.to_dict()],

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-2, help="prompt learning rate (LoRA keeps 2e-4; the sweep picked 3e-2)")
     parser.add_argument("--save-prompts", default=None, metavar="DIR",
-                        help="also save each trained prompt in DIR/<setting> (bench/llm_kick.py --prompt reads it)")
+                        help="also save each trained prompt in DIR/<setting>, and the prefix in DIR/<setting>-prefix "
+                             "(bench/llm_kick.py --prompt reads them)")
     parser.add_argument("--eval-steps", type=int, default=16, help="validate every this many steps")
     parser.add_argument("--eval-windows", type=int, default=8, help="C4 validation windows (held-out documents)")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 / PTB test windows of 2048 tokens")
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         records[first]["prefix"] = _weights_record(result, memory, prefix, dense, records[first]["compressed"],
                                                    learning_rate=prefix_lr, virtual_tokens=args.tokens)
         curves[f"{first} prefix"] = _curve(clock, result.baseline_perplexity, dense_valid)
+        if args.save_prompts:
+            save_recovery_prompt(result.prompt, Path(args.save_prompts) / f"{first}-prefix", model)
         del model, result, prefix_twin
 
     if not args.no_lora:
