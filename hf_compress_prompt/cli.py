@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--resume", action="store_true",
                     help="streaming only: continue a killed run from its last finished block (its state is in the "
                          "hidden folder .<output name>.hcp-stream beside --output); the same output as an "
-                         "uninterrupted run")
+                         "uninterrupted run. A torchrun job resumes with as many processes as it ran with")
     co.add_argument("--bf16-activations", action="store_true",
                     help="streaming only: keep the calibration activations between blocks in bf16 (half the memory; "
                          "each block still computes in fp32; the output then differs from the in-memory path's in "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -284,8 +285,9 @@ def compress_pretrained(
             the hidden work folder ``.<dst name>.hcp-stream`` beside ``dst`` (never at ``dst``): the finished blocks'
             packed tensors, the calibration activations after the last one, and a manifest of the source, recipe
             and calibration it belongs to; the output equals an uninterrupted run's byte for byte. Without
-            ``resume``, a work folder left there is started over; after a finished run it is removed. One process
-            only (refused under ``torchrun``).
+            ``resume``, a work folder left there is started over; after a finished run it is removed. A ``torchrun``
+            job resumes with as many processes as it ran with (each process's activations are its own; another
+            count is refused).
         max_activation_memory (`int` or `str`, *optional*, defaults to `"4GB"`): when the calibration activations
             between blocks (one list per calibrated step, in ``activation_dtype``) would take more, they are kept in
             memory-mapped files in the work folder instead (the same bytes: the output does not change). `None`
@@ -310,9 +312,6 @@ def compress_pretrained(
         raise UserInputError(refusal)
 
     group = process_group()  # torchrun: this process's share of the batches and of the solves
-    if group is not None and resume:
-        raise UserInputError("resume runs in one process (each process's activations are its own); rerun the "
-                             "interrupted job without --resume, or resume it without torchrun")
     main = group is None or group.is_main
     path, layers = find_decoder_layers(model)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # e.g. a head sharing the input embeddings
@@ -341,9 +340,10 @@ def compress_pretrained(
         path, layers = find_decoder_layers(model)
         logger.info("dropped layers %s", reports[0].dropped_layers)
     work = _WorkFolder(dst, {**_manifest(source, recipe, calibration_ids, dtype),
-                             "activation_dtype": str(activation_dtype)}, resume=resume, create=main)
+                             "activation_dtype": str(activation_dtype),
+                             "processes": 1 if group is None else group.world_size}, resume=resume, create=main)
     if group is not None:
-        group.barrier()  # process 0 has made the work folder
+        group.barrier()  # process 0 has made (or checked) the work folder
     suffix = "" if group is None else f"-rank{group.rank}"
     inputs, streams, spilled = BlockInputs(), {}, None
     if calibrated:
@@ -356,7 +356,7 @@ def compress_pretrained(
     formats: dict[str, LinearFormat] = {}
     done = -1
     if resume:
-        done, formats, reports, saved_streams = work.progress(len(recipe.steps))
+        done, formats, reports, saved_streams = work.progress(len(recipe.steps), suffix)
         streams.update(saved_streams)
         for index in range(done + 1):
             _restore_block(model, f"{path}.{index}", work.block_file(index), formats)
@@ -400,9 +400,8 @@ def compress_pretrained(
         state.masks.clear()  # the block is packed: its grids and masks are in its packed modules now
         state.quantized.clear()
         block = layers[index]
-        if main:
-            work.save_block(index, {f"{prefix}.{k}": v for k, v in block.state_dict().items()}, streams, formats,
-                            reports)
+        work.save_block(index, {f"{prefix}.{k}": v for k, v in block.state_dict().items()}, streams, formats,
+                        reports, group=group, suffix=suffix)
         layers[index] = block.to("meta")  # freed: the next block is read from the source alone
         _release_memory()
         _after_block(index)
@@ -498,10 +497,11 @@ def _tensor_names(file: Path) -> list[str]:
 
 
 class _WorkFolder:
-    """``.<dst name>.hcp-stream`` beside ``dst``: the manifest, each finished block's packed tensors
-    (``block-NNNNN.safetensors``), the calibration activations after the last finished block
-    (``state-NNNNN.safetensors``) and ``progress.json`` (that block, the formats and reports so far), each written
-    atomically in that order, so a run killed anywhere leaves a consistent state."""
+    """``.<dst name>.hcp-stream`` beside ``dst``: the manifest, the calibration activations after the last finished
+    block (``state-NNNNN.safetensors``; under ``torchrun`` one file per process, ``state-NNNNN-rank<r>``), each
+    finished block's packed tensors (``block-NNNNN.safetensors``) and ``progress.json`` (that block, the formats and
+    reports so far), each written atomically in that order, and an earlier block's activations removed only once
+    ``progress.json`` names the new block, so a run killed anywhere leaves a consistent state."""
 
     def __init__(self, dst: str | os.PathLike, manifest: dict, *, resume: bool, create: bool = True):
         target = Path(dst).expanduser().resolve()
@@ -516,6 +516,12 @@ class _WorkFolder:
                                      f"{self.path.name} beside it with a finished block); run without --resume")
             saved = json.loads((self.path / _MANIFEST).read_text())
             differ = [k for k in manifest if saved.get(k) != manifest[k]]
+            if differ == ["processes"] and saved.get("processes"):
+                n = saved["processes"]
+                raise UserInputError(f"resume: the work folder {self.path} is a run of {n} process(es) (each keeps its "
+                                     f"own activations); resume it with as many ("
+                                     + ("without torchrun" if n == 1 else f"torchrun --nproc_per_node {n}")
+                                     + "), or run without --resume to start over")
             if differ:
                 raise UserInputError(f"resume: the work folder {self.path} belongs to another run (its {', '.join(differ)} "
                                      "differ from this one's); run without --resume to start over")
@@ -532,25 +538,38 @@ class _WorkFolder:
     def block_file(self, index: int) -> Path:
         return self.path / f"block-{index:05d}.safetensors"
 
+    def state_file(self, index: int, suffix: str = "") -> Path:
+        return self.path / f"state-{index:05d}{suffix}.safetensors"
+
     def save_block(self, index: int, tensors: dict[str, torch.Tensor], streams: dict[int, list[torch.Tensor]],
-                   formats: dict, reports: list[StepReport]) -> None:
+                   formats: dict, reports: list[StepReport], *, group=None, suffix: str = "") -> None:
+        """Every process saves its activations after block ``index``; process 0 then the block's packed
+        ``tensors`` and the progress naming it; then each process removes its earlier activations."""
         from safetensors.torch import save_file
 
-        tmp = self.path / "block.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, self.block_file(index))
+        tmp = self.path / f"state{suffix}.tmp"
         state = {f"{step}.{batch}": h.contiguous() for step, hidden in streams.items() for batch, h in enumerate(hidden)}
         save_file(state, tmp)
-        os.replace(tmp, self.path / f"state-{index:05d}.safetensors")
-        _write_json(self.path / _PROGRESS, {
-            "done": index, "formats": {n: f.to_dict() for n, f in formats.items()},
-            "reports": [{"method": r.method, "seconds": r.seconds, "layers": r.layers} for r in reports]})
-        for old in self.path.glob("state-*.safetensors"):
-            if old.name != f"state-{index:05d}.safetensors":
-                old.unlink()  # ours: an earlier block's activations, no longer needed
+        os.replace(tmp, self.state_file(index, suffix))
+        if group is not None:
+            group.barrier()  # every process's activations are on disk before the progress names this block
+        if group is None or group.is_main:
+            tmp = self.path / "block.tmp"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, self.block_file(index))
+            _write_json(self.path / _PROGRESS, {
+                "done": index, "formats": {n: f.to_dict() for n, f in formats.items()},
+                "reports": [{"method": r.method, "seconds": r.seconds, "layers": r.layers} for r in reports]})
+        if group is not None:
+            group.barrier()  # the progress names this block: the earlier activations are no longer needed
+        mine = re.compile(rf"state-\d{{5}}{re.escape(suffix)}\.safetensors")
+        for old in self.path.iterdir():
+            if mine.fullmatch(old.name) and old.name != self.state_file(index, suffix).name:
+                old.unlink()  # ours: this process's activations after an earlier block
 
-    def progress(self, steps: int) -> tuple[int, dict, list[StepReport], dict[int, list[torch.Tensor]]]:
-        """The last finished block, the formats and reports so far and the activations after that block."""
+    def progress(self, steps: int, suffix: str = "") -> tuple[int, dict, list[StepReport], dict[int, list[torch.Tensor]]]:
+        """The last finished block, the formats and reports so far and this process's activations after that
+        block."""
         from safetensors.torch import load_file
 
         data = json.loads((self.path / _PROGRESS).read_text())
@@ -560,7 +579,7 @@ class _WorkFolder:
         if len(reports) != steps:
             raise UserInputError(f"resume: {self.path} holds {len(reports)} steps' reports, this recipe {steps}; "
                                  "run without --resume to start over")
-        state = load_file(self.path / f"state-{done:05d}.safetensors")
+        state = load_file(self.state_file(done, suffix))
         streams: dict[int, list[torch.Tensor]] = {}
         for key in sorted(state, key=lambda k: tuple(int(x) for x in k.split("."))):
             step, _ = (int(x) for x in key.split("."))

@@ -4,6 +4,7 @@ them, the layers' statistics summed, the solves dealt out, and the folder byte f
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import subprocess
 import sys
@@ -125,6 +126,60 @@ def test_two_processes_write_the_one_process_folder(tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work folder left behind
 
 
+_KILLED_RUN = """
+import os, signal, sys
+sys.path[:0] = [{tests!r}, {here!r}]
+from test_distributed import CALIBRATION, IDS, RECIPES
+from hf_compress_prompt.compressors import Recipe, streaming
+from hf_compress_prompt.compressors.distributed import init_from_environment
+
+src, dst, name, block, where = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+group = init_from_environment()
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "after-block":  # every process, once the block's save is done everywhere
+    streaming._after_block = lambda index: die() if index == block else None
+elif where == "inside-save" and group.is_main:  # every process's activations written, the progress not yet
+    real = streaming._write_json
+    def write_json(path, data):
+        if path.name == "progress.json" and data["done"] == block:
+            die()
+        real(path, data)
+    streaming._write_json = write_json
+streaming.compress_pretrained(src, dst, Recipe(RECIPES[name], calibration=CALIBRATION), calibration_ids=IDS,
+                              resume=where == "resume", progress=False)
+"""
+
+
+@pytest.mark.parametrize(("name", "block", "where"), [("gptq-act-order", 1, "after-block"),
+                                                       ("sparsegpt-50%+w4", 2, "inside-save")])
+def test_a_killed_torchrun_job_resumes_with_as_many_processes_to_the_same_bytes(name, block, where, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    build_tiny_llama(num_layers=4).save_pretrained(src)
+    script = tmp_path / "run.py"
+    here = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(_KILLED_RUN.format(tests=os.path.dirname(here), here=here))
+    proc = _torchrun(str(script), str(src), str(out), name, str(block), where, tmp_path=tmp_path)
+    assert proc.returncode != 0
+    work = tmp_path / ".out.hcp-stream"
+    assert (work / "progress.json").is_file() and not out.exists()
+    done = json.loads((work / "progress.json").read_text())["done"]
+    assert done == (block if where == "after-block" else block - 1)
+    assert all((work / f"state-{done:05d}-rank{r}.safetensors").is_file() for r in (0, 1))  # each process's own
+    recipe = Recipe(RECIPES[name], calibration=CALIBRATION)
+    with pytest.raises(UserInputError, match=r"a run of 2 process\(es\).*torchrun --nproc_per_node 2"):
+        compress_pretrained(src, out, recipe, calibration_ids=IDS, resume=True)  # one process: refused
+    assert (work / "progress.json").is_file() and not out.exists()  # ... leaving the work as it was
+    proc = _torchrun(str(script), str(src), str(out), name, "0", "resume", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with _one_thread():
+        compress_pretrained(src, tmp_path / "whole", recipe, calibration_ids=IDS, progress=False)
+    _folders_equal(tmp_path / "whole", out)
+    assert not work.exists()
+
+
 def test_torchrun_runs_the_cli_and_refuses_what_it_cannot_split(tiny_llama_dir, tmp_path):
     from hf_compress_prompt.cli import EXIT_OK, main
 
@@ -139,7 +194,7 @@ def test_torchrun_runs_the_cli_and_refuses_what_it_cannot_split(tiny_llama_dir, 
     for name in ("model.safetensors", "config.json", "tokenizer.json"):  # (the report holds the steps' seconds)
         assert filecmp.cmp(tmp_path / "one" / name, tmp_path / "two" / name, shallow=False), name
     for extra, needle in ((["--in-memory"], "torchrun runs the streaming path only"),
-                          (["--resume"], "resume runs in one process")):
+                          (["--resume"], "no interrupted run to resume")):
         proc = _torchrun("-m", "hf_compress_prompt", "compress", "--model", str(tiny_llama_dir), "--output",
                          str(tmp_path / "refused"), *common, *extra, tmp_path=tmp_path)
         assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
