@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -562,9 +561,8 @@ class _WorkFolder:
                 "reports": [{"method": r.method, "seconds": r.seconds, "layers": r.layers} for r in reports]})
         if group is not None:
             group.barrier()  # the progress names this block: the earlier activations are no longer needed
-        mine = re.compile(rf"state-\d{{5}}{re.escape(suffix)}\.safetensors")
-        for old in self.path.iterdir():
-            if mine.fullmatch(old.name) and old.name != self.state_file(index, suffix).name:
+        for old in self.path.glob(f"state-?????{suffix}.safetensors"):  # this process's files only
+            if old != self.state_file(index, suffix):
                 old.unlink()  # ours: this process's activations after an earlier block
 
     def progress(self, steps: int, suffix: str = "") -> tuple[int, dict, list[StepReport], dict[int, list[torch.Tensor]]]:
