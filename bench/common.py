@@ -148,12 +148,14 @@ def add_prompt_recipe_args(parser, *, steps: int = 64, eval_steps: int = 16) -> 
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (x 512 tokens)")
 
 
-def prompt_recipe(args):
-    """The ``RecoveryConfig`` of :func:`add_prompt_recipe_args`' arguments (100 virtual tokens, 8 validation windows)."""
+def prompt_recipe(args, method: str = "PROMPT"):
+    """The ``RecoveryConfig`` of :func:`add_prompt_recipe_args`' arguments (100 virtual tokens, 8 validation windows)
+    for a prompt, or the same recipe for another ``method`` (PREFIX: a prefix without PEFT's projection)."""
     from hf_compress_prompt.recovery.train import RecoveryConfig
 
-    return RecoveryConfig(num_virtual_tokens=100, seqlen=args.seqlen, max_steps=args.steps, batch_size=args.batch,
-                          eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr, bf16=bench_bf16())
+    return RecoveryConfig(method=method, num_virtual_tokens=100, seqlen=args.seqlen, max_steps=args.steps,
+                          batch_size=args.batch, eval_steps=args.eval_steps, eval_windows=8, learning_rate=args.lr,
+                          bf16=bench_bf16())
 
 
 def eval_perplexities(model, ids: dict, windows: int) -> dict[str, float]:
