@@ -121,7 +121,8 @@ class RecoveryConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (method=LORA)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (method=LORA)"})
     prefix_projection: bool = field(default=False, metadata={
-        "help": "method=PREFIX: train the keys and values through PEFT's reparametrising MLP (saved as its output)"})
+        "help": "method=PREFIX: train the keys and values through PEFT's reparametrising MLP (saved as its output; it "
+                "needs a learning rate near 1e-3 and diverged from 3e-3 on SmolLM2, where the plain prefix takes 3e-2)"})
     prefix_hidden_size: int | None = field(default=None, metadata={
         "help": "method=PREFIX with prefix_projection: the MLP's hidden size (none: the key/value width)"})
 
