@@ -48,8 +48,9 @@ fi
 "$PY" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(0), "torch", torch.__version__)'
 
 status=0
-echo "== 1/3 Triton kernel tests on the GPU"
-timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton.py || status=1
+echo "== 1/3 Triton kernel tests and streaming compression on the GPU"
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton.py \
+    "tests/compressors/test_streaming.py::test_on_a_gpu_the_folder_equals_the_in_memory_one_there" || status=1
 echo "== 2/3 kernel bench"
 timeout 120 "$PY" bench/kernels_gpu.py --threads 8 --pool-mb 256 || status=1
 echo "== 3/3 recovery at $STEPS steps x 4 x 1024 tokens"

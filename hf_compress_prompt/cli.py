@@ -368,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="streaming only: when the calibration activations between blocks would take more than this "
                          "(e.g. 4GB, 512MB; 'none': no limit), they are kept in memory-mapped files in the work "
                          "folder instead; the output is the same (default: %(default)s)")
+    co.add_argument("--device", default="cpu",
+                    help="where to compute: cpu (default) or cuda (streaming: each block on the GPU, activations in "
+                         "host memory; in memory: the whole model on the GPU). Under torchrun, cuda is each "
+                         "process's own GPU (LOCAL_RANK) over NCCL: torchrun --nproc_per_node <GPUs> -m "
+                         "hf_compress_prompt compress --device cuda ... (gloo on the CPU)")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     rc = commands.add_parser(
@@ -587,7 +592,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
     from .compressors import compress_
-    from .compressors.distributed import init_from_environment
+    from .compressors.distributed import compute_device, init_from_environment
     from .compressors.streaming import compress_pretrained, is_safetensors_folder, streaming_refusal
     from .integrations.checkpoints import save_pretrained
     from .models import load_model_and_tokenizer
@@ -595,7 +600,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)  # bad flags fail before the model loads
     output = Path(args.output)
     stream = args.model and is_safetensors_folder(args.model) and not args.in_memory
-    group = init_from_environment()  # under torchrun: one process of several
+    device = compute_device(args.device)  # a device that is not there fails before anything loads
+    group = init_from_environment(device)  # under torchrun: one process of several
     if group is not None and not (stream and streaming_refusal(recipe) is None):
         raise UserInputError("torchrun runs the streaming path only: --model must be a local folder with safetensors "
                              "weights, without --in-memory, and a recipe it can stream; run one process otherwise")
@@ -618,7 +624,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         result = compress_pretrained(
             args.model, output, recipe, tokenizer=tokenizer, overwrite=args.overwrite, progress=not args.no_progress,
             resume=args.resume, max_activation_memory=_size_or_none(args.max_activation_memory),
-            activation_dtype=torch.bfloat16 if args.bf16_activations else None,
+            activation_dtype=torch.bfloat16 if args.bf16_activations else None, device=device,
             extra_files=lambda r: {"compression_report.json": _compression_report(recipe, r)[1]})
         for line in _compression_summary(result):
             say(line)
@@ -626,7 +632,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         say(f"saved to {output} ({len(packed.get('layers', {}))} packed layers, quantization_config in config.json; "
               "recipe under 'compression_recipe')")
         return EXIT_OK
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device)
     result = compress_(model, recipe, tokenizer=tokenizer, progress=not args.no_progress)
     report = _compression_report(recipe, result)[1]
     save_pretrained(model, output, tokenizer=tokenizer, overwrite=args.overwrite,

@@ -15,6 +15,7 @@ from ..nn import has_packed_layers
 
 __all__ = [
     "BlockInputs",
+    "block_device",
     "block_dtype",
     "find_decoder_layers",
     "find_linear_layers",
@@ -153,13 +154,21 @@ def run_block(block: nn.Module, inputs: BlockInputs, hidden: list[torch.Tensor] 
     what replaces it (e.g. a view of a memory-mapped file: the outputs then never all sit in memory)."""
     hidden = hidden if hidden is not None else inputs.hidden
     compute = block_dtype(block) if storage_dtype is not None else None
+    device = block_device(block)
     outputs = []
     for h, kw in zip(hidden, inputs.kwargs):
-        out = _as_tensor(block(h if compute is None else h.to(compute), **kw))
-        if storage_dtype is not None:
-            out = out.to(storage_dtype)
+        out = _as_tensor(block(h.to(device=device, dtype=compute), **kw))
+        out = out.to(device=h.device, dtype=storage_dtype)  # stored where its input was (no-ops on one device)
         outputs.append(out if keep is None else keep(out))
     return outputs
+
+
+def block_device(block: nn.Module) -> torch.device:
+    """The device a block computes on: its first parameter's (or buffer's). Its stored inputs may live elsewhere
+    (the streaming path keeps them in host memory while a GPU computes): each batch is moved as it runs."""
+    for t in (*block.parameters(), *block.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def block_dtype(block: nn.Module) -> torch.dtype:
@@ -182,7 +191,7 @@ def sequential_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
         for name, m in linears.items()
     ]
     try:
-        block(inputs.hidden[0][:1, :8], **_slice_kwargs(inputs.kwargs[0], 8))
+        block(inputs.hidden[0][:1, :8].to(block_device(block)), **_slice_kwargs(inputs.kwargs[0], 8))
     finally:
         for h in handles:
             h.remove()

@@ -12,6 +12,10 @@ Equal to the one-process run, byte for byte: every process sees the one-process 
 ``HessianAccumulator`` sums float32 per-batch products in float64, so the statistics do not depend on how the
 batches were split (tests/compressors/test_distributed.py). A float32 matmul's bits do depend on the thread count,
 so compare against a one-process run with as many threads as each process had (torchrun sets one).
+
+On GPUs (``device="cuda"``) each process computes on its own GPU and the statistics and results travel over NCCL;
+the summation order is the same, so the processes still agree with one process on one GPU of the same kind (not
+tested here: no GPU in this project's CI; the gloo tests cover the logic).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..methods.hessian import HessianAccumulator
 from .blocks import linear_weight, set_linear_weight
 from .state import CompressionState, StepReport
 
-__all__ = ["ProcessGroup", "init_from_environment", "process_group"]
+__all__ = ["ProcessGroup", "compute_device", "init_from_environment", "process_group"]
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,43 @@ def process_group() -> ProcessGroup | None:
     return ProcessGroup(dist.get_rank(), dist.get_world_size())
 
 
-def init_from_environment() -> ProcessGroup | None:
-    """Joins the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1; gloo: the streaming
-    path computes on the CPU), or `None` when this is a single process."""
+def compute_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` checked: the CPU (`None`) or a CUDA GPU torch sees; a bare ``"cuda"`` is this process's own GPU
+    under ``torchrun`` (``LOCAL_RANK``; GPU 0 in one process).
+
+    Raises:
+        UserInputError: a device torch does not know, another kind than CPU or CUDA, or a GPU that is not there.
+    """
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as err:
+        raise UserInputError(f"device={device!r} is not a device torch knows; use 'cpu' or 'cuda'") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"device={str(device)!r}: compression computes on 'cpu' or 'cuda'")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserInputError(f"device={str(device)!r}, but torch sees no CUDA GPU here; use device='cpu'")
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index >= torch.cuda.device_count():
+        raise UserInputError(f"device={str(device)!r}, but torch sees {torch.cuda.device_count()} GPU(s); "
+                             "use one of them (or fewer torchrun processes per node)")
+    return device
+
+
+def init_from_environment(device: str | torch.device | None = None) -> ProcessGroup | None:
+    """Joins the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), or `None` when this
+    is a single process. On the CPU (``device`` `None` or ``"cpu"``) the processes talk over gloo; with ``"cuda"``
+    each process takes its own GPU (``LOCAL_RANK``) and they talk over NCCL:
+    ``torchrun --nproc_per_node <GPUs> -m hf_compress_prompt compress --device cuda ...``."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
+    device = compute_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return process_group()

@@ -18,6 +18,7 @@ from .._logging import get_logger
 from ..methods.hessian import HessianAccumulator
 from .blocks import (
     BlockInputs,
+    block_device,
     block_dtype,
     capture_block_inputs,
     find_decoder_layers,
@@ -106,11 +107,13 @@ def compress_block(
     ``hidden``: the next block's inputs. ``storage_dtype``: ``hidden`` is stored in it (e.g. bf16 to halve the
     activations' memory); each batch is cast to the block's dtype as it runs, and the outputs are stored in it.
     ``keep`` (as :func:`~.blocks.run_block`'s) stores each output batch as it is made, e.g. in a memory-mapped file.
+    ``hidden`` may live on another device than the block (host memory while a GPU computes): each batch moves to
+    the block's device as it runs, its output back to where the batch was.
 
     With ``group`` (a multi-process run, :mod:`.distributed`), ``hidden`` holds this process's batches only: the
     statistics are summed over the processes, each process solves its share of each round's linears, and
     ``share(name, module, owner)`` brings every result to every process."""
-    device = hidden[0].device
+    device = block_device(block)  # the statistics live where the block computes; ``hidden`` may be elsewhere
     compute = block_dtype(block) if storage_dtype is not None else None
     linears = find_linear_layers(block)
     groups = sequential_groups(block, inputs)  # linears sharing one input, in forward order
@@ -133,7 +136,7 @@ def compress_block(
         try:
             for h_in, kwargs in zip(hidden, inputs.kwargs):
                 try:
-                    block(h_in if compute is None else h_in.to(compute), **kwargs)
+                    block(h_in.to(device=device, dtype=compute), **kwargs)
                 except _StopForward:
                     pass
         finally:

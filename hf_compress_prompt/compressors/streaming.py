@@ -23,6 +23,8 @@ in slices.
 
 Under ``torchrun`` (:mod:`.distributed`) each process pushes its share of the calibration batches through the
 blocks, the layers' statistics are summed across processes and the solves dealt out to them; process 0 writes.
+With ``device="cuda"`` each block is read to the GPU and compressed there (under ``torchrun`` each process on its own
+GPU, over NCCL); the activations between blocks stay in host memory (or their mapped files).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from .activations import ActivationFile, activation_bytes, parse_size
 from .blocks import BlockInputs, capture_block_inputs, find_decoder_layers, find_linear_layers
 from .compress import BLOCKWISE_STEPS, _quantize_head, prepare_recipe, record_recipe
 from .configs import CalibrationConfig, CompressionConfig, LayerDropConfig, Recipe
-from .distributed import process_group
+from .distributed import compute_device, process_group
 from .layer_drop import choose_layers_to_drop, drop_layers
 from .layerwise import compress_block
 from .pack import pack_linear_module, sparsity_pattern
@@ -161,10 +163,10 @@ def _skeleton(source: CheckpointSource, dtype: torch.dtype):
 
 
 def _load(model: nn.Module, source: CheckpointSource, names: list[str], dtype: torch.dtype,
-          rename: tuple[str, str] | None = None) -> None:
-    """Materialises the parameters and persistent buffers ``names`` from the source (floats cast to ``dtype``, as
-    ``from_pretrained(..., dtype=dtype)`` does); ``rename = (model prefix, source prefix)`` maps a block's names to
-    the source's (after layers were dropped, block 3 may be the source's block 4)."""
+          rename: tuple[str, str] | None = None, device: torch.device | str = "cpu") -> None:
+    """Materialises the parameters and persistent buffers ``names`` from the source on ``device`` (floats cast to
+    ``dtype``, as ``from_pretrained(..., dtype=dtype)`` does); ``rename = (model prefix, source prefix)`` maps a
+    block's names to the source's (after layers were dropped, block 3 may be the source's block 4)."""
     from accelerate.utils import set_module_tensor_to_device
 
     for name in names:
@@ -172,7 +174,7 @@ def _load(model: nn.Module, source: CheckpointSource, names: list[str], dtype: t
         if stored not in source:
             raise MissingResourceError(f"{source.folder} lacks the tensor {stored!r} the model expects; the streaming "
                                        "path reads tensors by the model's own names: load the model in memory instead")
-        set_module_tensor_to_device(model, name, "cpu", value=_as_loaded(source.get(stored), dtype))
+        set_module_tensor_to_device(model, name, device, value=_as_loaded(source.get(stored), dtype))
 
 
 def _as_loaded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -181,12 +183,12 @@ def _as_loaded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _load_outside(model: nn.Module, source: CheckpointSource, path: str, tied: set[str], dtype: torch.dtype, *,
-                  head: bool = True) -> None:
+                  head: bool = True, device: torch.device | str = "cpu") -> None:
     """Materialises what lies outside the decoder blocks under ``path`` (embeddings, final norm and, with ``head``,
     the output head); a head tied to the embeddings (its name in ``tied``) shares the tensor read for them."""
     skip = set() if head else _head_names(model)
     _load(model, source, [n for n in _meta_names(model) if not n.startswith(f"{path}.") and n not in tied
-                          and n not in skip], dtype)
+                          and n not in skip], dtype, device=device)
     model.tie_weights()
 
 
@@ -211,24 +213,24 @@ def _free_outside(model: nn.Module, path: str) -> None:
 
 
 def _streamed_blocks(model: nn.Module, source: CheckpointSource, path: str, layers: nn.ModuleList,
-                     dtype: torch.dtype):
+                     dtype: torch.dtype, device: torch.device):
     """Yields each decoder block read from the source; once the consumer moves on, the block goes back to meta."""
     for index in range(len(layers)):
-        _load(model, source, _meta_names(model, f"{path}.{index}."), dtype)
+        _load(model, source, _meta_names(model, f"{path}.{index}."), dtype, device=device)
         yield layers[index]
         layers[index] = layers[index].to("meta")
 
 
 def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
              activation_dtype: torch.dtype | None, streams: int, limit: int | None, spill: Path):
-    """What the first block receives for each calibration batch, captured batch by batch (in ``activation_dtype``),
-    and, when ``streams`` lists of them would exceed ``limit`` bytes, copied into the memory-mapped file ``spill`` as
+    """What the first block receives for each calibration batch, captured batch by batch (in ``activation_dtype``,
+    kept in host memory whatever device computes; the keyword arguments stay on that device), and, when ``streams`` lists of them would exceed ``limit`` bytes, copied into the memory-mapped file ``spill`` as
     each batch is made. Returns the inputs and `None`, or the ``(numel, dtype)`` each step's spill files take."""
     inputs, file = BlockInputs(), None
     total = sum(ids.shape[0] for ids in batches)
     for k, ids in enumerate(batches):
         got = capture_block_inputs(model, layers, [ids])
-        hidden = got.hidden[0] if activation_dtype is None else got.hidden[0].to(activation_dtype)
+        hidden = got.hidden[0].to(device="cpu", dtype=activation_dtype)
         if k == 0 and limit is not None and (need := activation_bytes(hidden, total, streams)) > limit:
             logger.info("the calibration activations (%.2f GB for %d step(s)) exceed max_activation_memory "
                         "(%.2f GB): kept in memory-mapped files in %s", need / 1e9, streams, limit / 1e9, spill.parent)
@@ -258,6 +260,7 @@ def compress_pretrained(
     activation_dtype: torch.dtype | None = None,
     resume: bool = False,
     max_activation_memory: int | str | None = "4GB",
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> CompressionResult:
     """Compresses the checkpoint folder ``src`` into ``dst`` with one decoder block in memory at a time.
@@ -291,6 +294,12 @@ def compress_pretrained(
             between blocks (one list per calibrated step, in ``activation_dtype``) would take more, they are kept in
             memory-mapped files in the work folder instead (the same bytes: the output does not change). `None`
             keeps them in memory whatever their size.
+        device (`str` or `torch.device`, *optional*, defaults to the CPU): where each block is computed
+            (``"cuda"``: the block, its statistics and solves on the GPU, one block at a time; the activations
+            between blocks stay in host memory and each batch moves to the GPU as it runs). Under ``torchrun``,
+            ``"cuda"`` is each process's own GPU (``LOCAL_RANK``) and the processes talk over NCCL
+            (:func:`~.distributed.init_from_environment`). A GPU gives other float bits than a CPU: the folder then
+            equals what the in-memory path writes on that GPU, not on a CPU.
 
     Returns:
         `CompressionResult` with the recipe and the step reports; its ``masks`` and ``quantized`` are empty (the
@@ -302,6 +311,7 @@ def compress_pretrained(
             MissingResourceError: a source without config.json or safetensors weights.
     """
     source = CheckpointSource(src)
+    device = compute_device(device)
     check_save_target(dst, overwrite=overwrite)
     model = _skeleton(source, dtype)
     recipe, calibration_ids = prepare_recipe(model, config, tokenizer=tokenizer, calibration=calibration,
@@ -319,7 +329,7 @@ def compress_pretrained(
     calibrated = [i for i, _, kind in blockwise if kind.calibrated]
     scores_layers = isinstance(recipe.steps[0], LayerDropConfig) and recipe.steps[0].layers is None
     if calibrated or scores_layers:  # the calibration batches run up to the first block: the head is not needed
-        _load_outside(model, source, path, tied, dtype, head=False)
+        _load_outside(model, source, path, tied, dtype, head=False, device=device)
     state = CompressionState(calibration_ids)
     reports = [StepReport(step.method) for step in recipe.steps]
     original = list(range(len(layers)))  # the source's index of each block of the model
@@ -331,7 +341,7 @@ def compress_pretrained(
             dropped, reports[0].layer_scores = choose_layers_to_drop(
                 model, calibration_ids, step.count(len(layers)), score=step.score,
                 batch_size=recipe.calibration.batch_size, progress=progress and main,
-                blocks=_streamed_blocks(model, source, path, layers, dtype))
+                blocks=_streamed_blocks(model, source, path, layers, dtype, device))
         drop_layers(model, dropped)
         reports[0].dropped_layers = sorted(dropped)
         reports[0].seconds = time.perf_counter() - started
@@ -367,10 +377,10 @@ def compress_pretrained(
         rename = (prefix + ".", f"{path}.{original[index]}.")
         if not calibrated and group is None:  # data-free steps: one linear of the block in memory at a time
             formats.update(_one_linear_at_a_time(model, source, prefix, blockwise, state, reports, pattern, dtype,
-                                                 rename))
+                                                 rename, device))
             blockwise_left = []
         else:
-            _load(model, source, _meta_names(model, prefix + "."), dtype, rename=rename)
+            _load(model, source, _meta_names(model, prefix + "."), dtype, rename=rename, device=device)
             blockwise_left = blockwise
         block = layers[index]
         for i, step, kind in blockwise_left:
@@ -399,13 +409,14 @@ def compress_pretrained(
         state.masks.clear()  # the block is packed: its grids and masks are in its packed modules now
         state.quantized.clear()
         block = layers[index]
-        work.save_block(index, {f"{prefix}.{k}": v for k, v in block.state_dict().items()}, streams, formats,
+        work.save_block(index, {f"{prefix}.{k}": v.cpu() for k, v in block.state_dict().items()}, streams, formats,
                         reports, group=group, suffix=suffix)
         layers[index] = block.to("meta")  # freed: the next block is read from the source alone
         _release_memory()
         _after_block(index)
     if any(getattr(step, "lm_head", False) for step in recipe.steps):  # the head is quantized here (a tied one
-        _load_outside(model, source, path, tied, dtype)  # from the embeddings); the rest is written from the source
+        _load_outside(model, source, path, tied, dtype, device=device)  # from the embeddings); the rest is written
+        # from the source
     block_files = {name: work.block_file(index) for index in range(len(layers) if main else 0)
                    for name in _tensor_names(work.block_file(index))}
     for i, step in enumerate(recipe.steps):
@@ -615,7 +626,8 @@ def _restore_block(model: nn.Module, prefix: str, file: Path, formats: dict) -> 
 
 
 def _one_linear_at_a_time(model: nn.Module, source: CheckpointSource, prefix: str, steps: list, state: CompressionState,
-                          reports: list[StepReport], pattern, dtype: torch.dtype, rename: tuple[str, str]) -> dict:
+                          reports: list[StepReport], pattern, dtype: torch.dtype, rename: tuple[str, str],
+                          device: torch.device) -> dict:
     """Data-free steps (RTN, magnitude, N:M by magnitude) on the block ``prefix``: its other tensors are read, then
     each linear is read, compressed by every step, packed and its memory given back before the next is read. These
     steps see one linear at a time, so the numbers are the whole block's; the peak is one linear, not a block.
@@ -623,12 +635,12 @@ def _one_linear_at_a_time(model: nn.Module, source: CheckpointSource, prefix: st
     linears = list(find_linear_layers(model.get_submodule(prefix)))  # names: the modules would outlive their packing
     inside = tuple(f"{prefix}.{name}." for name in linears)
     _load(model, source, [n for n in _meta_names(model, prefix + ".") if not n.startswith(inside)], dtype,
-          rename=rename)
+          rename=rename, device=device)
     work = [(i, kind.make(step, state, reports[i])) for i, step, kind in steps]
     formats = {}
     for name in linears:
         full = f"{prefix}.{name}"
-        _load(model, source, _meta_names(model, full + "."), dtype, rename=rename)
+        _load(model, source, _meta_names(model, full + "."), dtype, rename=rename, device=device)
         module = model.get_submodule(full)
         for i, compress in work:
             started = time.perf_counter()
@@ -705,7 +717,7 @@ def _write_folder(model: nn.Module, folder: Path, block_files: dict[str, Path], 
                 entries.append(entry_of_chunks(name, from_source(name, tensor.dtype), dtype=tensor.dtype,
                                                shape=tuple(tensor.shape)))
             else:
-                entries.append(entry_of(name, tensor.contiguous()))
+                entries.append(entry_of(name, tensor.contiguous().cpu()))  # e.g. a head quantized on a GPU
         write_safetensors(folder / file, entries, {"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},

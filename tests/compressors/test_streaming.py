@@ -414,3 +414,43 @@ def test_activations_under_the_limit_stay_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(activations.ActivationFile, "__init__", lambda self, *a: made.append(a))
     compress_pretrained(src, tmp_path / "out", RECIPES["gptq-act-order"], calibration_ids=IDS, progress=False)
     assert made == []  # 4 x 32 tokens x 128 x fp32 = 64 KB, far under the default 4GB
+
+
+def test_a_device_that_is_not_there_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    build_tiny_llama().save_pretrained(src)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in [("cuda", "sees no CUDA GPU"), ("gpu", "not a device torch knows"),
+                            ("meta", "computes on 'cpu' or 'cuda'")]:
+        with pytest.raises(UserInputError, match=message):
+            compress_pretrained(src, tmp_path / "out", RTNConfig(bits=4, group_size=32), device=device)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    compress_pretrained(src, tmp_path / "cpu", RECIPES["gptq-act-order"], calibration_ids=IDS, progress=False,
+                        device="cpu")
+    compress_pretrained(src, tmp_path / "default", RECIPES["gptq-act-order"], calibration_ids=IDS, progress=False)
+    _folders_equal(tmp_path / "cpu", tmp_path / "default")
+
+
+def test_the_cli_refuses_a_missing_gpu_in_one_line(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    from hf_compress_prompt.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["compress", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "out"), "--method", "rtn",
+                 "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "sees no CUDA GPU" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; bench/gpu_check.sh runs it)")
+@pytest.mark.parametrize("name", ["gptq-act-order", "sparsegpt-50%+w4", "rtn-head"])
+def test_on_a_gpu_the_folder_equals_the_in_memory_one_there(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    build_tiny_llama(num_layers=3).save_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to("cuda")
+    compress_(model, RECIPES[name], calibration_ids=IDS, progress=False)
+    hcp.save_pretrained(model, tmp_path / "memory")
+    compress_pretrained(src, tmp_path / "stream", RECIPES[name], calibration_ids=IDS, progress=False, device="cuda")
+    _folders_equal(tmp_path / "memory", tmp_path / "stream")
