@@ -24,7 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import bench_parser, markdown_table, start_bench, write_results
+from common import bench_parser, markdown_table, matmul_gflops, start_bench, write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -73,17 +73,6 @@ def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--heads", type=int, default=9)
@@ -113,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.reps):
                 _fwd_bwd(fn, *inputs, grad)
             seconds[name].append((time.perf_counter() - start) / args.reps)
-    peak = {"bfloat16": matmul_gflops(torch.bfloat16), "float32": matmul_gflops(torch.float32)}
+    peak = {d: matmul_gflops(getattr(torch, d), (2048, 2048, 2048)) for d in ("bfloat16", "float32")}
     useful = 6 * args.heads * args.positions ** 2 * args.head_dim / 1e9  # GFLOP per layer, causal half
 
     fastest = min(statistics.median(s) for s in seconds.values())

@@ -13,7 +13,9 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -111,6 +113,20 @@ def machine_info() -> dict:
 def any_of(names, extra: str = "") -> str:
     """An argparse help text listing the accepted names (argparse %-formats help, and setting names hold '%')."""
     return f"any of: {', '.join(names)}{extra}".replace("%", "%%")
+
+
+def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int], repeats: int = 7) -> float:
+    """Median GFLOP/s of ``(m, k) @ (k, n)`` in ``dtype`` (after two warm-up products)."""
+    m, k, n = shape
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

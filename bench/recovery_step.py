@@ -26,7 +26,7 @@ import statistics
 import time
 
 import torch
-from common import bench_parser, markdown_table, preset_settings, start_bench, write_results
+from common import bench_parser, markdown_table, matmul_gflops, preset_settings, start_bench, write_results
 
 from hf_compress_prompt.compressors import CalibrationConfig, Recipe, compress_
 from hf_compress_prompt.recovery.data import PromptTuningCollator, TokenWindows, token_windows
@@ -103,20 +103,6 @@ def gradient_agreement(run: _Run, batch, chunk) -> dict[str, float]:
     cases = {**{name: (fn, True, cast) for name, (fn, cast, _) in VARIANTS.items() if name not in ("before", TODAY)},
              "before in fp32 (no autocast)": (_plain_loss, False, False)}
     return {name: float((grad(*case) - reference).norm() / reference.norm()) for name, case in cases.items()}
-
-
-def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int], repeats: int = 7) -> float:
-    """Median GFLOP/s of ``(m, k) @ (k, n)`` in ``dtype`` (after two warm-up products)."""
-    m, k, n = shape
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def step_gflop(config, tokens: int, scored: int, prompt: int) -> dict[str, float]:
