@@ -224,8 +224,8 @@ def _streamed_blocks(model: nn.Module, source: CheckpointSource, path: str, laye
 def _capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
              activation_dtype: torch.dtype | None, streams: int, limit: int | None, spill: Path):
     """What the first block receives for each calibration batch, captured batch by batch (in ``activation_dtype``,
-    kept in host memory whatever device computes; the keyword arguments stay on that device), and, when ``streams`` lists of them would exceed ``limit`` bytes, copied into the memory-mapped file ``spill`` as
-    each batch is made. Returns the inputs and `None`, or the ``(numel, dtype)`` each step's spill files take."""
+    kept in host memory whatever device computes; the keyword arguments stay on that device), and, when ``streams``
+    lists of them would exceed ``limit`` bytes, copied into the memory-mapped file ``spill`` as each batch is made. Returns the inputs and `None`, or the ``(numel, dtype)`` each step's spill files take."""
     inputs, file = BlockInputs(), None
     total = sum(ids.shape[0] for ids in batches)
     for k, ids in enumerate(batches):
