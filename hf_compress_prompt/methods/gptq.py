@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..validation import static_group_index
-from .hessian import inverse_cholesky_upper
+from .hessian import damped_inverse_cholesky
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
 __all__ = ["gptq_quantize"]
@@ -50,9 +50,6 @@ def gptq_quantize(
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
     H = H.detach().float()  # (cols, cols); the caller's H is never changed
     dead = torch.diagonal(H) == 0  # inputs that were always zero: any value works, so quantize zeros
-    if dead.any():
-        H = H.clone()
-        H[dead, dead] = 1
     W[:, dead] = 0
     if prune_mask is not None:
         prune_mask = prune_mask.to(W.device, torch.bool)
@@ -71,13 +68,22 @@ def gptq_quantize(
 
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H, group_of = W[:, perm], H[perm[:, None], perm], group_of[perm]  # H gathered once: no (perm, :) copy
+        diagonal = torch.diagonal(H).clone()
+        diagonal[dead] = 1  # dead inputs count as 1 (below)
+        perm = torch.argsort(diagonal, descending=True)
+        W, group_of = W[:, perm], group_of[perm]
         if prune_mask is not None:
             prune_mask = prune_mask[:, perm]
 
-    Hinv, _ = inverse_cholesky_upper(H, damp)  # upper Cholesky factor of H^-1
-    del H  # (the caller's, or the permuted copy: not needed in the column loop)
+    def solver_hessian() -> torch.Tensor:
+        # A fresh copy of H as the solve needs it: dead inputs' diagonal set to 1 (any value works: their weights
+        # are 0), in act-order's column order (gathered once: no (perm, :) copy). Factored in place.
+        M = H[perm[:, None], perm] if perm is not None else H.clone()
+        M.diagonal()[dead if perm is None else dead[perm]] = 1
+        return M
+
+    Hinv, _ = damped_inverse_cholesky(solver_hessian, damp)  # upper Cholesky factor of H^-1
+    del H  # the caller's: not needed in the column loop
     # Each block is worked on transposed, (B, rows), so that a column of W is a contiguous row: the per-column
     # steps read and write contiguous memory. The arithmetic is the textbook loop's, element for element (the
     # rank-1 update as an explicit product, then a subtraction), so the bits do not depend on the layout.

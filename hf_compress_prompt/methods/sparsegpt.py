@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import inverse_cholesky_upper
+from .hessian import damped_inverse_cholesky
 from .masks import SparsityPattern, parse_sparsity
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
@@ -50,12 +50,15 @@ def sparsegpt_prune(
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
     H = H.detach().float()  # the caller's H is never changed
     dead = torch.diagonal(H) == 0
-    if dead.any():
-        H = H.clone()
-        H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv, _ = inverse_cholesky_upper(H, damp)  # upper Cholesky factor of H^-1
-    del H  # not needed in the column loop
+
+    def solver_hessian() -> torch.Tensor:  # a fresh copy with dead inputs' diagonal set to 1, factored in place
+        M = H.clone()
+        M.diagonal()[dead] = 1
+        return M
+
+    Hinv, _ = damped_inverse_cholesky(solver_hessian, damp)  # upper Cholesky factor of H^-1
+    del H  # the caller's: not needed in the column loop
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     groups = cols // size

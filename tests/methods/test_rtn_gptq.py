@@ -4,7 +4,8 @@ import torch
 from builders import output_error
 from hf_compress_prompt.errors import UserInputError
 from hf_compress_prompt.methods.gptq import gptq_quantize
-from hf_compress_prompt.methods.hessian import HessianAccumulator, inverse_cholesky_upper
+from hf_compress_prompt.methods import hessian
+from hf_compress_prompt.methods.hessian import HessianAccumulator, damped_inverse_cholesky, inverse_cholesky_upper
 from hf_compress_prompt.methods.rtn import rtn_quantize
 
 SETTINGS = [  # (bits, group_size, symmetric, act_order)
@@ -140,6 +141,44 @@ def test_cholesky_retries_with_more_damping():
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(H + used * H.diagonal().mean() * torch.eye(3)))
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         inverse_cholesky_upper(torch.diag(torch.tensor([1.0, -5.0])))
+
+
+def test_a_wide_layer_s_product_is_accumulated_in_blocks_of_rows_with_the_same_bytes(monkeypatch):
+    """Wide layers add X^T X to the float64 sum a few rows at a time (no second n x n matrix); the bytes equal
+    those of the whole product added at once."""
+    X = torch.randn(3, 70, 300)
+    whole = HessianAccumulator(300)
+    for batch in X:
+        whole.add_batch(batch)
+    monkeypatch.setattr(hessian, "PRODUCT_BLOCK", 300 * 128)  # blocks of 128 rows: 128, 128 and a short 44
+    blocks = HessianAccumulator(300)
+    for batch in X:
+        blocks.add_batch(batch)
+    assert torch.equal(blocks.sum, whole.sum)
+    blocks.finish()
+    assert torch.equal(blocks.H, whole.H)
+
+
+def test_the_in_place_inverse_factor_has_the_out_of_place_bytes():
+    """The damped factor is computed in the one matrix ``make`` returns, with the bytes of the textbook's
+    out-of-place steps; a failed attempt asks for a fresh copy."""
+    X = torch.randn(200, 64)
+    H = 2 * X.T @ X / 200
+    damped = H + 0.01 * torch.diagonal(H).mean() * torch.eye(64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    U, used = damped_inverse_cholesky(H.clone, 0.01)
+    assert used == 0.01 and torch.equal(U, expected)
+
+    calls = []
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.01]))
+
+    def make():
+        calls.append(1)
+        return indefinite.clone()
+
+    U, used = damped_inverse_cholesky(make, 0.01)
+    assert used == pytest.approx(0.1) and len(calls) == 2
+    assert torch.equal(indefinite, torch.diag(torch.tensor([1.0, 1.0, -0.01])))
 
 
 def test_diagonal_only_accumulator_matches_the_full_diagonal():
