@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..validation import static_group_index
-from .hessian import damped_inverse_cholesky
+from .hessian import damped_inverse_cholesky, solver_hessian
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
 __all__ = ["gptq_quantize"]
@@ -69,20 +69,14 @@ def gptq_quantize(
     perm = None
     if act_order:
         diagonal = torch.diagonal(H).clone()
-        diagonal[dead] = 1  # dead inputs count as 1 (below)
+        diagonal[dead] = 1  # dead inputs count as 1, as solver_hessian sets them
         perm = torch.argsort(diagonal, descending=True)
         W, group_of = W[:, perm], group_of[perm]
         if prune_mask is not None:
             prune_mask = prune_mask[:, perm]
 
-    def solver_hessian() -> torch.Tensor:
-        # A fresh copy of H as the solve needs it: dead inputs' diagonal set to 1 (any value works: their weights
-        # are 0), in act-order's column order (gathered once: no (perm, :) copy). Factored in place.
-        M = H[perm[:, None], perm] if perm is not None else H.clone()
-        M.diagonal()[dead if perm is None else dead[perm]] = 1
-        return M
-
-    Hinv, _ = damped_inverse_cholesky(solver_hessian, damp)  # upper Cholesky factor of H^-1
+    # upper Cholesky factor of H^-1, made in place in one copy of H (dead inputs fixed, in act-order's order)
+    Hinv, _ = damped_inverse_cholesky(lambda: solver_hessian(H, dead, perm), damp)
     del H  # the caller's: not needed in the column loop
     # Each block is worked on transposed, (B, rows), so that a column of W is a contiguous row: the per-column
     # steps read and write contiguous memory. The arithmetic is the textbook loop's, element for element (the

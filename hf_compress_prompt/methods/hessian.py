@@ -8,7 +8,7 @@ import torch
 
 from .._logging import get_logger
 
-__all__ = ["HessianAccumulator", "damped_inverse_cholesky", "inverse_cholesky_upper"]
+__all__ = ["HessianAccumulator", "damped_inverse_cholesky", "inverse_cholesky_upper", "solver_hessian"]
 
 logger = get_logger(__name__)
 
@@ -113,6 +113,15 @@ class HessianAccumulator:
         else:
             diagonal = self.sum if self.diagonal_only else torch.diagonal(self.sum)
         return (diagonal / max(self.tokens, 1)).float()
+
+
+def solver_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """A fresh copy of ``H`` as GPTQ's and SparseGPT's solves factor it (``damped_inverse_cholesky(lambda:
+    solver_hessian(H, dead, perm))``): the diagonal of ``dead`` inputs (always zero: their weights are set to 0, so
+    any value works) set to 1, and with ``perm`` (act-order) rows and columns in that order, gathered at once."""
+    M = H[perm[:, None], perm] if perm is not None else H.clone()
+    M.diagonal()[dead if perm is None else dead[perm]] = 1
+    return M
 
 
 def inverse_cholesky_upper(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import damped_inverse_cholesky
+from .hessian import damped_inverse_cholesky, solver_hessian
 from .masks import SparsityPattern, parse_sparsity
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
@@ -51,13 +51,8 @@ def sparsegpt_prune(
     H = H.detach().float()  # the caller's H is never changed
     dead = torch.diagonal(H) == 0
     W[:, dead] = 0
-
-    def solver_hessian() -> torch.Tensor:  # a fresh copy with dead inputs' diagonal set to 1, factored in place
-        M = H.clone()
-        M.diagonal()[dead] = 1
-        return M
-
-    Hinv, _ = damped_inverse_cholesky(solver_hessian, damp)  # upper Cholesky factor of H^-1
+    # upper Cholesky factor of H^-1, made in place in one copy of H (dead inputs fixed)
+    Hinv, _ = damped_inverse_cholesky(lambda: solver_hessian(H, dead), damp)
     del H  # the caller's: not needed in the column loop
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)

@@ -144,7 +144,7 @@ def test_cholesky_retries_with_more_damping():
 
 
 def test_a_wide_layer_s_product_is_accumulated_in_blocks_of_rows_with_the_same_bytes(monkeypatch):
-    """Wide layers add X^T X to the float64 sum a few rows at a time (no second n x n matrix); the bytes equal
+    """Wide layers add X^T X to the float64 sum in blocks of 128+ rows (no second n x n matrix); the bytes equal
     those of the whole product added at once."""
     X = torch.randn(3, 70, 300)
     whole = HessianAccumulator(300)
