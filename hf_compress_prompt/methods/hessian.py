@@ -8,7 +8,9 @@ import torch
 
 from .._logging import get_logger
 
-__all__ = ["HessianAccumulator", "damped_inverse_cholesky", "inverse_cholesky_upper", "solver_hessian"]
+__all__ = [
+    "HessianAccumulator", "column_major_copy", "damped_inverse_cholesky", "inverse_cholesky_upper", "solver_hessian"
+]
 
 logger = get_logger(__name__)
 
@@ -118,10 +120,25 @@ class HessianAccumulator:
 def solver_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
     """A fresh copy of ``H`` as GPTQ's and SparseGPT's solves factor it (``damped_inverse_cholesky(lambda:
     solver_hessian(H, dead, perm))``): the diagonal of ``dead`` inputs (always zero: their weights are set to 0, so
-    any value works) set to 1, and with ``perm`` (act-order) rows and columns in that order, gathered at once."""
-    M = H[perm[:, None], perm] if perm is not None else H.clone()
+    any value works) set to 1, and with ``perm`` (act-order) rows and columns in that order, gathered a block of
+    rows at a time. The copy is column-major (:func:`column_major_copy`)."""
+    if perm is None:
+        M = column_major_copy(H)
+    else:
+        M = torch.empty_strided(H.shape, (1, H.shape[0]), dtype=H.dtype, device=H.device)
+        rows = max(1, PRODUCT_BLOCK // max(H.shape[0], 1))
+        for i in range(0, H.shape[0], rows):
+            M[i:i + rows] = H[perm[i:i + rows, None], perm]  # about PRODUCT_BLOCK values gathered at once
     M.diagonal()[dead if perm is None else dead[perm]] = 1
     return M
+
+
+def column_major_copy(H: torch.Tensor) -> torch.Tensor:
+    """A copy of the square matrix ``H`` with the same values, laid out column-major (Fortran order, LAPACK's and
+    cuSOLVER's own): torch factors and inverts such a matrix in place through ``out=``, where a row-major one goes
+    through a column-major temporary the size of ``H`` at every step (three more n x n matrices at the peak of a
+    solve; 268 MB each for an 8192-wide ``down_proj``). Same values, same LAPACK calls: the same bytes."""
+    return torch.empty_strided(H.shape, (1, H.shape[0]), dtype=H.dtype, device=H.device).copy_(H)
 
 
 def inverse_cholesky_upper(
@@ -135,18 +152,22 @@ def inverse_cholesky_upper(
     Returns:
         `tuple[torch.Tensor, float]`: the factor (shape `(n, n)`, upper triangular) and the damping that worked.
     """
-    return damped_inverse_cholesky(H.clone, damp, max_damp, retries)
+    factor, used = damped_inverse_cholesky(lambda: column_major_copy(H), damp, max_damp, retries)
+    return factor.contiguous(), used
 
 
 def damped_inverse_cholesky(
     make: Callable[[], torch.Tensor], damp: float = 0.01, max_damp: float = 1.0, retries: int = 6
 ) -> tuple[torch.Tensor, float]:
-    """:func:`inverse_cholesky_upper` computed in place: ``make()`` returns a fresh copy of the (undamped) ``H``,
-    which is damped, factored, inverted and factored again in that one matrix. A solver that needs ``H`` changed
-    (dead channels, act-order's permutation) builds the changed copy in ``make`` and so holds one n x n matrix
-    beside the caller's, instead of four (for an 8192-wide ``down_proj``, 268 MB instead of 1.07 GB). ``make`` runs
-    once per attempt (a failed attempt has overwritten its copy); ``lambda`` comes from the first copy's diagonal.
-    The bytes equal the out-of-place computation's (LAPACK works in place either way)."""
+    """:func:`inverse_cholesky_upper` computed in place: ``make()`` returns a fresh column-major copy of the
+    (undamped) ``H`` (:func:`column_major_copy`, :func:`solver_hessian`), which is damped, factored, inverted and
+    factored again in that one matrix and returned (column-major: index it, do not assume ``is_contiguous()``). A
+    solver that needs ``H`` changed (dead channels, act-order's permutation) builds the changed copy in ``make`` and
+    so holds one n x n matrix beside the caller's, instead of four (for an 8192-wide ``down_proj``, 268 MB instead
+    of 1.07 GB); a row-major copy works too, but torch then puts a column-major temporary of its size beside it at
+    each of the three steps. ``make`` runs once per attempt (a failed attempt has overwritten its copy); ``lambda``
+    comes from the first copy's diagonal. The bytes equal the out-of-place computation's (LAPACK works in place
+    either way)."""
     mean_diag = None
     current = damp
     for attempt in range(retries + 1):

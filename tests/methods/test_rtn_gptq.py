@@ -181,6 +181,25 @@ def test_the_in_place_inverse_factor_has_the_out_of_place_bytes():
     assert torch.equal(indefinite, torch.diag(torch.tensor([1.0, 1.0, -0.01])))
 
 
+def test_the_solver_s_copy_is_column_major_and_factored_with_the_row_major_bytes(monkeypatch):
+    """The solvers' copy of H is laid out column-major (LAPACK's order: torch factors it in place, with no temporary
+    n x n matrix at each step), holds the values of the row-major gather, and gives the same factor's bytes."""
+    X = torch.randn(300, 96)
+    H = 2 * X.T @ X / 300
+    H[5, :] = H[:, 5] = 0
+    dead, perm = torch.diagonal(H) == 0, torch.randperm(96)
+    monkeypatch.setattr(hessian, "PRODUCT_BLOCK", 96 * 10)  # act-order's gather in blocks of 10 rows
+    for order in (None, perm):
+        expected = H.clone() if order is None else H[order][:, order]
+        expected.diagonal()[dead if order is None else dead[order]] = 1
+        copy = hessian.solver_hessian(H, dead, order)
+        assert copy.stride() == (1, 96) and torch.equal(copy, expected)
+        U, _ = damped_inverse_cholesky(lambda o=order: hessian.solver_hessian(H, dead, o), 0.01)
+        assert U.stride() == (1, 96)  # factored where it lies
+        assert torch.equal(U, damped_inverse_cholesky(expected.clone, 0.01)[0])  # the row-major copy's bytes
+    assert inverse_cholesky_upper(expected)[0].is_contiguous()  # the public function gives a row-major factor
+
+
 def test_diagonal_only_accumulator_matches_the_full_diagonal():
     X = torch.randn(2, 40, 12)
     full, diag = HessianAccumulator(12), HessianAccumulator(12, diagonal_only=True)
