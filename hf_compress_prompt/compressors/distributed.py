@@ -75,8 +75,10 @@ class ProcessGroup:
         import torch.distributed as dist
 
         for acc in accumulators:
-            tokens = torch.tensor([acc.tokens], dtype=torch.int64, device=acc.sum.device)
-            dist.all_reduce(acc.sum)  # float64 sums of float32 products: the one-process bytes (HessianAccumulator)
+            sums = acc.sum_tensors()
+            tokens = torch.tensor([acc.tokens], dtype=torch.int64, device=sums[0].device)
+            for tensor in sums:  # float64 sums of float32 products: the one-process bytes (HessianAccumulator)
+                dist.all_reduce(tensor)
             dist.all_reduce(tokens)
             acc.tokens = int(tokens.item())
 

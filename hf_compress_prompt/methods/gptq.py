@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..validation import static_group_index
-from .hessian import damped_inverse_cholesky, solver_hessian
+from .hessian import damped_inverse_cholesky, lazy_batch_update, solver_hessian
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
 __all__ = ["gptq_quantize"]
@@ -109,7 +109,7 @@ def gptq_quantize(
             err = (w - dequantize_codes(c, s, z)) / Hinv1[i, i]  # GPTQ eq. (2): the scaled error of this column
             W1[i:] -= torch.outer(Hinv1[i, i:], err)  # update the block's later columns
             Err1[i] = err
-        W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]  # lazy batch update of every column after the block
+        lazy_batch_update(W, Err1.T.contiguous(), Hinv[i1:i2], i2)  # every column after the block
     codes = codes_t.T.contiguous()
 
     if perm is not None:

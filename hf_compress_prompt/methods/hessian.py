@@ -9,7 +9,8 @@ import torch
 from .._logging import get_logger
 
 __all__ = [
-    "HessianAccumulator", "column_major_copy", "damped_inverse_cholesky", "inverse_cholesky_upper", "solver_hessian"
+    "HessianAccumulator", "column_major_copy", "damped_inverse_cholesky", "inverse_cholesky_upper", "lazy_batch_update",
+    "solver_hessian",
 ]
 
 logger = get_logger(__name__)
@@ -26,7 +27,14 @@ class HessianAccumulator:
     Each batch's ``X^T X`` is computed in float32 and added to a float64 sum; ``H`` is that sum times ``2/n``,
     rounded to float32. Float32 values added in float64 keep every bit the float32 result can show, so ``H`` does
     not depend on how the batches are grouped: accumulators over parts of the data, merged with :meth:`merge` (or
-    summed across processes), give the bytes one accumulator over all of it gives.
+    summed across processes, :meth:`sum_tensors`), give the bytes one accumulator over all of it gives.
+
+    ``H`` is symmetric, so the sum keeps only its upper triangle, in blocks of rows (a multiple of 128, about
+    ``PRODUCT_BLOCK`` values of ``X^T X`` made at once), each from its diagonal to the last column: about half the
+    float64 matrix (for an 8192-wide ``down_proj``, 302 MB instead of 537 MB) and half the products. :attr:`H`
+    mirrors it into the full float32 matrix. On this CPU's BLAS the blocks hold the bytes of the whole product
+    (tests/methods; checked for widths up to 13824), which comes out exactly symmetric, so ``H`` has the bytes of
+    the whole product added at once; blocks of a few rows can differ in the last bit, so none is narrower than 128.
 
     Args:
         in_features (`int`): the layer's input width.
@@ -44,12 +52,20 @@ class HessianAccumulator:
         self, in_features: int, device: torch.device | str = "cpu", diagonal_only: bool = False,
         clip_token_norm: float | None = None,
     ):
+        self.in_features = in_features
         self.diagonal_only = diagonal_only
         self.clip_token_norm = clip_token_norm
-        shape = (in_features,) if diagonal_only else (in_features, in_features)
-        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)  # sum_i x_i x_i^T (or its diagonal)
+        if diagonal_only:
+            self._rows = [0]
+            self._sums = [torch.zeros(in_features, dtype=torch.float64, device=device)]  # the diagonal's sum
+        else:  # rows [i, i + rows) of sum_i x_i x_i^T, columns [i, in_features): the upper triangle
+            rows = max(128, PRODUCT_BLOCK // max(in_features, 1) // 128 * 128)
+            self._rows = list(range(0, in_features, rows))
+            self._sums = [torch.zeros(min(rows, in_features - i), in_features - i, dtype=torch.float64, device=device)
+                          for i in self._rows]
         self.tokens = 0
         self._H: torch.Tensor | None = None  # H once finished (the float64 sum is then dropped)
+        self._diagonal: torch.Tensor | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Adds inputs ``x`` of shape `(..., in_features)`; every leading position counts as one sample."""
@@ -63,39 +79,73 @@ class HessianAccumulator:
             cap = self.clip_token_norm * norms.median()
             x = x * torch.clamp(cap / norms.clamp_min(1e-12), max=1.0)[:, None]  # massive tokens scaled down to cap
         if self.diagonal_only:
-            self.sum.add_((x * x).sum(0))
+            self._sums[0].add_((x * x).sum(0))
         else:
-            # X^T X in float32, as the reference computes it, made in blocks of rows (a multiple of 128, about
-            # PRODUCT_BLOCK floats) and added to the float64 sum one block at a time: the whole product would be a
-            # second H beside the sum (268 MB for an 8192-wide down_proj). The blocks hold the whole product's
-            # bytes on this CPU's BLAS (tests/methods; checked for widths up to 28672; blocks of a few rows can
-            # differ in the last bit, so none is narrower than 128); every path and process makes the same blocks.
-            rows = max(128, PRODUCT_BLOCK // x.shape[1] // 128 * 128)
-            for i in range(0, x.shape[1], rows):
-                self.sum[i:i + rows].add_(x[:, i:i + rows].T @ x)
+            # X^T X in float32, as the reference computes it, a block of rows at a time from its diagonal on, added
+            # to that block of the float64 sum: the whole product would be a second H beside the sum (268 MB for
+            # an 8192-wide down_proj); every path and process makes the same blocks
+            for i, block in zip(self._rows, self._sums):
+                block.add_(x[:, i:i + block.shape[0]].T @ x[:, i:])
         self.tokens += n
+
+    def sum_tensors(self) -> list[torch.Tensor]:
+        """The float64 tensors the sum is kept in (blocks of its upper triangle, or the diagonal): adding them
+        element by element to another accumulator's of the same layer adds its batches (what ``torch.distributed``'s
+        ``all_reduce`` of each does across processes)."""
+        self._check_open()
+        return self._sums
+
+    @property
+    def sum(self) -> torch.Tensor | None:
+        """``sum_i x_i x_i^T`` (the diagonal for a ``diagonal_only`` accumulator), float64, made whole from the
+        kept triangle (an n x n float64 matrix: for inspection); `None` once finished."""
+        if self._H is not None:
+            return None
+        if self.diagonal_only:
+            return self._sums[0]
+        return self._assemble(self._sums, torch.float64)
 
     def merge(self, other: HessianAccumulator) -> None:
         """Adds ``other``'s tokens (an accumulator of the same layer over other batches)."""
         self._check_open()
-        other._check_open()
-        self.sum.add_(other.sum.to(self.sum.device))
+        for mine, theirs in zip(self.sum_tensors(), other.sum_tensors(), strict=True):
+            mine.add_(theirs.to(mine.device))
         self.tokens += other.tokens
 
     def finish(self) -> None:
-        """Every batch is in: keeps ``H`` (float32, the bytes :attr:`H` gives) and drops the float64 sum, which
-        takes twice its memory (for an 8192-wide ``down_proj``, 268 MB kept of 805 MB). A diagonal-only
-        accumulator is small and keeps its sum; :attr:`channel_sq_norm` gives the same bytes after. No batch can
-        be added after."""
+        """Every batch is in: keeps ``H`` (float32, the bytes :attr:`H` gives) and drops the float64 sum, a block
+        of rows at a time as ``H`` is filled (for an 8192-wide ``down_proj``, H's 268 MB kept, at most 570 MB held
+        on the way). A diagonal-only accumulator is small and keeps its sum; :attr:`channel_sq_norm` gives the same
+        bytes after. No batch can be added after."""
         if not self.diagonal_only and self._H is None:
-            self._diagonal = torch.diagonal(self.sum).clone()  # the diagonal: n floats
-            # Scaled in place, then rounded: the values :attr:`H` gives, without the second float64 matrix an
-            # out-of-place product makes (537 MB more for an 8192-wide ``down_proj``, at the peak of its step)
-            self._H = self.sum.mul_(2.0 / max(self.tokens, 1)).float()
-            self.sum = None
+            self._diagonal = self._sum_diagonal()  # the diagonal: n floats
+            sums, self._sums = self._sums, []
+            self._H = self._assemble(sums, torch.float32, scale=2.0 / max(self.tokens, 1), consume=True)
+
+    def _assemble(self, blocks: list[torch.Tensor | None], dtype: torch.dtype, scale: float | None = None,
+                  consume: bool = False) -> torch.Tensor:
+        """The full symmetric matrix in ``dtype`` from the upper-triangle ``blocks`` (each times ``scale``, in
+        float64, before it is rounded), the lower triangle mirrored from the upper. ``consume``: each block is
+        scaled in place and dropped from ``blocks`` once copied, so its memory is given back as ``H`` fills."""
+        n = self.in_features
+        M = torch.empty(n, n, dtype=dtype, device=blocks[0].device)
+        for k, i in enumerate(self._rows):
+            block = blocks[k]
+            if consume:
+                blocks[k] = None
+            if scale is not None:
+                block = block.mul_(scale) if consume else block * scale
+            rows = block.shape[0]
+            M[i:i + rows, i:] = block  # rounded to ``dtype`` here
+            del block
+            M[i + rows:, i:i + rows] = M[i:i + rows, i + rows:].T  # the mirror image below this block
+        return M
+
+    def _sum_diagonal(self) -> torch.Tensor:
+        return torch.cat([torch.diagonal(block[:, :block.shape[0]]) for block in self._sums]).clone()
 
     def _check_open(self) -> None:
-        if self.sum is None:
+        if self._H is not None:
             raise RuntimeError("this HessianAccumulator was finished (its sum dropped); no batch can be added")
 
     @property
@@ -105,15 +155,15 @@ class HessianAccumulator:
             raise ValueError("this accumulator keeps only the diagonal; create it with diagonal_only=False for H")
         if self._H is not None:
             return self._H
-        return (self.sum * (2.0 / max(self.tokens, 1))).float()
+        return self._assemble(self._sums, torch.float32, scale=2.0 / max(self.tokens, 1))
 
     @property
     def channel_sq_norm(self) -> torch.Tensor:
         """``||X_j||^2 / n`` per input channel, shape `(in_features,)`, float32."""
-        if self.sum is None:  # finished: the float64 diagonal it kept
+        if self._H is not None:  # finished: the float64 diagonal it kept
             diagonal = self._diagonal
         else:
-            diagonal = self.sum if self.diagonal_only else torch.diagonal(self.sum)
+            diagonal = self._sums[0] if self.diagonal_only else self._sum_diagonal()
         return (diagonal / max(self.tokens, 1)).float()
 
 
@@ -131,6 +181,16 @@ def solver_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | Non
             M[i:i + rows] = H[perm[i:i + rows, None], perm]  # about PRODUCT_BLOCK values gathered at once
     M.diagonal()[dead if perm is None else dead[perm]] = 1
     return M
+
+
+def lazy_batch_update(W: torch.Tensor, err: torch.Tensor, hinv_rows: torch.Tensor, start: int) -> None:
+    """GPTQ's and SparseGPT's lazy batch update, ``W[:, start:] -= err @ hinv_rows[:, start:]``, made a block of
+    columns at a time (about ``PRODUCT_BLOCK`` values each): the whole product is a temporary as large as the rest of
+    ``W`` (96 MB for the first block of an 8192-wide ``down_proj``). Each block of columns holds the whole product's
+    bytes on this CPU's BLAS (tests/methods), as do the blocks of :class:`HessianAccumulator`."""
+    columns = max(128, PRODUCT_BLOCK // max(W.shape[0], 1) // 128 * 128)
+    for j in range(start, W.shape[1], columns):
+        W[:, j:j + columns] -= err @ hinv_rows[:, j:j + columns]
 
 
 def column_major_copy(H: torch.Tensor) -> torch.Tensor:

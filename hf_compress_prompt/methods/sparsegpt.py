@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import damped_inverse_cholesky, solver_hessian
+from .hessian import damped_inverse_cholesky, lazy_batch_update, solver_hessian
 from .masks import SparsityPattern, parse_sparsity
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
@@ -99,7 +99,7 @@ def sparsegpt_prune(
             Err1[:, i] = err
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of every column after the block
+        lazy_batch_update(W, Err1, Hinv[i1:i2], i2)  # every column after the block
 
     quantized = None
     if bits is not None:

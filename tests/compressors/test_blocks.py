@@ -50,3 +50,25 @@ def test_other_families_are_discovered_and_replayed(family):
     with torch.no_grad():
         reference = model(ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(run_block(layers[0], inputs)[0], reference[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_s_hessians_are_given_back_before_its_outputs_are_computed(tiny_model, monkeypatch):
+    """compress_block holds one round's accumulators at a time and none through the pass that makes the next
+    block's inputs (an 8192-wide down_proj's H is 268 MB)."""
+    import gc
+
+    from hf_compress_prompt.compressors import layerwise
+    from hf_compress_prompt.methods.hessian import HessianAccumulator
+
+    path, layers = find_decoder_layers(tiny_model)
+    inputs = capture_block_inputs(tiny_model, layers, [torch.randint(0, 256, (1, 16))])
+    alive, solved = [], []
+
+    def outputs_pass(*args, **kwargs):
+        alive.append(sum(isinstance(o, HessianAccumulator) for o in gc.get_objects()))
+        return run_block(*args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "run_block", outputs_pass)
+    layerwise.compress_block(layers[0], f"{path}.0", inputs, inputs.hidden,
+                             lambda name, module, W, acc: solved.append(name))
+    assert sorted(solved) == sorted(f"{path}.0.{n}" for n in layerwise.find_linear_layers(layers[0])) and alive == [0]

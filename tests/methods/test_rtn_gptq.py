@@ -144,19 +144,29 @@ def test_cholesky_retries_with_more_damping():
 
 
 def test_a_wide_layer_s_product_is_accumulated_in_blocks_of_rows_with_the_same_bytes(monkeypatch):
-    """Wide layers add X^T X to the float64 sum in blocks of 128+ rows (no second n x n matrix); the bytes equal
-    those of the whole product added at once."""
+    """Wide layers add X^T X to the float64 sum in blocks of 128+ rows of its upper triangle (no second n x n
+    matrix, about half the float64 one); the bytes equal those of the whole product added at once, its lower
+    triangle mirrored, whether finished, read open, or merged."""
     X = torch.randn(3, 70, 300)
-    whole = HessianAccumulator(300)
+    whole = HessianAccumulator(300)  # 300 wide: one block, the whole product
     for batch in X:
         whole.add_batch(batch)
+    assert [t.shape for t in whole.sum_tensors()] == [(300, 300)]
+    reference = sum((batch.T @ batch).double() for batch in X)
+    assert torch.equal(whole.sum, reference) and torch.equal(reference, reference.T)
     monkeypatch.setattr(hessian, "PRODUCT_BLOCK", 300 * 128)  # blocks of 128 rows: 128, 128 and a short 44
-    blocks = HessianAccumulator(300)
-    for batch in X:
+    blocks, first, rest = HessianAccumulator(300), HessianAccumulator(300), HessianAccumulator(300)
+    for k, batch in enumerate(X):
         blocks.add_batch(batch)
+        (first if k == 0 else rest).add_batch(batch)
+    assert [t.shape for t in blocks.sum_tensors()] == [(128, 300), (128, 172), (44, 44)]  # 0.55 of 300 x 300
     assert torch.equal(blocks.sum, whole.sum)
+    assert torch.equal(blocks.H, whole.H) and torch.equal(blocks.channel_sq_norm, whole.channel_sq_norm)
+    first.merge(rest)
     blocks.finish()
-    assert torch.equal(blocks.H, whole.H)
+    first.finish()
+    assert torch.equal(blocks.H, whole.H) and torch.equal(first.H, whole.H)
+    assert torch.equal(blocks.channel_sq_norm, whole.channel_sq_norm)
 
 
 def test_the_in_place_inverse_factor_has_the_out_of_place_bytes():
@@ -198,6 +208,27 @@ def test_the_solver_s_copy_is_column_major_and_factored_with_the_row_major_bytes
         assert U.stride() == (1, 96)  # factored where it lies
         assert torch.equal(U, damped_inverse_cholesky(expected.clone, 0.01)[0])  # the row-major copy's bytes
     assert inverse_cholesky_upper(expected)[0].is_contiguous()  # the public function gives a row-major factor
+
+
+def test_the_lazy_batch_update_made_a_block_of_columns_at_a_time_keeps_the_solvers_bytes(monkeypatch):
+    """GPTQ's and SparseGPT's update of the columns after each block is made 128 columns at a time when
+    ``PRODUCT_BLOCK`` says so (no temporary as large as W): the codes, grids and weights are the same bytes."""
+    from hf_compress_prompt.methods.sparsegpt import sparsegpt_prune
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 640, generator=g)  # 5 blocks of 128 columns: updates of 512, 384, 256 and 128 columns
+    X = torch.randn(2048, 640, generator=g) @ (torch.eye(640) + torch.randn(640, 640, generator=g) / 640**0.5)
+    H = 2 * X.T @ X / 2048
+    runs = []
+    for block in (hessian.PRODUCT_BLOCK, W.shape[0] * 128):
+        monkeypatch.setattr(hessian, "PRODUCT_BLOCK", block)
+        runs.append([gptq_quantize(W, H, 4, 32, False, act_order) for act_order in (False, True)]
+                    + [sparsegpt_prune(W, H, "2:4", bits=4, group_size=32)])
+    for whole, blocked in zip(*runs):
+        whole, blocked = (r if isinstance(r, tuple) else (r,) for r in (whole, blocked))
+        for a, b in zip(whole, blocked):
+            for name in ("codes", "scale", "zero") if hasattr(a, "codes") else (None,):
+                assert torch.equal(a if name is None else getattr(a, name), b if name is None else getattr(b, name))
 
 
 def test_diagonal_only_accumulator_matches_the_full_diagonal():
