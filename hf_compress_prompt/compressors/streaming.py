@@ -60,7 +60,7 @@ from .compress import BLOCKWISE_STEPS, _quantize_head, prepare_recipe, record_re
 from .configs import CalibrationConfig, CompressionConfig, LayerDropConfig, Recipe
 from .distributed import compute_device, process_group
 from .layer_drop import choose_layers_to_drop, drop_layers
-from .layerwise import compress_block
+from .layerwise import compress_block, release_memory
 from .pack import pack_linear_module, sparsity_pattern
 from .state import CompressionResult, CompressionState, StepReport
 
@@ -209,7 +209,7 @@ def _free_outside(model: nn.Module, path: str) -> None:
         if not name.startswith(f"{path}."):
             set_module_tensor_to_device(model, name, "meta")
     model.tie_weights()
-    _release_memory()
+    release_memory()
 
 
 def _streamed_blocks(model: nn.Module, source: CheckpointSource, path: str, layers: nn.ModuleList,
@@ -412,7 +412,7 @@ def compress_pretrained(
         work.save_block(index, {f"{prefix}.{k}": v.cpu() for k, v in block.state_dict().items()}, streams, formats,
                         reports, group=group, suffix=suffix)
         layers[index] = block.to("meta")  # freed: the next block is read from the source alone
-        _release_memory()
+        release_memory()
         _after_block(index)
     if any(getattr(step, "lm_head", False) for step in recipe.steps):  # the head is quantized here (a tied one
         _load_outside(model, source, path, tied, dtype, device=device)  # from the embeddings); the rest is written
@@ -447,27 +447,6 @@ def compress_pretrained(
 _WORK_SUFFIX = ".hcp-stream"
 _MANIFEST = "manifest.json"
 _PROGRESS = "progress.json"
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or `None` where there is none (looked up once: ``find_library`` runs ldconfig)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
-
-
-def _release_memory() -> None:
-    """Gives the freed block's memory back to the system: glibc keeps freed blocks of up to its (grown) mmap
-    threshold in its heap, so without a trim the resident size climbs by about a block's worth per block."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _after_block(index: int) -> None:
@@ -650,7 +629,7 @@ def _one_linear_at_a_time(model: nn.Module, source: CheckpointSource, prefix: st
             formats[full] = pack_linear_module(model, full, state.quantized.pop(module, None),
                                                state.masks.pop(module, None), pattern)
         del module  # the dense linear, replaced by its packed module
-        _release_memory()
+        release_memory()
     return formats
 
 
@@ -694,14 +673,14 @@ def _write_folder(model: nn.Module, folder: Path, block_files: dict[str, Path], 
         from safetensors import safe_open
 
         def read():
-            _release_memory()  # what the tensor written before this one held
+            release_memory()  # what the tensor written before this one held
             with safe_open(block_files[name], framework="pt") as handle:
                 return handle.get_tensor(name)
         return read
 
     def from_source(name: str, held: torch.dtype):
         def chunks():
-            _release_memory()
+            release_memory()
             # the widest of the load-time dtype and the written one: what a converted slice holds at most
             itemsize = max(torch.empty((), dtype=d).element_size() for d in (dtype, held))
             yield from source.chunks(name, lambda t: _as_loaded(t, dtype).to(held), itemsize)
