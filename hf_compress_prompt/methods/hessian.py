@@ -15,9 +15,15 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-# About the most float32 values of X^T X made at once while accumulating (2^23: 32 MB); layers up to 2896 inputs
-# wide take one block.
+# About the most float32 values made at once (2^23: 32 MB) by the blocked steps: X^T X while accumulating (layers up
+# to 2896 inputs wide take one block), the solvers' lazy update and act-order's gather.
 PRODUCT_BLOCK = 1 << 23
+
+
+def _block(width: int) -> int:
+    """Rows (or columns) of about ``PRODUCT_BLOCK`` values across ``width``, a multiple of 128: the blocks products
+    are made in. Blocks of a few rows can differ from the whole product in the last bit, so none is narrower."""
+    return max(128, PRODUCT_BLOCK // max(width, 1) // 128 * 128)
 
 
 class HessianAccumulator:
@@ -59,7 +65,7 @@ class HessianAccumulator:
             self._rows = [0]
             self._sums = [torch.zeros(in_features, dtype=torch.float64, device=device)]  # the diagonal's sum
         else:  # rows [i, i + rows) of sum_i x_i x_i^T, columns [i, in_features): the upper triangle
-            rows = max(128, PRODUCT_BLOCK // max(in_features, 1) // 128 * 128)
+            rows = _block(in_features)
             self._rows = list(range(0, in_features, rows))
             self._sums = [torch.zeros(min(rows, in_features - i), in_features - i, dtype=torch.float64, device=device)
                           for i in self._rows]
@@ -175,8 +181,8 @@ def solver_hessian(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | Non
     if perm is None:
         M = column_major_copy(H)
     else:
-        M = torch.empty_strided(H.shape, (1, H.shape[0]), dtype=H.dtype, device=H.device)
-        rows = max(1, PRODUCT_BLOCK // max(H.shape[0], 1))
+        M = _column_major_empty(H)
+        rows = max(1, PRODUCT_BLOCK // max(H.shape[0], 1))  # a gather is exact in blocks of any size
         for i in range(0, H.shape[0], rows):
             M[i:i + rows] = H[perm[i:i + rows, None], perm]  # about PRODUCT_BLOCK values gathered at once
     M.diagonal()[dead if perm is None else dead[perm]] = 1
@@ -188,7 +194,7 @@ def lazy_batch_update(W: torch.Tensor, err: torch.Tensor, hinv_rows: torch.Tenso
     columns at a time (about ``PRODUCT_BLOCK`` values each): the whole product is a temporary as large as the rest of
     ``W`` (96 MB for the first block of an 8192-wide ``down_proj``). Each block of columns holds the whole product's
     bytes on this CPU's BLAS (tests/methods), as do the blocks of :class:`HessianAccumulator`."""
-    columns = max(128, PRODUCT_BLOCK // max(W.shape[0], 1) // 128 * 128)
+    columns = _block(W.shape[0])
     for j in range(start, W.shape[1], columns):
         W[:, j:j + columns] -= err @ hinv_rows[:, j:j + columns]
 
@@ -198,7 +204,11 @@ def column_major_copy(H: torch.Tensor) -> torch.Tensor:
     cuSOLVER's own): torch factors and inverts such a matrix in place through ``out=``, where a row-major one goes
     through a column-major temporary the size of ``H`` at every step (three more n x n matrices at the peak of a
     solve; 268 MB each for an 8192-wide ``down_proj``). Same values, same LAPACK calls: the same bytes."""
-    return torch.empty_strided(H.shape, (1, H.shape[0]), dtype=H.dtype, device=H.device).copy_(H)
+    return _column_major_empty(H).copy_(H)
+
+
+def _column_major_empty(H: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(H.shape, (1, H.shape[0]), dtype=H.dtype, device=H.device)
 
 
 def inverse_cholesky_upper(
