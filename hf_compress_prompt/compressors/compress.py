@@ -150,18 +150,24 @@ def gptq_linear(step: GPTQConfig, state: CompressionState, report: StepReport):
     """GPTQ's work on one linear given its input statistics: a :data:`~.layerwise.LinearCompressor`."""
     def compress(name, module, W, acc):
         qw = gptq_quantize(
-            W, acc.H, step.bits, step.group_size, step.symmetric, step.act_order, step.damp, step.block_size,
-            prune_mask=state.masks.get(module),
+            W, _hessian(acc), step.bits, step.group_size, step.symmetric, step.act_order, step.damp, step.block_size,
+            prune_mask=state.masks.get(module), spill_dir=acc.spill_dir,
         )
         record_quantized(state, name, module, qw, report)
     return compress
+
+
+def _hessian(acc) -> torch.Tensor:
+    """The H a solve reads: handed over when the solve is its last reader and may overwrite it (``spill_dir``)."""
+    return acc.take_H() if acc.spill_dir is not None else acc.H
 
 
 def sparsegpt_linear(step: SparseGPTConfig, state: CompressionState, report: StepReport):
     """SparseGPT's work (pruning, and quantization when ``bits`` is set) on one linear given its statistics."""
     def compress(name, module, W, acc):
         weight, mask, qw = sparsegpt_prune(
-            W, acc.H, step.sparsity, step.bits, step.group_size, step.symmetric, step.damp, step.block_size
+            W, _hessian(acc), step.sparsity, step.bits, step.group_size, step.symmetric, step.damp, step.block_size,
+            spill_dir=acc.spill_dir,
         )
         set_linear_weight(module, weight)
         state.masks[module] = mask

@@ -8,7 +8,9 @@ the calibration set plus the model.
 
 from __future__ import annotations
 
+import collections
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -101,6 +103,7 @@ def compress_block(
     keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
     group: ProcessGroup | None = None,
     share: Callable[[str, nn.Module, int], None] | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> list[torch.Tensor]:
     """One block of :func:`compress_layerwise`: gathers its linears' input statistics from ``hidden`` (this block's
     inputs, one tensor per calibration batch; ``inputs.kwargs`` the matching keyword arguments), runs
@@ -151,9 +154,15 @@ def compress_block(
             acc.finish()  # every batch is in: keep H, drop its float64 sum (twice H's memory)
         release_memory()  # the forward passes' temporaries
 
+        # the names this process solves, and how many of them read each H: the last may overwrite it
+        mine = names if group is None else [n for k, n in enumerate(names) if group.owner(k) == group.rank]
+        readers = collections.Counter(id(accumulators[n]) for n in mine)
+
         def solve(name: str) -> None:
-            module = linears[name]
-            compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), accumulators[name])
+            module, acc = linears[name], accumulators[name]
+            readers[id(acc)] -= 1
+            acc.spill_dir = spill_dir if readers[id(acc)] == 0 else None
+            compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), acc)
             release_memory()  # the solve's temporaries, before the next solve's
 
         if group is None:

@@ -393,7 +393,8 @@ def compress_pretrained(
                 share = None if group is None else functools.partial(group.share, state=state, report=reports[i])
                 streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
                                             true_sequential=step.true_sequential, diagonal_only=kind.diagonal_only,
-                                            storage_dtype=activation_dtype, keep=keep, group=group, share=share)
+                                            storage_dtype=activation_dtype, keep=keep, group=group, share=share,
+                                            spill_dir=work.path)  # each H's last solve works in H itself
             else:
                 linears = find_linear_layers(block)
                 if group is None:

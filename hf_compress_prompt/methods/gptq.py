@@ -3,10 +3,12 @@ not yet quantized, using the inverse Hessian of the layer's reconstruction loss 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..validation import static_group_index
-from .hessian import damped_inverse_cholesky, lazy_batch_update, solver_hessian
+from .hessian import damped_inverse_cholesky, factor_input, lazy_batch_update
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
 __all__ = ["gptq_quantize"]
@@ -22,6 +24,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     prune_mask: torch.Tensor | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> QuantizedWeight:
     """Quantizes ``weight`` (shape `(out_features, in_features)`) with GPTQ.
 
@@ -41,6 +44,12 @@ def gptq_quantize(
         prune_mask (`torch.Tensor` of shape `(out_features, in_features)`, *optional*): weights pruned by an earlier
             step (True = pruned). They are held at exactly 0 (the grid always holds 0) and the error of doing so is
             compensated like rounding error, so quantizing keeps the sparsity pattern.
+        spill_dir (`str` or `os.PathLike`, *optional*): let ``H`` itself become the inverse factor, one
+            `(in_features, in_features)` matrix fewer (268 MB for an 8192-wide layer), same result: ``H`` is
+            overwritten (pass one nothing else reads, e.g. :meth:`~.hessian.HessianAccumulator.take_H`'s, exactly
+            symmetric) after its values are written to a temporary file in this folder, read back only when the
+            damping must be raised (:func:`~.hessian.hessian_in_place`; act-order permutes it there). Not for an
+            ``H`` off the CPU: it is then copied, as without ``spill_dir``.
 
     Returns:
         `QuantizedWeight` (with ``perm`` set when ``act_order``).
@@ -48,7 +57,7 @@ def gptq_quantize(
     rows, cols = weight.shape
     size = check_group_size(group_size, cols)
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
-    H = H.detach().float()  # (cols, cols); the caller's H is never changed
+    H = H.detach().float()  # (cols, cols); the caller's H is changed only with spill_dir
     dead = torch.diagonal(H) == 0  # inputs that were always zero: any value works, so quantize zeros
     W[:, dead] = 0
     if prune_mask is not None:
@@ -75,8 +84,10 @@ def gptq_quantize(
         if prune_mask is not None:
             prune_mask = prune_mask[:, perm]
 
-    # upper Cholesky factor of H^-1, made in place in one copy of H (dead inputs fixed, in act-order's order)
-    Hinv, _ = damped_inverse_cholesky(lambda: solver_hessian(H, dead, perm), damp)
+    # upper Cholesky factor of H^-1, made in place in one copy of H (dead inputs fixed, in act-order's order), or in
+    # H itself
+    with factor_input(H, dead, perm, spill_dir) as make:
+        Hinv, _ = damped_inverse_cholesky(make, damp)
     del H  # the caller's: not needed in the column loop
     # Each block is worked on transposed, (B, rows), so that a column of W is a contiguous row: the per-column
     # steps read and write contiguous memory. The arithmetic is the textbook loop's, element for element (the
@@ -115,3 +126,4 @@ def gptq_quantize(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]  # back to the original column order
     return QuantizedWeight(codes, scale, zero, bits, group_size, symmetric, perm)
+

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 
 import torch
 
 from .._logging import get_logger
 
 __all__ = [
-    "HessianAccumulator", "column_major_copy", "damped_inverse_cholesky", "inverse_cholesky_upper", "lazy_batch_update",
-    "solver_hessian",
+    "HessianAccumulator", "column_major_copy", "damped_inverse_cholesky", "factor_input", "hessian_in_place", "inverse_cholesky_upper",
+    "lazy_batch_update", "solver_hessian",
 ]
 
 logger = get_logger(__name__)
@@ -70,8 +73,12 @@ class HessianAccumulator:
             self._sums = [torch.zeros(min(rows, in_features - i), in_features - i, dtype=torch.float64, device=device)
                           for i in self._rows]
         self.tokens = 0
+        self._finished = False
         self._H: torch.Tensor | None = None  # H once finished (the float64 sum is then dropped)
         self._diagonal: torch.Tensor | None = None
+        # Set by the caller for the last solve that reads H: a folder that solve may spill H to while it overwrites
+        # H with its factor (:meth:`take_H`, :func:`hessian_in_place`); `None`: H is read, never changed.
+        self.spill_dir: str | os.PathLike | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Adds inputs ``x`` of shape `(..., in_features)`; every leading position counts as one sample."""
@@ -105,7 +112,7 @@ class HessianAccumulator:
     def sum(self) -> torch.Tensor | None:
         """``sum_i x_i x_i^T`` (the diagonal for a ``diagonal_only`` accumulator), float64, made whole from the
         kept triangle (an n x n float64 matrix: for inspection); `None` once finished."""
-        if self._H is not None:
+        if self._finished:
             return None
         if self.diagonal_only:
             return self._sums[0]
@@ -123,10 +130,19 @@ class HessianAccumulator:
         of rows at a time as ``H`` is filled (for an 8192-wide ``down_proj``, H's 268 MB kept, at most 570 MB held
         on the way). A diagonal-only accumulator is small and keeps its sum; :attr:`channel_sq_norm` gives the same
         bytes after. No batch can be added after."""
-        if not self.diagonal_only and self._H is None:
+        if not self.diagonal_only and not self._finished:
             self._diagonal = self._sum_diagonal()  # the diagonal: n floats
             sums, self._sums = self._sums, []
             self._H = self._assemble(sums, torch.float32, scale=2.0 / max(self.tokens, 1), consume=True)
+            self._finished = True
+
+    def take_H(self) -> torch.Tensor:
+        """:attr:`H`, handed over (the accumulator is finished first and forgets it): for the last solve that needs
+        it, which may then overwrite it (GPTQ's and SparseGPT's ``spill_dir``) instead of copying it. :attr:`H`
+        raises afterwards; :attr:`channel_sq_norm` still works."""
+        self.finish()
+        H, self._H = self.H, None
+        return H
 
     def _assemble(self, blocks: list[torch.Tensor | None], dtype: torch.dtype, scale: float | None = None,
                   consume: bool = False) -> torch.Tensor:
@@ -151,7 +167,7 @@ class HessianAccumulator:
         return torch.cat([torch.diagonal(block[:, :block.shape[0]]) for block in self._sums]).clone()
 
     def _check_open(self) -> None:
-        if self._H is not None:
+        if self._finished:
             raise RuntimeError("this HessianAccumulator was finished (its sum dropped); no batch can be added")
 
     @property
@@ -159,14 +175,16 @@ class HessianAccumulator:
         """``2 X^T X / n``, shape `(in_features, in_features)`, float32."""
         if self.diagonal_only:
             raise ValueError("this accumulator keeps only the diagonal; create it with diagonal_only=False for H")
-        if self._H is not None:
+        if self._finished:
+            if self._H is None:
+                raise RuntimeError("this HessianAccumulator's H was handed over by take_H()")
             return self._H
         return self._assemble(self._sums, torch.float32, scale=2.0 / max(self.tokens, 1))
 
     @property
     def channel_sq_norm(self) -> torch.Tensor:
         """``||X_j||^2 / n`` per input channel, shape `(in_features,)`, float32."""
-        if self._H is not None:  # finished: the float64 diagonal it kept
+        if self._finished:  # the float64 diagonal it kept
             diagonal = self._diagonal
         else:
             diagonal = self._sums[0] if self.diagonal_only else self._sum_diagonal()
@@ -205,6 +223,76 @@ def column_major_copy(H: torch.Tensor) -> torch.Tensor:
     through a column-major temporary the size of ``H`` at every step (three more n x n matrices at the peak of a
     solve; 268 MB each for an 8192-wide ``down_proj``). Same values, same LAPACK calls: the same bytes."""
     return _column_major_empty(H).copy_(H)
+
+
+@contextlib.contextmanager
+def hessian_in_place(H: torch.Tensor, dead: torch.Tensor, spill_dir: str | os.PathLike,
+                     perm: torch.Tensor | None = None) -> Iterator[Callable[[], torch.Tensor]]:
+    """:func:`damped_inverse_cholesky`'s ``make`` working in ``H``'s own memory, which becomes the factor: one
+    n x n matrix fewer than :func:`solver_hessian`'s copy (268 MB for an 8192-wide ``down_proj``). ``H`` (float32,
+    row-major, on the CPU) must be exactly symmetric, as :attr:`HessianAccumulator.H` is. It is first made into the
+    matrix :func:`solver_hessian` would copy, where it lies: permuted by act-order's ``perm`` (a block of rows, then
+    one row, at a time), dead inputs (``dead``: zero diagonal) set to 1. That matrix is symmetric too, so its
+    transpose, a column-major view, holds the copy's values in the copy's layout, and the factor has the copy's
+    bytes. Its values go to a temporary file in ``spill_dir`` (unlinked at once, so nothing is left behind even by
+    a killed run), read back only when an attempt fails and the damping is raised (a failed attempt leaves nothing
+    of the matrix: torch zeroes the other triangle too). ``H`` is overwritten."""
+    if perm is not None:
+        _permute_in_place(H, perm)
+    H.diagonal()[dead if perm is None else dead[perm]] = 1
+    values = H.numpy()  # shares H's memory: the file is written from it and read back into it, with no copy
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        spill.write(memoryview(values).cast("B"))
+        attempts = 0
+
+        def make() -> torch.Tensor:
+            nonlocal attempts
+            if attempts:
+                spill.seek(0)
+                view, done = memoryview(values).cast("B"), 0
+                while done < len(view):
+                    read = spill.readinto(view[done:])
+                    if not read:
+                        raise OSError(f"the spilled Hessian in {spill_dir} came back short")
+                    done += read
+            attempts += 1
+            return H.mT  # column-major, the values of H (symmetric)
+
+        yield make
+
+
+def _permute_in_place(H: torch.Tensor, perm: torch.Tensor) -> None:
+    """``H`` becomes ``H[perm][:, perm]`` in its own memory: each block of rows (about ``PRODUCT_BLOCK`` values)
+    gathers its columns, then the rows move along the permutation's cycles, one row held aside per cycle."""
+    n = H.shape[0]
+    rows = max(1, PRODUCT_BLOCK // max(n, 1))
+    for i in range(0, n, rows):
+        H[i:i + rows] = H[i:i + rows, perm]
+    order, moved = perm.tolist(), [False] * n
+    aside = torch.empty(n, dtype=H.dtype, device=H.device)
+    for start in range(n):  # row i becomes old row order[i]
+        if moved[start]:
+            continue
+        aside.copy_(H[start])
+        i = start
+        while True:
+            moved[i] = True
+            j = order[i]
+            if j == start:
+                H[i].copy_(aside)
+                break
+            H[i].copy_(H[j])
+            i = j
+
+
+def factor_input(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None = None,
+                 spill_dir: str | os.PathLike | None = None):
+    """A context giving GPTQ's and SparseGPT's ``make`` for :func:`damped_inverse_cholesky`: ``H``'s own memory
+    (:func:`hessian_in_place`) when ``spill_dir`` is given and ``H`` can be worked in (float32, row-major, in host
+    memory), else a fresh copy per attempt (:func:`solver_hessian`; ``H`` is not changed)."""
+    if spill_dir is not None and H.device.type == "cpu" and H.dtype == torch.float32 and H.is_contiguous():
+        return hessian_in_place(H, dead, spill_dir, perm)
+    return contextlib.nullcontext(lambda: solver_hessian(H, dead, perm))
 
 
 def _column_major_empty(H: torch.Tensor) -> torch.Tensor:

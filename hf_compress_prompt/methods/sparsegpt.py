@@ -3,9 +3,11 @@ inverse Hessian (the OBS update), optionally quantizing the kept weights in the 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .hessian import damped_inverse_cholesky, lazy_batch_update, solver_hessian
+from .hessian import damped_inverse_cholesky, factor_input, lazy_batch_update
 from .masks import SparsityPattern, parse_sparsity
 from .quant_grid import QuantizedWeight, check_group_size, dequantize_codes, grid_params, quantize_codes
 
@@ -21,6 +23,7 @@ def sparsegpt_prune(
     symmetric: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    spill_dir: str | os.PathLike | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None]:
     """Prunes ``weight`` (shape `(out_features, in_features)`) with SparseGPT.
 
@@ -35,6 +38,8 @@ def sparsegpt_prune(
         symmetric (`bool`, *optional*, defaults to `False`): symmetric quantization grid.
         damp (`float`, *optional*, defaults to 0.01): Hessian damping as a fraction of its mean diagonal.
         block_size (`int`, *optional*, defaults to 128): columns per mask-selection and lazy-update block.
+        spill_dir (`str` or `os.PathLike`, *optional*): let ``H`` itself become the inverse factor (overwritten; see
+            :func:`~.gptq.gptq_quantize`'s).
 
     Returns:
         `tuple`: the new weight (same dtype), the mask (True = pruned) and, with ``bits``, the `QuantizedWeight`
@@ -48,11 +53,12 @@ def sparsegpt_prune(
     size = check_group_size(group_size, cols) if bits is not None else cols
 
     W = weight.detach().float().clone(memory_format=torch.contiguous_format)  # (rows, cols), row-major even for Conv1D
-    H = H.detach().float()  # the caller's H is never changed
+    H = H.detach().float()  # the caller's H is changed only with spill_dir
     dead = torch.diagonal(H) == 0
     W[:, dead] = 0
-    # upper Cholesky factor of H^-1, made in place in one copy of H (dead inputs fixed)
-    Hinv, _ = damped_inverse_cholesky(lambda: solver_hessian(H, dead), damp)
+    # upper Cholesky factor of H^-1, made in place in one copy of H (dead inputs fixed), or in H itself
+    with factor_input(H, dead, spill_dir=spill_dir) as make:
+        Hinv, _ = damped_inverse_cholesky(make, damp)
     del H  # the caller's: not needed in the column loop
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)

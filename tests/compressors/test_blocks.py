@@ -72,3 +72,42 @@ def test_a_block_s_hessians_are_given_back_before_its_outputs_are_computed(tiny_
     layerwise.compress_block(layers[0], f"{path}.0", inputs, inputs.hidden,
                              lambda name, module, W, acc: solved.append(name))
     assert sorted(solved) == sorted(f"{path}.0.{n}" for n in layerwise.find_linear_layers(layers[0])) and alive == [0]
+
+
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+def test_with_a_spill_folder_only_each_h_s_last_reader_overwrites_it(tiny_model, tmp_path, method):
+    """q, k and v read one H: with ``spill_dir`` only v (its last reader) may turn it into its factor (and so on for
+    each group), so the block's
+    weights, grids and outputs are the bytes of the run that copies every H; nothing is left in the folder."""
+    import copy
+
+    from hf_compress_prompt.compressors import layerwise
+    from hf_compress_prompt.compressors.compress import gptq_linear, sparsegpt_linear
+    from hf_compress_prompt.compressors.configs import GPTQConfig, SparseGPTConfig
+    from hf_compress_prompt.compressors.state import CompressionState, StepReport
+
+    path, layers = find_decoder_layers(tiny_model)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(tiny_model, layers, [ids[:2], ids[2:]])
+    step = GPTQConfig(bits=4, group_size=16) if method == "gptq" else SparseGPTConfig(sparsity=0.5, bits=4,
+                                                                                      group_size=16)
+    make = gptq_linear if method == "gptq" else sparsegpt_linear
+    runs = []
+    for spill in (None, tmp_path):
+        block, state = copy.deepcopy(layers[0]), CompressionState()
+        readers = []
+
+        def compress(name, module, W, acc, work=make(step, state, StepReport(method))):
+            readers.append((name.rsplit(".", 1)[-1], acc.spill_dir is not None))
+            work(name, module, W, acc)
+
+        out = layerwise.compress_block(block, f"{path}.0", inputs, inputs.hidden, compress, spill_dir=spill)
+        runs.append((out, block.state_dict(), {id(m): q for m, q in state.quantized.items()}, readers))
+    (out, weights, _, plain), (spilled_out, spilled_weights, _, readers) = runs
+    assert all(torch.equal(a, b) for a, b in zip(out, spilled_out, strict=True))
+    assert all(torch.equal(weights[k], spilled_weights[k]) for k in weights)
+    assert not any(spill for _, spill in plain)
+    groups = EXPECTED_GROUPS[type(tiny_model).__name__]
+    last = {g[-1].rsplit(".", 1)[-1] for g in groups}  # v_proj, o_proj, up_proj, down_proj for Llama
+    assert sorted(name for name, spill in readers if spill) == sorted(last)
+    assert list(tmp_path.iterdir()) == []

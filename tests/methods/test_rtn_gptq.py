@@ -134,6 +134,92 @@ def test_the_solvers_leave_the_caller_s_hessian_as_it_was(layer):
     assert torch.equal(H, before)
 
 
+def _solve(method, weight, H, **kwargs):
+    """The solver's result as a tuple of tensors (codes, grids, weights, masks)."""
+    from hf_compress_prompt.methods.sparsegpt import sparsegpt_prune
+
+    if method.startswith("gptq"):
+        qw = gptq_quantize(weight, H, 4, 32, act_order=method == "gptq-act-order", **kwargs)
+        return (qw.codes, qw.scale, qw.zero) + ((qw.perm,) if qw.perm is not None else ())
+    new, mask, qw = sparsegpt_prune(weight, H, 0.5, bits=4, group_size=32, **kwargs)
+    return new, mask, qw.codes, qw.scale, qw.zero
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq-act-order", "sparsegpt"])
+def test_with_a_spill_folder_the_solvers_factor_h_in_its_own_memory_with_the_same_bytes(layer, tmp_path, method,
+                                                                                        monkeypatch):
+    """Given ``spill_dir``, GPTQ and SparseGPT turn the H they are handed into its inverse factor instead of
+    copying it (one n x n matrix fewer; act-order permutes it where it lies): the same bytes as the copy's, the
+    factor in H's memory, nothing left in the folder."""
+    from hf_compress_prompt.methods import gptq, sparsegpt
+
+    weight, _, H = layer
+    H = H.clone()
+    H[3, :] = H[:, 3] = 0  # a dead input: set to 1 in H itself now
+    expected = _solve(method, weight, H.clone())
+    factors = []
+    solver = sparsegpt if method == "sparsegpt" else gptq
+
+    def spy(make, damp):
+        factor, used = damped_inverse_cholesky(make, damp)
+        factors.append(factor.data_ptr())
+        return factor, used
+
+    monkeypatch.setattr(solver, "damped_inverse_cholesky", spy)
+    before = H.clone()
+    got = _solve(method, weight, H, spill_dir=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert factors == [H.data_ptr()] and not torch.equal(H, before)  # H's memory became the factor
+    assert list(tmp_path.iterdir()) == []  # the spilled copy was never a named file
+
+
+def test_act_order_s_permutation_in_h_s_own_memory_is_the_gather(monkeypatch):
+    """In H's memory, act-order's permutation (blocks of rows gather their columns, then rows move along the cycles)
+    gives the bytes of ``H[perm][:, perm]``, for permutations with fixed points, long and short cycles."""
+    monkeypatch.setattr(hessian, "PRODUCT_BLOCK", 50 * 7)  # columns gathered 7 rows at a time
+    X = torch.randn(80, 50)
+    H = X.T @ X
+    for perm in (torch.randperm(50), torch.arange(50), torch.arange(50).flip(0), torch.arange(50).roll(3)):
+        M = H.clone()
+        hessian._permute_in_place(M, perm)
+        assert torch.equal(M, H[perm][:, perm])
+
+
+def test_a_failed_attempt_in_h_s_memory_reads_h_back_from_the_spill(tmp_path):
+    """An attempt that fails leaves H's memory half factored (torch zeroes the other triangle too): the next
+    attempt reads H back from the spilled file, so the retries give what copies give."""
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.01])) + 0.001 * (1 - torch.eye(3))  # 1% damping fails
+    H = indefinite.clone()
+    with hessian.hessian_in_place(H, torch.zeros(3, dtype=torch.bool), tmp_path) as make:
+        first = make()
+        assert first.data_ptr() == H.data_ptr() and first.stride() == (1, 3) and torch.equal(first, indefinite)
+        first.zero_()  # what a failed attempt might leave
+        assert torch.equal(make(), indefinite)
+    H = indefinite.clone()
+    with hessian.hessian_in_place(H, torch.zeros(3, dtype=torch.bool), tmp_path) as make:
+        U, used = damped_inverse_cholesky(make, 0.01)
+    assert used == pytest.approx(0.1) and U.data_ptr() == H.data_ptr()
+    assert torch.equal(U, damped_inverse_cholesky(lambda: hessian.column_major_copy(indefinite), 0.01)[0])
+    weight = torch.randn(4, 3)
+    expected = gptq_quantize(weight, indefinite, 4)
+    got = gptq_quantize(weight, indefinite.clone(), 4, spill_dir=tmp_path)
+    assert torch.equal(got.codes, expected.codes) and torch.equal(got.scale, expected.scale)
+
+
+def test_take_h_hands_the_hessian_over():
+    X = torch.randn(2, 40, 16)
+    acc, reference = HessianAccumulator(16), HessianAccumulator(16)
+    for batch in X:
+        acc.add_batch(batch)
+        reference.add_batch(batch)
+    H = acc.take_H()  # finishes first
+    assert torch.equal(H, reference.H) and torch.equal(acc.channel_sq_norm, reference.channel_sq_norm)
+    with pytest.raises(RuntimeError, match="handed over"):
+        acc.H
+    with pytest.raises(RuntimeError, match="finished"):
+        acc.add_batch(X[0])
+
+
 def test_cholesky_retries_with_more_damping():
     H = torch.diag(torch.tensor([1.0, 1.0, -0.01]))  # indefinite: 1% damping is not enough, 10% is
     U, used = inverse_cholesky_upper(H, damp=0.01)
