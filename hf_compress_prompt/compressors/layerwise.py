@@ -9,9 +9,10 @@ the calibration set plus the model.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .._logging import get_logger
 from ..methods.hessian import HessianAccumulator
+from ..methods.quant_grid import QuantizedWeight
 from .blocks import (
     BlockInputs,
     block_device,
@@ -104,6 +106,7 @@ def compress_block(
     group: ProcessGroup | None = None,
     share: Callable[[str, nn.Module, int], None] | None = None,
     spill_dir: str | os.PathLike | None = None,
+    grids: Callable[[nn.Module], QuantizedWeight | None] | None = None,
 ) -> list[torch.Tensor]:
     """One block of :func:`compress_layerwise`: gathers its linears' input statistics from ``hidden`` (this block's
     inputs, one tensor per calibration batch; ``inputs.kwargs`` the matching keyword arguments), runs
@@ -122,58 +125,101 @@ def compress_block(
     linears = find_linear_layers(block)
     groups = sequential_groups(block, inputs)  # linears sharing one input, in forward order
     rounds = [[g] for g in groups] if true_sequential else [groups]
-    for round_groups in rounds:
-        # One accumulator per shared input: q, k and v see the same tensor, so they share one Hessian.
-        accumulators, handles = {}, []
-        for shared in round_groups:
-            in_features = linear_weight(linears[shared[0]]).shape[1]
-            acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only,
-                                     clip_token_norm=None if diagonal_only else clip_token_norm)
-            for name in shared:
-                accumulators[name] = acc
-            handles.append(
-                linears[shared[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
-            )
-        # Nothing after the round's last linear matters for its statistics: stop each forward pass there.
-        last = linears[round_groups[-1][-1]]
-        handles.append(last.register_forward_hook(_stop_forward))
-        try:
-            for h_in, kwargs in zip(hidden, inputs.kwargs):
-                try:
-                    block(h_in.to(device=device, dtype=compute), **kwargs)
-                except _StopForward:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
-        names = [name for g in round_groups for name in g]
-        distinct = list({id(a): a for a in accumulators.values()}.values())  # shared inputs share one
-        if group is not None:
-            group.sum_statistics(distinct)
-        for acc in distinct:
-            acc.finish()  # every batch is in: keep H, drop its float64 sum (twice H's memory)
-        release_memory()  # the forward passes' temporaries
+    with held_as_grids() as held:
+        for round_groups in rounds:
+            # One accumulator per shared input: q, k and v see the same tensor, so they share one Hessian.
+            accumulators, handles = {}, []
+            for shared in round_groups:
+                in_features = linear_weight(linears[shared[0]]).shape[1]
+                acc = HessianAccumulator(in_features, device=device, diagonal_only=diagonal_only,
+                                         clip_token_norm=None if diagonal_only else clip_token_norm)
+                for name in shared:
+                    accumulators[name] = acc
+                handles.append(
+                    linears[shared[0]].register_forward_hook(lambda mod, args, out, acc=acc: acc.add_batch(args[0]))
+                )
+            # Nothing after the round's last linear matters for its statistics: stop each forward pass there.
+            last = linears[round_groups[-1][-1]]
+            handles.append(last.register_forward_hook(_stop_forward))
+            try:
+                for h_in, kwargs in zip(hidden, inputs.kwargs):
+                    try:
+                        block(h_in.to(device=device, dtype=compute), **kwargs)
+                    except _StopForward:
+                        pass
+            finally:
+                for h in handles:
+                    h.remove()
+            names = [name for g in round_groups for name in g]
+            distinct = list({id(a): a for a in accumulators.values()}.values())  # shared inputs share one
+            if group is not None:
+                group.sum_statistics(distinct)
+            for acc in distinct:
+                acc.finish()  # every batch is in: keep H, drop its float64 sum (twice H's memory)
+            release_memory()  # the forward passes' temporaries
 
-        # the names this process solves, and how many of them read each H: the last may overwrite it
-        mine = names if group is None else [n for k, n in enumerate(names) if group.owner(k) == group.rank]
-        readers = collections.Counter(id(accumulators[n]) for n in mine)
+            # the names this process solves, and how many of them read each H: the last may overwrite it
+            mine = names if group is None else [n for k, n in enumerate(names) if group.owner(k) == group.rank]
+            readers = collections.Counter(id(accumulators[n]) for n in mine)
 
-        def solve(name: str) -> None:
-            module, acc = linears[name], accumulators[name]
-            readers[id(acc)] -= 1
-            acc.spill_dir = spill_dir if readers[id(acc)] == 0 else None
-            compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), acc)
-            release_memory()  # the solve's temporaries, before the next solve's
+            def solve(name: str) -> None:
+                module, acc = linears[name], accumulators[name]
+                readers[id(acc)] -= 1
+                acc.spill_dir = spill_dir if readers[id(acc)] == 0 else None
+                compress_linear(f"{prefix}.{name}", module, linear_weight(module).float(), acc)
+                release_memory()  # the solve's temporaries, before the next solve's
 
-        if group is None:
-            for name in names:
-                solve(name)
-        else:
-            group.deal(names, solve, lambda name, owner: share(f"{prefix}.{name}", linears[name], owner))
-        # this round's H are used: none is held through the next round's or the outputs' pass (268 MB for an
-        # 8192-wide down_proj, the last round's)
-        del accumulators, distinct, acc
-    return run_block(block, inputs, hidden, storage_dtype=storage_dtype, keep=keep)  # the next block's inputs
+            if group is None:
+                for name in names:
+                    solve(name)
+            else:
+                group.deal(names, solve, lambda name, owner: share(f"{prefix}.{name}", linears[name], owner))
+            # this round's H are used: none is held through the next round's or the outputs' pass (268 MB for an
+            # 8192-wide down_proj, the last round's)
+            del accumulators, distinct, acc
+            if grids is not None:
+                for name in names:
+                    held.hold(linears[name], grids(linears[name]))
+                release_memory()
+        return run_block(block, inputs, hidden, storage_dtype=storage_dtype, keep=keep)  # the next block's inputs
+
+
+class held_as_grids(contextlib.AbstractContextManager):
+    """Linears held as their quantization grids inside the context: :meth:`hold` frees a linear's weight when it is
+    exactly ``grid.dequantize()`` in its dtype, makes it again (those bytes) just before each forward pass through
+    it and frees it after, and the context's end gives every held linear its weight back. A held weight is a
+    placeholder of its shape that stores one value: anything but the module's own forward must not read it."""
+
+    def __init__(self):
+        self._held: dict[nn.Linear, tuple[QuantizedWeight, list]] = {}
+
+    def hold(self, module: nn.Module, grid: QuantizedWeight | None) -> bool:
+        """Holds ``module`` as ``grid``; `False` (nothing changed) when its weight is not exactly the grid's values
+        (pruned and not quantized, changed after rounding, not laid out row-major, or not an ``nn.Linear``)."""
+        if grid is None or type(module) is not nn.Linear or module in self._held:
+            return False
+        weight = module.weight.data
+        if not weight.is_contiguous() or not torch.equal(grid.dequantize(weight.dtype).to(weight.device), weight):
+            return False  # (a weight made again contiguous must be laid out as the one it replaces)
+        placeholder = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+
+        def make(mod, args):
+            mod.weight.data = grid.dequantize(placeholder.dtype).to(placeholder.device)
+
+        def free(mod, args, output):
+            mod.weight.data = placeholder
+
+        module.weight.data = placeholder
+        self._held[module] = (grid, [module.register_forward_pre_hook(make), module.register_forward_hook(free)])
+        return True
+
+    def __exit__(self, *exc) -> None:
+        for module, (grid, handles) in self._held.items():
+            for handle in handles:
+                handle.remove()
+            weight = module.weight.data
+            module.weight.data = grid.dequantize(weight.dtype).to(weight.device)
+        self._held.clear()
 
 
 @functools.cache

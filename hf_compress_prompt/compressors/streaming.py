@@ -394,7 +394,8 @@ def compress_pretrained(
                 streams[i] = compress_block(block, prefix, inputs, streams[i], work_fn,
                                             true_sequential=step.true_sequential, diagonal_only=kind.diagonal_only,
                                             storage_dtype=activation_dtype, keep=keep, group=group, share=share,
-                                            spill_dir=work.path)  # each H's last solve works in H itself
+                                            spill_dir=work.path,  # each H's last solve works in H itself
+                                            grids=state.quantized.get)  # solved linears held as their codes
             else:
                 linears = find_linear_layers(block)
                 if group is None:

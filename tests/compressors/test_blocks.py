@@ -111,3 +111,57 @@ def test_with_a_spill_folder_only_each_h_s_last_reader_overwrites_it(tiny_model,
     last = {g[-1].rsplit(".", 1)[-1] for g in groups}  # v_proj, o_proj, up_proj, down_proj for Llama
     assert sorted(name for name, spill in readers if spill) == sorted(last)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_solved_linears_held_as_their_grids_give_the_same_bytes_and_hold_one_value(tiny_model):
+    """With ``grids``, each round's solved linears are held as their codes through the later rounds and the
+    outputs' pass (their weights made again for each forward through them): the block's outputs, weights and
+    grids are the bytes of the run that keeps them dense, and every weight is back on return."""
+    import copy
+
+    from hf_compress_prompt.compressors import layerwise
+    from hf_compress_prompt.compressors.compress import gptq_linear
+    from hf_compress_prompt.compressors.configs import GPTQConfig
+    from hf_compress_prompt.compressors.state import CompressionState, StepReport
+
+    path, layers = find_decoder_layers(tiny_model)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(tiny_model, layers, [ids[:2], ids[2:]])
+    runs = []
+    for held in (False, True):
+        block, state = copy.deepcopy(layers[0]), CompressionState()
+        linears = layerwise.find_linear_layers(block)
+        stored = []  # per solve: how many other linears' weights store a single value
+
+        def compress(name, module, W, acc, work=gptq_linear(GPTQConfig(bits=4, group_size=16), state,
+                                                             StepReport("gptq"))):
+            stored.append(sum(m.weight.untyped_storage().nbytes() == 4 for m in linears.values()))
+            work(name, module, W, acc)
+
+        out = layerwise.compress_block(block, f"{path}.0", inputs, inputs.hidden, compress,
+                                       grids=state.quantized.get if held else None)
+        assert all(m.weight.is_contiguous() and m.weight.untyped_storage().nbytes() == m.weight.numel() * 4
+                   for m in linears.values())  # every weight back, whole
+        runs.append((out, block.state_dict(), stored))
+    (out, weights, dense), (held_out, held_weights, stored) = runs
+    assert all(torch.equal(a, b) for a, b in zip(out, held_out, strict=True))
+    assert all(torch.equal(weights[k], held_weights[k]) for k in weights)
+    groups = EXPECTED_GROUPS[type(tiny_model).__name__]
+    before = [sum(len(g) for g in groups[:k]) for k, g in enumerate(groups) for _ in g]  # solved in earlier rounds
+    assert dense == [0] * len(before) and stored == before
+
+
+def test_a_weight_that_is_not_its_grid_s_values_is_not_held():
+    from hf_compress_prompt.compressors.layerwise import held_as_grids
+    from hf_compress_prompt.methods.rtn import rtn_quantize
+
+    linear = torch.nn.Linear(32, 8)
+    grid = rtn_quantize(linear.weight.data, 4, 16)
+    with held_as_grids() as held:
+        assert not held.hold(linear, grid)  # not rounded yet
+        linear.weight.data = grid.dequantize()
+        assert held.hold(linear, grid) and linear.weight.untyped_storage().nbytes() == 4
+        x = torch.randn(3, 32)
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, grid.dequantize(), linear.bias))
+        assert linear.weight.untyped_storage().nbytes() == 4  # freed again after the forward pass
+    assert torch.equal(linear.weight, grid.dequantize())
