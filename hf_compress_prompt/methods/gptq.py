@@ -126,4 +126,3 @@ def gptq_quantize(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]  # back to the original column order
     return QuantizedWeight(codes, scale, zero, bits, group_size, symmetric, perm)
-

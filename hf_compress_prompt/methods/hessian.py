@@ -12,8 +12,8 @@ import torch
 from .._logging import get_logger
 
 __all__ = [
-    "HessianAccumulator", "column_major_copy", "damped_inverse_cholesky", "factor_input", "hessian_in_place", "inverse_cholesky_upper",
-    "lazy_batch_update", "solver_hessian",
+    "HessianAccumulator", "column_major_copy", "damped_inverse_cholesky", "factor_input", "hessian_in_place",
+    "inverse_cholesky_upper", "lazy_batch_update", "solver_hessian",
 ]
 
 logger = get_logger(__name__)
