@@ -106,12 +106,18 @@ def test_hessian_accumulates_like_one_big_batch():
     torch.testing.assert_close(acc.channel_sq_norm, (flat**2).mean(0))
 
 
-def test_a_finished_accumulator_gives_the_same_bytes_without_its_sum():
-    X = torch.randn(3, 50, 16)
+def _twin_accumulators(X):
+    """Two accumulators given the same batches ``X`` (batches, tokens, 16)."""
     acc, reference = HessianAccumulator(16), HessianAccumulator(16)
     for batch in X:
         acc.add_batch(batch)
         reference.add_batch(batch)
+    return acc, reference
+
+
+def test_a_finished_accumulator_gives_the_same_bytes_without_its_sum():
+    X = torch.randn(3, 50, 16)
+    acc, reference = _twin_accumulators(X)
     acc.finish()
     assert acc.sum is None  # the float64 sum (twice H's memory) is gone
     assert torch.equal(acc.H, reference.H) and torch.equal(acc.channel_sq_norm, reference.channel_sq_norm)
@@ -208,10 +214,7 @@ def test_a_failed_attempt_in_h_s_memory_reads_h_back_from_the_spill(tmp_path):
 
 def test_take_h_hands_the_hessian_over():
     X = torch.randn(2, 40, 16)
-    acc, reference = HessianAccumulator(16), HessianAccumulator(16)
-    for batch in X:
-        acc.add_batch(batch)
-        reference.add_batch(batch)
+    acc, reference = _twin_accumulators(X)
     H = acc.take_H()  # finishes first
     assert torch.equal(H, reference.H) and torch.equal(acc.channel_sq_norm, reference.channel_sq_norm)
     with pytest.raises(RuntimeError, match="handed over"):
