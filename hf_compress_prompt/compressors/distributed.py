@@ -58,12 +58,15 @@ class ProcessGroup:
         start = self.rank * base + min(self.rank, extra)
         return batches[start:start + base + (self.rank < extra)]
 
+    def my_names(self, names: list[str]) -> list[str]:
+        """This process's share of a round's ``names`` (see :meth:`owner`), in order."""
+        return [name for k, name in enumerate(names) if self.owner(k) == self.rank]
+
     def deal(self, names: list[str], solve, share) -> None:
-        """Runs ``solve(name)`` for this process's share of ``names`` (see :meth:`owner`), then
+        """Runs ``solve(name)`` for this process's share of ``names`` (:meth:`my_names`), then
         ``share(name, owner)`` for every name, in order, on every process."""
-        for k, name in enumerate(names):
-            if self.owner(k) == self.rank:
-                solve(name)
+        for name in self.my_names(names):
+            solve(name)
         for k, name in enumerate(names):
             share(name, self.owner(k))
 

@@ -159,7 +159,7 @@ def compress_block(
             release_memory()  # the forward passes' temporaries
 
             # the names this process solves, and how many of them read each H: the last may overwrite it
-            mine = names if group is None else [n for k, n in enumerate(names) if group.owner(k) == group.rank]
+            mine = names if group is None else group.my_names(names)
             readers = collections.Counter(id(accumulators[n]) for n in mine)
 
             def solve(name: str) -> None:
