@@ -60,7 +60,7 @@ from .compress import BLOCKWISE_STEPS, _quantize_head, prepare_recipe, record_re
 from .configs import CalibrationConfig, CompressionConfig, LayerDropConfig, Recipe
 from .distributed import compute_device, process_group
 from .layer_drop import choose_layers_to_drop, drop_layers
-from .layerwise import compress_block, release_memory
+from .layerwise import compress_block, fix_mmap_threshold, release_memory
 from .pack import pack_linear_module, sparsity_pattern
 from .state import CompressionResult, CompressionState, StepReport
 
@@ -313,6 +313,7 @@ def compress_pretrained(
     source = CheckpointSource(src)
     device = compute_device(device)
     check_save_target(dst, overwrite=overwrite)
+    fix_mmap_threshold()  # freed tensors leave the process at once: the peak does not climb with depth
     model = _skeleton(source, dtype)
     recipe, calibration_ids = prepare_recipe(model, config, tokenizer=tokenizer, calibration=calibration,
                                              calibration_ids=calibration_ids)

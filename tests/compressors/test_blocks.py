@@ -74,6 +74,41 @@ def test_a_block_s_hessians_are_given_back_before_its_outputs_are_computed(tiny_
     assert sorted(solved) == sorted(f"{path}.0.{n}" for n in layerwise.find_linear_layers(layers[0])) and alive == [0]
 
 
+def test_a_rounds_statistics_pass_stops_before_its_last_group_runs(tiny_model):
+    """Each statistics pass ends as its last group's first linear receives its input: in true-sequential order a
+    linear runs in the passes of the rounds after its own and in the outputs pass, never in its own round's pass
+    (Llama's q, k and v: 3 later rounds and the outputs pass; down_proj only the outputs pass), and every solve
+    still gets an accumulator with every token."""
+    from hf_compress_prompt.compressors import layerwise
+
+    path, layers = find_decoder_layers(tiny_model)
+    batches = [torch.randint(0, 256, (1, 16)), torch.randint(0, 256, (1, 16))]
+    inputs = capture_block_inputs(tiny_model, layers, batches)
+    groups = sequential_groups(layers[0], inputs)
+    linears = layerwise.find_linear_layers(layers[0])
+    calls = dict.fromkeys(linears, 0)
+    for name, module in linears.items():
+        module.register_forward_hook(lambda mod, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    tokens = {}
+    layerwise.compress_block(layers[0], f"{path}.0", inputs, inputs.hidden,
+                             lambda name, module, W, acc: tokens.__setitem__(name, acc.tokens))
+    probe = 1  # compress_block's own sequential_groups pass
+    assert len(groups) >= 4 and calls == {name: probe + (len(groups) - j) * len(batches)
+                                          for j, group in enumerate(groups) for name in group}
+    assert tokens == {f"{path}.0.{name}": 32 for name in linears}
+
+
+def test_the_mmap_threshold_is_fixed_unless_the_user_set_one(monkeypatch):
+    from hf_compress_prompt.compressors import layerwise
+
+    if layerwise._libc() is None:
+        pytest.skip("not glibc: no mallopt")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert layerwise.fix_mmap_threshold() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert layerwise.fix_mmap_threshold() is True
+
+
 @pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
 def test_with_a_spill_folder_only_each_h_s_last_reader_overwrites_it(tiny_model, tmp_path, method):
     """q, k and v read one H: with ``spill_dir`` only v (its last reader) may turn it into its factor (and so on for
