@@ -236,12 +236,6 @@ def _libc():
         return None
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or `None` where there is none."""
-    libc = _libc()
-    return None if libc is None else libc.malloc_trim
-
-
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 MMAP_THRESHOLD = 4 << 20
 
@@ -265,6 +259,6 @@ def release_memory() -> None:
     """Gives freed memory back to the system: glibc keeps freed chunks of up to its (grown) mmap threshold, 32 MB,
     in its heap, so without a trim the resident size climbs by about a block's worth per streamed block, and a
     solve's temporaries stay resident through the next round (about 120 MB at a 3B model's GPTQ peak)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
