@@ -61,7 +61,8 @@ import torch
 torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 spec = json.loads(sys.argv[1])
 from hf_compress_prompt.compressors import Recipe, step_from_dict, CalibrationConfig
-recipe = Recipe([step_from_dict(spec["step"])], CalibrationConfig(nsamples=spec["nsamples"], seqlen=spec["seqlen"]))
+recipe = Recipe([step_from_dict(spec["step"])], CalibrationConfig(nsamples=spec["nsamples"], seqlen=spec["seqlen"],
+                                                                   batch_size=spec.get("batch_size", 8)))
 if spec.get("real"):  # a real model: C4 windows sampled with its tokenizer (as the CLI does)
     from transformers import AutoTokenizer
     calibration = {"tokenizer": AutoTokenizer.from_pretrained(spec["src"])}
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
                              "per 0.1B block); default: every size")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="calibration windows per forward pass through a block (the CLI's --batch-size): fewer "
+                             "hold smaller activations, the bytes written change with it (both paths alike)")
     parser.add_argument("--workdir", default="/tmp/hcp-bench-streaming", help="where the checkpoints are written")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
     parser.add_argument("--check-equal", action="store_true", help="compare the two paths' output folders")
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             if dst.exists():
                 shutil.rmtree(dst)
             spec = {"src": str(src), "dst": str(dst), "path": path, "step": METHODS[method], "vocab": VOCAB,
-                    "nsamples": args.nsamples, "seqlen": args.seqlen}
+                    "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size}
             r = run_child(spec, args.threads, args.timeout)
             blocks = SHAPES[size]["num_hidden_layers"]
             r.update(size=size, parameters=_params(SHAPES[size]), checkpoint_bytes=nbytes, method=method, path=path,
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
              f"{r['seconds_per_block']:.1f}", r.get("error", "ok")] for r in records if "path" in r]
     table = markdown_table(["model", "params (B)", "bf16 GiB", "method", "path", "peak RSS MiB", "s", "s / block",
                             "outcome"], rows)
-    notes = (f"{args.threads} threads; calibration {args.nsamples} x {args.seqlen} random token ids; fp32 "
+    notes = (f"{args.threads} threads; calibration {args.nsamples} x {args.seqlen} random token ids, "
+             f"{args.batch_size} windows per forward pass; fp32 "
              "compute (the CLI's). Peak RSS: each child process's own VmHWM at its end (model load, compression and save "
              "included).")
     if not rows:
