@@ -237,22 +237,35 @@ def _libc():
 
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-MMAP_THRESHOLD = 4 << 20
+WIDE_BLOCK = 2048  # hidden size from which a block's compute hides its tensors' page faults
 
 
-def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Has glibc give every allocation of ``threshold`` bytes or more its own mapping, for the rest of the process,
-    so a freed tensor's memory goes back to the system at once. glibc's default threshold starts at 128 KB and
-    grows to the largest chunk freed (up to 32 MB), after which tensors below it come from the heap and a block's
-    temporaries of many sizes leave it fragmented: on a streamed 3B model's GPTQ the peak then climbs with depth
-    (8 blocks 1446 MiB, 26 blocks 1551 MiB; docs/results/streaming_mmap.md has the figures with it). 4 MB keeps a
-    forward pass's small allocations on the heap: on a 2-block 3B (one run each) 1 MB took 105 s against the
-    default's 89 s, 4 MB 88 s. Leaves a threshold the user set with ``MALLOC_MMAP_THRESHOLD_`` alone; `True` when
-    the threshold was set."""
+def mmap_threshold(hidden_size: int | None) -> int:
+    """The allocation size from which glibc maps each tensor by itself, for blocks ``hidden_size`` wide: 4 MB for
+    wide blocks (2048 and more), 16 MB for narrower ones or an unknown width. The threshold trades memory for page
+    faults, every mapped tensor being faulted in afresh, and a block's work per byte of its temporaries grows with its
+    width. On a 3B model (3072 wide) 4 MB took the streamed GPTQ peak from 1551 to 1338 MiB
+    (docs/results/streaming_mmap.md), where 16 MB gives 1542 (docs/results/streaming_mmap16.md), and a 2-block run
+    was no slower (88 s, glibc's default 89 s). On SmolLM2 (576 wide) 4 MB also mapped its hidden states and made
+    streaming GPTQ 1.34x the in-memory path's time (docs/results/streaming_smollm2_mmap.md), 16 MB 1.12x
+    (streaming_smollm2_mmap16.md); one run each of its streaming GPTQ, s / peak MiB: glibc's own 200 / 1095, 4 MB
+    275 / 1013, 16 MB 183 / 1001, 32 MB 192 / 1277; of a 0.5B's (1280 wide): glibc's 114 / 1049, 4 MB 133 / 912,
+    16 MB 118 / 986."""
+    return 4 << 20 if hidden_size is not None and hidden_size >= WIDE_BLOCK else 16 << 20
+
+
+def fix_mmap_threshold(hidden_size: int | None = None) -> bool:
+    """Has glibc give every allocation of :func:`mmap_threshold` bytes or more its own mapping, for the rest of the
+    process, so a freed tensor's memory goes back to the system at once. glibc's default threshold starts at 128 KB
+    and grows to the largest chunk freed (up to 32 MB), after which tensors below it come from the heap and a block's
+    temporaries of many sizes leave it fragmented: on a streamed 3B model's GPTQ the peak then climbed with depth (8
+    blocks 1446 MiB, 26 blocks 1551 MiB). Leaves a threshold the user set with ``MALLOC_MMAP_THRESHOLD_`` alone (a
+    way to trade differently: 4194304 holds a narrow model's peak lower at the cost of time); `True` when the
+    threshold was set."""
     libc = _libc()
     if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold(hidden_size)))
 
 
 def release_memory() -> None:

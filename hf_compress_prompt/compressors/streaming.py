@@ -313,8 +313,9 @@ def compress_pretrained(
     source = CheckpointSource(src)
     device = compute_device(device)
     check_save_target(dst, overwrite=overwrite)
-    fix_mmap_threshold()  # freed tensors leave the process at once: the peak does not climb with depth
     model = _skeleton(source, dtype)
+    # freed tensors leave the process at once: the peak does not climb with depth
+    fix_mmap_threshold(getattr(model.config, "hidden_size", None))
     recipe, calibration_ids = prepare_recipe(model, config, tokenizer=tokenizer, calibration=calibration,
                                              calibration_ids=calibration_ids)
     refusal = streaming_refusal(recipe)

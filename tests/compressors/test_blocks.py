@@ -106,7 +106,14 @@ def test_the_mmap_threshold_is_fixed_unless_the_user_set_one(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert layerwise.fix_mmap_threshold() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert layerwise.fix_mmap_threshold() is True
+    assert layerwise.fix_mmap_threshold(576) is True
+
+
+def test_wide_blocks_map_smaller_tensors_than_narrow_ones():
+    from hf_compress_prompt.compressors.layerwise import mmap_threshold
+
+    assert mmap_threshold(3072) == mmap_threshold(2048) == 4 << 20
+    assert mmap_threshold(576) == mmap_threshold(None) == 16 << 20
 
 
 @pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
