@@ -244,13 +244,12 @@ def mmap_threshold(hidden_size: int | None) -> int:
     """The allocation size from which glibc maps each tensor by itself, for blocks ``hidden_size`` wide: 4 MB for
     wide blocks (2048 and more), 16 MB for narrower ones or an unknown width. The threshold trades memory for page
     faults, every mapped tensor being faulted in afresh, and a block's work per byte of its temporaries grows with its
-    width. On a 3B model (3072 wide) 4 MB took the streamed GPTQ peak from 1551 to 1338 MiB
-    (docs/results/streaming_mmap.md), where 16 MB gives 1542 (docs/results/streaming_mmap16.md), and a 2-block run
-    was no slower (88 s, glibc's default 89 s). On SmolLM2 (576 wide) 4 MB also mapped its hidden states and made
-    streaming GPTQ 1.34x the in-memory path's time (docs/results/streaming_smollm2_mmap.md), 16 MB 1.12x
-    (streaming_smollm2_mmap16.md); one run each of its streaming GPTQ, s / peak MiB: glibc's own 200 / 1095, 4 MB
-    275 / 1013, 16 MB 183 / 1001, 32 MB 192 / 1277; of a 0.5B's (1280 wide): glibc's 114 / 1049, 4 MB 133 / 912,
-    16 MB 118 / 986."""
+    width. A 3B model's streamed GPTQ (3072 wide), one run each on one machine: 4 MB 1350 MiB in 786 s, 16 MB 1542
+    MiB in 792 s (docs/results/streaming_mmap_wide.md, streaming_mmap16.md). On SmolLM2 (576 wide) 4 MB also maps
+    the hidden states and made streaming GPTQ 1.34x the in-memory path's time (streaming_smollm2_mmap.md), 16 MB
+    1.12x (streaming_smollm2_mmap16.md); one run each of its streaming GPTQ, s / peak MiB: glibc's own 200 / 1095,
+    4 MB 275 / 1013, 16 MB 183 / 1001, 32 MB 192 / 1277; of a 0.5B's (1280 wide): glibc's 114 / 1049, 4 MB
+    133 / 912, 16 MB 118 / 986."""
     return 4 << 20 if hidden_size is not None and hidden_size >= WIDE_BLOCK else 16 << 20
 
 
