@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="calibration windows per forward pass through a block (the CLI's --batch-size): fewer "
-                             "hold smaller activations, the bytes written change with it (both paths alike)")
+                             "hold smaller activations; the bytes written may change with it (both paths alike)")
     parser.add_argument("--workdir", default="/tmp/hcp-bench-streaming", help="where the checkpoints are written")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
     parser.add_argument("--check-equal", action="store_true", help="compare the two paths' output folders")
